@@ -1,0 +1,300 @@
+"""Typed run configuration: YAML plus dotted command-line overrides, validated when loaded.
+
+A config is a tree of dataclasses. ``load_config(path, {"train.max_steps": 200})`` reads the YAML,
+applies the overrides, converts every value to its field's type and checks ranges, so a bad value
+fails before any process group or network is built, with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and the value."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 200
+    ckpt_every: int = 500
+    keep_last: int = 3
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        found = []
+        for name in ("log_every", "sample_every", "ckpt_every", "keep_last"):
+            if getattr(self, name) < 1:
+                found.append((name, getattr(self, name), "must be >= 1"))
+        if not self.dir:
+            found.append(("dir", self.dir, "must name a directory"))
+        return found
+
+
+@dataclass
+class DataConfig:
+    source: str = "mnist"
+    # Directory holding the four MNIST IDX files (gzipped or not). Unset: torchvision downloads into root.
+    mnist_dir: Optional[str] = None
+    root: str = "data"
+    resolution: int = 28
+    channels: Literal[1, 3] = 1
+    batch_size: int = 64  # per process
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        found = []
+        if self.batch_size < 1:
+            found.append(("batch_size", self.batch_size, "must be >= 1"))
+        if self.resolution < 8:
+            found.append(("resolution", self.resolution, "must be >= 8"))
+        return found
+
+
+@dataclass
+class NetConfig:
+    arch: str = "dcgan"
+    width: int = 64  # channels of the widest (dcgan) or first hidden (mlp) layer's unit
+    norm: Literal["batch", "layer", "instance", "none"] = "none"
+    spectral_norm: bool = False
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        return [("width", self.width, "must be >= 1")] if self.width < 1 else []
+
+
+@dataclass
+class ModelConfig:
+    z_dim: int = 128
+    generator: NetConfig = field(default_factory=lambda: NetConfig(norm="batch"))
+    discriminator: NetConfig = field(default_factory=NetConfig)
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        return [("z_dim", self.z_dim, "must be >= 1")] if self.z_dim < 1 else []
+
+
+@dataclass
+class LossConfig:
+    name: str = "wgan_gp"
+    gp_weight: float = 10.0  # wgan_gp only
+    r1_gamma: float = 0.0  # R1 penalty on real data, any loss; 0 disables
+    clip_value: float = 0.01  # wgan (weight clipping) only
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        found = []
+        for name in ("gp_weight", "r1_gamma"):
+            if getattr(self, name) < 0:
+                found.append((name, getattr(self, name), "must be >= 0"))
+        if self.clip_value <= 0:
+            found.append(("clip_value", self.clip_value, "must be > 0"))
+        return found
+
+
+@dataclass
+class OptimConfig:
+    g_lr: float = 1e-4
+    d_lr: float = 1e-4
+    betas: tuple[float, float] = (0.0, 0.9)
+    n_critic: int = 5  # discriminator steps per generator step
+    grad_clip: float = 0.0  # max gradient norm for both nets; 0 disables
+    lr_schedule: Literal["constant", "linear"] = "constant"  # linear: decays to 0 at train.max_steps
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        found = []
+        for name in ("g_lr", "d_lr"):
+            if getattr(self, name) <= 0:
+                found.append((name, getattr(self, name), "must be > 0"))
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            found.append(("betas", list(self.betas), "each beta must be in [0, 1)"))
+        if self.n_critic < 1:
+            found.append(("n_critic", self.n_critic, "must be >= 1"))
+        if self.grad_clip < 0:
+            found.append(("grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)"))
+        return found
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # generator steps
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    ema_decay: float = 0.999  # EMA of the generator's weights; 0 disables
+    # None: start fresh; "auto": newest checkpoint in run.dir if any; otherwise a checkpoint directory.
+    resume: Optional[str] = None
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        found = []
+        if self.max_steps < 1:
+            found.append(("max_steps", self.max_steps, "must be >= 1"))
+        if not 0.0 <= self.ema_decay < 1.0:
+            found.append(("ema_decay", self.ema_decay, "must be in [0, 1)"))
+        return found
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        # Registries are imported here, not at module level, so the config stays the bottom layer.
+        from dist_gan.data import DATA_SOURCES
+        from dist_gan.losses import LOSSES
+        from dist_gan.models import DISCRIMINATORS, GENERATORS
+
+        found = []
+        for key, value, registry in (
+            ("data.source", self.data.source, DATA_SOURCES),
+            ("loss.name", self.loss.name, LOSSES),
+            ("model.generator.arch", self.model.generator.arch, GENERATORS),
+            ("model.discriminator.arch", self.model.discriminator.arch, DISCRIMINATORS),
+        ):
+            if value not in registry:
+                found.append((key, value, f"is not one of {sorted(registry)}"))
+        penalised = self.loss.name == "wgan_gp" or self.loss.r1_gamma > 0
+        if penalised and self.model.discriminator.norm == "batch":
+            found.append(
+                (
+                    "model.discriminator.norm",
+                    "batch",
+                    "BatchNorm mixes samples, which breaks a per-sample gradient penalty; "
+                    "use layer, instance or none",
+                )
+            )
+        return found
+
+
+def to_dict(config: Any) -> dict:
+    """The config as plain YAML-ready data (tuples become lists)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load ``path`` (YAML; None means all defaults), apply dotted ``overrides`` and validate."""
+    raw: dict = {}
+    source = str(path) if path is not None else "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    config = _build(Config, raw, prefix="", source=source)
+    problems = _collect_problems(config, prefix="")
+    if problems:
+        lines = [f"  {key} = {value!r}: {reason}" for key, value, reason in problems]
+        raise ConfigError(f"invalid config ({source}):\n" + "\n".join(lines))
+    return config
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.strip("-").split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: section {prefix.rstrip('.')!r} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; valid keys: {names}"
+            raise ConfigError(f"{source}: unknown config key {prefix}{key!r}{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        key, hint, value = prefix + name, hints[name], raw[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key + ".", source)
+        else:
+            kwargs[name] = _coerce(value, hint, key, source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Convert ``value`` (from YAML, or a string from the command line) to ``hint`` or raise."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {key} = {value!r} is not {expected}")
+
+    if origin in (typing.Union, types.UnionType):  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if isinstance(value, str) and hint is not str and origin is not Literal:
+        value = yaml.safe_load(value)  # "200" -> 200, "[0.0, 0.9]" -> list, "true" -> True
+    if origin is Literal:
+        for choice in args:
+            if value == choice or (isinstance(value, str) and str(choice) == value):
+                return choice
+        raise fail(f"one of {list(args)}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise fail(f"a list of {len(args)} values")
+        return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail("true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail("an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise fail("a number")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise fail("a string")
+    raise TypeError(f"config field {key} has an unsupported type {hint}")
+
+
+def _collect_problems(node: Any, prefix: str) -> list[tuple[str, Any, str]]:
+    found = [(prefix + key, value, reason) for key, value, reason in node.problems()]
+    for f in dataclasses.fields(node):
+        child = getattr(node, f.name)
+        if dataclasses.is_dataclass(child):
+            found += _collect_problems(child, prefix + f.name + ".")
+    return found

@@ -1,0 +1,66 @@
+"""DCGAN-style convolutional generator and discriminator for square images of 2^k x {4..7} pixels.
+
+28x28 (MNIST) starts from 7x7, 32x32 and 64x64 from 4x4. Each stride-2 stage doubles (G) or halves
+(D) the resolution; channels follow Radford et al.: ``width`` at the full-resolution stage, doubling
+per stage towards 4x4/7x7, capped at 8 x ``width``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from dist_gan.config import NetConfig
+from dist_gan.models.layers import add_spectral_norm, dcgan_init, norm_2d
+
+
+def stage_plan(resolution: int, width: int) -> tuple[int, list[int]]:
+    """(smallest resolution, channels per stage from the smallest to the largest hidden map)."""
+    stages, base = 0, resolution
+    while base > 7 and base % 2 == 0:
+        base, stages = base // 2, stages + 1
+    if not 4 <= base <= 7 or stages < 1:
+        raise ValueError(f"resolution {resolution} is not 2^k x (4..7) with k >= 1 "
+                         "(e.g. 28, 32, 64, 128); set data.resolution")
+    channels = [min(width * 2 ** (stages - 1 - i), width * 8) for i in range(stages)]
+    return base, channels
+
+
+class DCGANGenerator(nn.Module):
+    def __init__(self, cfg: NetConfig, z_dim: int, resolution: int, channels: int):
+        super().__init__()
+        self.z_dim = z_dim
+        self.base, widths = stage_plan(resolution, cfg.width)
+        self.project = nn.Linear(z_dim, widths[0] * self.base * self.base)
+        layers: list[nn.Module] = [nn.Unflatten(1, (widths[0], self.base, self.base)),
+                                   norm_2d(cfg.norm, widths[0]), nn.ReLU(inplace=True)]
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=cfg.norm == "none"),
+                       norm_2d(cfg.norm, c_out), nn.ReLU(inplace=True)]
+        layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1), nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+        dcgan_init(self)
+        if cfg.spectral_norm:
+            add_spectral_norm(self)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(self.project(z))
+
+
+class DCGANDiscriminator(nn.Module):
+    def __init__(self, cfg: NetConfig, z_dim: int, resolution: int, channels: int):
+        super().__init__()
+        base, widths = stage_plan(resolution, cfg.width)
+        widths = widths[::-1]  # largest map first
+        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=cfg.norm == "none"),
+                       norm_2d(cfg.norm, c_out), nn.LeakyReLU(0.2, True)]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(widths[-1] * base * base, 1)
+        dcgan_init(self)
+        if cfg.spectral_norm:
+            add_spectral_norm(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1)).squeeze(1)

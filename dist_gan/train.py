@@ -1,0 +1,37 @@
+"""``python -m dist_gan.train CONFIG.yaml [--section.key=value ...]`` (also under ``accelerate launch``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import fire
+
+from dist_gan.config import ConfigError, load_config
+from dist_gan.data import DataError
+
+
+def setup_logging() -> None:
+    """INFO on the main process, warnings only elsewhere, so N ranks do not print N copies."""
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Accelerate logs every file of every checkpoint at INFO.
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
+def main(config: str, **overrides) -> None:
+    """Train from the YAML file ``config``; any ``--section.key=value`` overrides a config value."""
+    setup_logging()
+    try:
+        cfg = load_config(config, overrides)
+        from dist_gan.loop import train  # after validation, so a bad config fails before torch loads
+
+        train(cfg)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        sys.exit(f"dist_gan.train: error: {err}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
