@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,10 +125,14 @@ def train_step(nets: Nets, loss: GANLoss, data: BatchStream, accelerator: Accele
 
 @torch.no_grad()
 def check_replicas(accelerator: Accelerator, modules: dict[str, nn.Module]) -> dict[str, bool]:
-    """Whether every rank holds bit-identical weights and buffers of each module (DDP invariant)."""
+    """Whether every rank holds bit-identical parameters of each module (the DDP invariant).
+
+    Buffers are left out on purpose: BatchNorm statistics are updated from each rank's own batch and
+    DDP re-broadcasts rank 0's before every forward, so rank 0's are the ones used and saved.
+    """
     result = {}
     for name, module in modules.items():
-        flat = torch.cat([t.detach().float().flatten() for t in module.state_dict().values()])
+        flat = torch.cat([p.detach().float().flatten() for p in module.parameters()])
         gathered = accelerator.gather(flat.to(accelerator.device)).view(accelerator.num_processes, -1)
         result[name] = bool((gathered == gathered[0]).all())
     return result
@@ -142,10 +147,25 @@ def _generate_grid(generator: nn.Module, fixed_z: torch.Tensor) -> torch.Tensor:
     return images
 
 
+def make_accelerator(config: Config) -> Accelerator:
+    """An Accelerator for this run, refusing a launch that silently lost its other processes."""
+    # cpu=True on a GPU-less host: Accelerate otherwise ignores the launcher's WORLD_SIZE there and
+    # every process trains alone (accelerate launch --config_file with use_cpu, torchrun).
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
+                              cpu=not torch.cuda.is_available(),
+                              step_scheduler_with_optimizer=False)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(
+            f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate formed a group "
+            f"of {accelerator.num_processes} ({accelerator.distributed_type}); on CPU launch with "
+            "--config_file launch/cpu_ddp.yaml (`--cpu --num_processes N` starts one process)")
+    return accelerator
+
+
 def train(config: Config) -> Path:
     """Train a GAN as ``config`` says; return the run directory."""
-    accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
-                              step_scheduler_with_optimizer=False)
+    accelerator = make_accelerator(config)
     run_dir = Path(config.run.dir)
     nets = build_nets(config, accelerator)
     ema = EMA(nets.G_raw, config.train.ema_decay) if config.train.ema_decay > 0 else None
