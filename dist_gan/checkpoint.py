@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.pt"
+GENERATOR_WEIGHTS = "model.safetensors"  # accelerate names prepared models in order: G first, then D
 # The parts of a config that decide tensor shapes: a checkpoint only loads into the same ones.
 SHAPE_KEYS = ("model", "data.resolution", "data.channels")
 
@@ -46,6 +47,20 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def find_checkpoint(path: str | Path) -> Path:
+    """``path`` itself if it is a complete checkpoint, else the newest complete one of run ``path``."""
+    path = Path(path)
+    if (path / COMPLETE_MARKER).is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such checkpoint or run directory: {path}")
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path} is neither a complete checkpoint (no {COMPLETE_MARKER} "
+                                "marker: an interrupted save?) nor a run directory holding one")
+    return found[-1]
+
+
 def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
     """The checkpoint to load for ``train.resume`` (None, "auto" or a path), or None to start fresh."""
     if resume is None:
@@ -53,15 +68,7 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
     if resume == "auto":
         found = list_checkpoints(run_dir)
         return found[-1] if found else None
-    path = Path(resume)
-    if path.is_dir() and not (path / COMPLETE_MARKER).is_file() and list_checkpoints(path):
-        return list_checkpoints(path)[-1]  # a run directory
-    if not path.is_dir():
-        raise FileNotFoundError(f"train.resume={resume}: no such checkpoint directory")
-    if not (path / COMPLETE_MARKER).is_file():
-        raise FileNotFoundError(f"train.resume={resume}: {path} has no {COMPLETE_MARKER} marker "
-                                "(an interrupted save?); pick another checkpoint or use auto")
-    return path
+    return find_checkpoint(resume)
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, trainer_state: dict,
@@ -95,6 +102,18 @@ def load_checkpoint(accelerator: Accelerator, path: Path, config: Config) -> dic
     check_compatible(path, config)
     accelerator.load_state(str(path))
     return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+
+
+def load_generator_state(path: Path, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The generator's weights from a checkpoint: the EMA copy, or the trained (raw) ones."""
+    if ema:
+        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True).get("ema")
+        if state is not None:
+            return state
+        log.warning("%s has no EMA weights (train.ema_decay was 0); using the raw generator", path)
+    from safetensors.torch import load_file
+
+    return load_file(path / GENERATOR_WEIGHTS)
 
 
 def check_compatible(path: Path, config: Config) -> None:

@@ -206,6 +206,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"{path} is not valid YAML: {err}") from err
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    if overrides:
+        source += " with command-line overrides"
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     config = _build(Config, raw, prefix="", source=source)
@@ -235,8 +237,8 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     for key in raw:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; valid keys: {names}"
-            raise ConfigError(f"{source}: unknown config key {prefix}{key!r}{hint}")
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {names}"
+            raise ConfigError(f"{source}: unknown config key '{prefix}{key}'{hint}")
     kwargs = {}
     for name in names:
         if name not in raw:

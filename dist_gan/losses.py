@@ -36,11 +36,11 @@ def gradient_penalty(discriminator: nn.Module, real: torch.Tensor, fake: torch.T
     """
     real, fake = real.detach().float(), fake.detach().float()
     alpha = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device)
-    x_hat = torch.lerp(fake, real, alpha).requires_grad_(True)
     with _fp32(real.device):
+        x_hat = torch.lerp(fake, real, alpha).requires_grad_(True)
         scores = discriminator(x_hat).float()
-    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
-    return (grad.flatten(1).norm(2, dim=1) - 1.0).pow(2).mean()
+        (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
+        return (grad.flatten(1).norm(2, dim=1) - 1.0).pow(2).mean()
 
 
 def r1_penalty(discriminator: nn.Module, real: torch.Tensor) -> torch.Tensor:
@@ -48,8 +48,8 @@ def r1_penalty(discriminator: nn.Module, real: torch.Tensor) -> torch.Tensor:
     x = real.detach().float().requires_grad_(True)
     with _fp32(real.device):
         scores = discriminator(x).float()
-    (grad,) = torch.autograd.grad(scores.sum(), x, create_graph=True)
-    return grad.flatten(1).pow(2).sum(1).mean()
+        (grad,) = torch.autograd.grad(scores.sum(), x, create_graph=True)
+        return grad.flatten(1).pow(2).sum(1).mean()
 
 
 class GANLoss:

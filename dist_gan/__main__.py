@@ -1,0 +1,3 @@
+from dist_gan.cli import main
+
+main()

@@ -1,0 +1,42 @@
+"""Shared fixtures: where real MNIST lives for tests, and a helper that runs the real entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Tests and CI read MNIST from the shared copy beside the checkout; the project itself never does.
+MNIST_DIR = Path(os.environ.get("DIST_GAN_TEST_MNIST", REPO.parent / "shared" / "data" / "mnist"))
+
+# Small, fast settings every end-to-end run shares.
+FAST = ["--data.batch_size=32", "--model.generator.width=16", "--model.discriminator.width=16",
+        "--run.log_every=5", "--run.sample_every=10"]
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real MNIST not found at {MNIST_DIR} (set DIST_GAN_TEST_MNIST)")
+    return MNIST_DIR
+
+
+def run_cli(args: list[str], launcher: list[str] | None = None, check: bool = True,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m <args>`` (or ``launcher + args``) from the repo root; fail with its output."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    cmd = (launcher or [sys.executable]) + ["-m"] + args
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stderr ---\n"
+                             f"{proc.stderr[-6000:]}\n--- stdout ---\n{proc.stdout[-2000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,114 @@
+"""End to end on real MNIST through the real entry points (subprocesses, as a user runs them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import FAST, read_metrics, run_cli
+
+pytestmark = pytest.mark.slow
+
+SCALARS = ["loss_D", "loss_G", "gp", "D_real", "D_fake", "wasserstein", "grad_norm_G", "grad_norm_D",
+           "lr_G", "lr_D", "imgs_per_sec"]
+
+
+def train(config, run_dir, mnist_dir, *extra, check=True):
+    return run_cli(["dist_gan.train", f"configs/{config}.yaml", f"--data.mnist_dir={mnist_dir}",
+                    f"--run.dir={run_dir}", *FAST, *extra], check=check)
+
+
+def test_thirty_steps_log_checkpoint_and_sample(tmp_path, mnist_dir):
+    run = tmp_path / "run"
+    train("mnist_wgangp", run, mnist_dir, "--train.max_steps=30", "--run.ckpt_every=20",
+          "--run.keep_last=1")
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    for tag in SCALARS:
+        assert f"train/{tag}" in events.Tags()["scalars"], tag
+    assert [e.step for e in events.Scalars("train/loss_D")] == [5, 10, 15, 20, 25, 30]
+    assert "samples/ema" in events.Tags()["images"]
+    assert [e.step for e in events.Images("samples/ema")] == [10, 20, 30]
+
+    records = [r for r in read_metrics(run) if "loss_D" in r]
+    assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
+    for record in records:
+        assert {"step", "loss_D", "loss_G", "imgs_per_sec", "world_size", "gp"} <= set(record)
+        assert record["world_size"] == 1 and record["imgs_per_sec"] > 0
+        assert all(isinstance(record[k], float) for k in ("loss_D", "loss_G", "gp"))
+
+    # keep_last=1: the step-20 checkpoint was replaced by the final one
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000030"]
+    ckpt = run / "checkpoints" / "step_00000030"
+    for name in ("model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin",
+                 "random_states_0.pkl", "trainer_state.pt", "config.yaml", "COMPLETE"):
+        assert (ckpt / name).is_file(), name
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 30 and state["data"] == {"epoch": 0, "batch": 150}  # 30 steps x 5 critic
+
+    out = tmp_path / "grid.png"
+    run_cli(["dist_gan.sample", str(run), "--n=16", f"--out={out}"])
+    assert Image.open(out).size == (4 * 28 + 5 * 2, 4 * 28 + 5 * 2)  # 4x4 grid with 2 px padding
+    raw = tmp_path / "raw.png"
+    run_cli(["dist_gan", "sample", str(ckpt), "--n=16", f"--out={raw}", "--raw"])  # the fire CLI
+    assert Image.open(raw).tobytes() != Image.open(out).tobytes()  # EMA and raw weights differ
+
+
+def test_resume_is_bit_exact(tmp_path, mnist_dir):
+    """20 steps, stop, resume to 40 == 40 uninterrupted steps, parameter for parameter."""
+    common = ["--run.ckpt_every=20", "--train.max_steps=40"]
+    train("mnist_dcgan", tmp_path / "straight", mnist_dir, *common)
+    train("mnist_dcgan", tmp_path / "split", mnist_dir, *common[:1], "--train.max_steps=20")
+    train("mnist_dcgan", tmp_path / "split", mnist_dir, *common, "--train.resume=auto")
+
+    records = read_metrics(tmp_path / "split")
+    assert [r["resumed_from"] for r in records if r.get("event") == "start"][1].endswith("step_00000020")
+    a = tmp_path / "straight" / "checkpoints" / "step_00000040"
+    b = tmp_path / "split" / "checkpoints" / "step_00000040"
+    for name in ("model.safetensors", "model_1.safetensors"):  # G (with BatchNorm buffers), then D
+        wa, wb = load_file(a / name), load_file(b / name)
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), f"{name}:{key} differs after resume"
+    ema_a = torch.load(a / "trainer_state.pt", weights_only=True)["ema"]
+    ema_b = torch.load(b / "trainer_state.pt", weights_only=True)["ema"]
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    # ...and the comparison can tell runs apart: a different seed gives different weights
+    train("mnist_dcgan", tmp_path / "other", mnist_dir, "--train.max_steps=2", "--run.seed=1")
+    other = load_file(tmp_path / "other" / "checkpoints" / "step_00000002" / "model.safetensors")
+    assert not all(torch.equal(other[k], load_file(a / "model.safetensors")[k]) for k in other)
+
+
+def test_bf16_autocast_on_cpu_with_spectral_norm_and_r1(tmp_path, mnist_dir):
+    run = tmp_path / "bf16"
+    train("mnist_dcgan", run, mnist_dir, "--train.max_steps=10", "--train.mixed_precision=bf16",
+          "--model.discriminator.spectral_norm=true", "--model.discriminator.norm=none",
+          "--loss.r1_gamma=1.0", "--optim.grad_clip=10", "--loss.name=hinge")
+    records = [r for r in read_metrics(run) if "loss_D" in r]
+    assert records[-1]["step"] == 10 and "r1" in records[-1]
+    start = [r for r in read_metrics(run) if r.get("event") == "start"][0]
+    assert start["mixed_precision"] == "bf16"
+
+
+def test_config_errors_from_the_command_line(tmp_path, mnist_dir):
+    proc = train("mnist_wgangp", tmp_path / "x", mnist_dir, "--train.max_step=3", check=False)
+    assert proc.returncode != 0
+    assert "unknown config key 'train.max_step'; did you mean 'train.max_steps'?" in proc.stderr
+    proc = train("mnist_wgangp", tmp_path / "x", mnist_dir, "--optim.n_critic=0", check=False)
+    assert proc.returncode != 0 and "optim.n_critic = 0: must be >= 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, mnist_dir):
+    run = tmp_path / "run"
+    train("mnist_wgangp", run, mnist_dir, "--train.max_steps=2")
+    proc = train("mnist_wgangp", run, mnist_dir, "--train.max_steps=4", "--train.resume=auto",
+                 "--model.generator.width=32", check=False)
+    assert proc.returncode != 0
+    assert "was made for another model" in proc.stderr
+    assert "model.generator.width: checkpoint 16, config 32" in proc.stderr
