@@ -10,6 +10,7 @@ import fire
 
 from dist_gan.config import ConfigError, load_config
 from dist_gan.data import DataError
+from dist_gan.loop import TrainingDiverged, train
 
 
 def setup_logging() -> None:
@@ -26,10 +27,8 @@ def main(config: str, **overrides) -> None:
     setup_logging()
     try:
         cfg = load_config(config, overrides)
-        from dist_gan.loop import train  # after validation, so a bad config fails before torch loads
-
         train(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, TrainingDiverged) as err:
         sys.exit(f"dist_gan.train: error: {err}")
 
 

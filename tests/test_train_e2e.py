@@ -112,3 +112,12 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, mnist_dir):
     assert proc.returncode != 0
     assert "was made for another model" in proc.stderr
     assert "model.generator.width: checkpoint 16, config 32" in proc.stderr
+
+
+def test_divergence_stops_with_the_step_and_values(tmp_path, mnist_dir):
+    run = tmp_path / "nan"
+    proc = train("mnist_dcgan", run, mnist_dir, "--train.max_steps=20", "--optim.d_lr=1e30", check=False)
+    assert proc.returncode != 0
+    assert "non-finite values at step 5" in proc.stderr and "'loss_D': nan" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [r for r in read_metrics(run) if "loss_D" in r][-1]["loss_D"] is None  # NaN logged as null
