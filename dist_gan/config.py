@@ -43,20 +43,33 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "mnist"
+    source: str = "mnist"  # the dataset: mnist | cifar10 | folder (see dist_gan.data.sources)
+    # shards: stream WebDataset tar shards (the default); memory: load the whole source into memory.
+    format: Literal["shards", "memory"] = "shards"
+    # Brace pattern or URLs (local paths, file://, pipe:...), several patterns joined by "::".
+    shards: str = "data/mnist/train-{000000..000005}.tar"
+    manifest: Optional[str] = None  # default: manifest.json beside the first (local) shard
+    prepare_if_missing: bool = True  # rank 0 writes the shards from `source` if none exist yet
+    shard_size: int = 10000  # samples per shard when preparing
+    workers: int = 2  # DataLoader worker processes per rank
+    shuffle_buffer: int = 2000  # samples; 0 or 1 disables the in-stream shuffle
+    resampled: bool = False  # draw shards with replacement (very large sets) instead of epochs
+    strict: bool = False  # a bad sample or shard is an error instead of a warning and a skip
     # Directory holding the four MNIST IDX files (gzipped or not). Unset: torchvision downloads into root.
     mnist_dir: Optional[str] = None
-    root: str = "data"
+    root: str = "data"  # torchvision download directory, or the image folder for source=folder
     resolution: int = 28
     channels: Literal[1, 3] = 1
     batch_size: int = 64  # per process
 
     def problems(self) -> list[tuple[str, Any, str]]:
         found = []
-        if self.batch_size < 1:
-            found.append(("batch_size", self.batch_size, "must be >= 1"))
-        if self.resolution < 8:
-            found.append(("resolution", self.resolution, "must be >= 8"))
+        for name, low in (("batch_size", 1), ("resolution", 8), ("shard_size", 1), ("workers", 0),
+                          ("shuffle_buffer", 0)):
+            if getattr(self, name) < low:
+                found.append((name, getattr(self, name), f"must be >= {low}"))
+        if self.format == "shards" and not self.shards:
+            found.append(("shards", self.shards, "must name the shards when data.format is shards"))
         return found
 
 

@@ -172,7 +172,8 @@ def train(config: Config) -> Path:
     loss = build_loss(config.loss, accelerator.autocast)
     with accelerator.main_process_first():  # rank 0 downloads, if a download is needed
         data = build_batch_stream(config.data, config.run.seed, accelerator.process_index,
-                                  accelerator.num_processes, accelerator.device)
+                                  accelerator.num_processes, accelerator.device,
+                                  may_prepare=accelerator.is_main_process)
     fixed_z = torch.randn(SAMPLE_GRID_SIZE, config.model.z_dim,
                           generator=torch.Generator().manual_seed(config.run.seed)).to(accelerator.device)
 
@@ -229,6 +230,10 @@ def train(config: Config) -> Path:
             # One collective per log interval; the ranks' stats are averaged.
             means = accelerator.reduce(torch.stack([window[n] / counts[n] for n in names]), "mean")
             values = dict(zip(names, means.tolist()))
+            counters = data.counters()  # e.g. skipped bad samples: summed over ranks
+            if counters:
+                totals = torch.tensor(list(counters.values()), device=accelerator.device)
+                values.update(zip(counters, accelerator.reduce(totals, "sum").tolist()))
             values.update(
                 imgs_per_sec=imgs_per_step * window_steps / elapsed,
                 lr_G=nets.sched_G.get_last_lr()[0], lr_D=nets.sched_D.get_last_lr()[0],

@@ -29,6 +29,17 @@ def mnist_dir() -> Path:
     return MNIST_DIR
 
 
+@pytest.fixture(scope="session")
+def mnist_shards(mnist_dir, tmp_path_factory) -> str:
+    """Real MNIST written once per session as 6 shards; returns the brace pattern."""
+    from dist_gan.config import DataConfig
+    from dist_gan.data import prepare_shards
+
+    out = tmp_path_factory.mktemp("mnist_shards")
+    prepare_shards(DataConfig(mnist_dir=str(mnist_dir)), out, "train", progress=False)
+    return str(out / "train-{000000..000005}.tar")
+
+
 def run_cli(args: list[str], launcher: list[str] | None = None, check: bool = True,
             timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``python -m <args>`` (or ``launcher + args``) from the repo root; fail with its output."""

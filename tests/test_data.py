@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dist_gan.config import DataConfig
-from dist_gan.data import DataError, InMemoryBatches, load_mnist_idx, mnist_source, read_idx
+from dist_gan.data import DataError, InMemoryBatches, load_mnist_idx, read_idx
+from dist_gan.data.sources import mnist_source
 
 
 def test_real_mnist_idx(mnist_dir):
@@ -37,8 +38,9 @@ def test_truncated_and_missing_files_name_the_file(mnist_dir, tmp_path):
 
 
 def test_source_resizes_and_repeats_channels(mnist_dir):
-    images, labels = mnist_source(DataConfig(mnist_dir=str(mnist_dir), resolution=32, channels=3))
-    assert images.shape == (60000, 3, 32, 32) and len(labels) == 60000
+    images = mnist_source(DataConfig(mnist_dir=str(mnist_dir), resolution=32, channels=3))
+    assert images.images.shape == (60000, 3, 32, 32) and len(images) == 60000
+    assert images[0][0].shape == (3, 32, 32) and images[0][1] == 5  # the first MNIST digit is a 5
 
 
 def test_ranks_get_disjoint_batches_covering_the_epoch():

@@ -14,11 +14,14 @@ ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--conf
               str(REPO / "launch" / "cpu_ddp.yaml")]
 
 
-def test_two_process_run_keeps_replicas_identical(tmp_path, mnist_dir):
-    run = tmp_path / "ddp"
-    run_cli(["dist_gan.train", "configs/mnist_wgangp.yaml", "--train.max_steps=12",
-             f"--data.mnist_dir={mnist_dir}", f"--run.dir={run}", "--run.ckpt_every=6", *FAST],
-            launcher=ACCELERATE)
+def test_two_process_run_prepares_shards_and_keeps_replicas_identical(tmp_path, mnist_dir):
+    run, shards = tmp_path / "ddp", tmp_path / "shards"
+    proc = run_cli(["dist_gan.train", "configs/mnist_wgangp.yaml", "--train.max_steps=12",
+                    f"--data.mnist_dir={mnist_dir}", f"--data.shards={shards}/train-{{000000..000005}}.tar",
+                    f"--run.dir={run}", "--run.ckpt_every=6", *FAST], launcher=ACCELERATE)
+    # rank 0 wrote the missing shards while rank 1 waited, then both streamed their own halves
+    assert proc.stderr.count("preparing them from mnist") == 1
+    assert len(list(shards.glob("train-*.tar"))) == 6 and (shards / "manifest.json").is_file()
     records = read_metrics(run)
     start = [r for r in records if r.get("event") == "start"]
     assert len(start) == 1, "only rank 0 writes metrics"

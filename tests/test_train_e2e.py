@@ -16,14 +16,21 @@ SCALARS = ["loss_D", "loss_G", "gp", "D_real", "D_fake", "wasserstein", "grad_no
            "lr_G", "lr_D", "imgs_per_sec"]
 
 
-def train(config, run_dir, mnist_dir, *extra, check=True):
-    return run_cli(["dist_gan.train", f"configs/{config}.yaml", f"--data.mnist_dir={mnist_dir}",
-                    f"--run.dir={run_dir}", *FAST, *extra], check=check)
+@pytest.fixture
+def data(mnist_dir, mnist_shards):
+    """Command-line settings that point a run at the session's real MNIST shards."""
+    return [f"--data.mnist_dir={mnist_dir}", f"--data.shards={mnist_shards}",
+            "--data.prepare_if_missing=false"]
 
 
-def test_thirty_steps_log_checkpoint_and_sample(tmp_path, mnist_dir):
+def train(config, run_dir, data, *extra, check=True):
+    return run_cli(["dist_gan.train", f"configs/{config}.yaml", f"--run.dir={run_dir}", *data, *FAST,
+                    *extra], check=check)
+
+
+def test_thirty_steps_log_checkpoint_and_sample(tmp_path, data):
     run = tmp_path / "run"
-    train("mnist_wgangp", run, mnist_dir, "--train.max_steps=30", "--run.ckpt_every=20",
+    train("mnist_wgangp", run, data, "--train.max_steps=30", "--run.ckpt_every=20",
           "--run.keep_last=1")
 
     events = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
@@ -40,6 +47,7 @@ def test_thirty_steps_log_checkpoint_and_sample(tmp_path, mnist_dir):
         assert {"step", "loss_D", "loss_G", "imgs_per_sec", "world_size", "gp"} <= set(record)
         assert record["world_size"] == 1 and record["imgs_per_sec"] > 0
         assert all(isinstance(record[k], float) for k in ("loss_D", "loss_G", "gp"))
+        assert record["data_skipped_samples"] == 0 and record["data_bad_shards"] == 0
 
     # keep_last=1: the step-20 checkpoint was replaced by the final one
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -59,12 +67,12 @@ def test_thirty_steps_log_checkpoint_and_sample(tmp_path, mnist_dir):
     assert Image.open(raw).tobytes() != Image.open(out).tobytes()  # EMA and raw weights differ
 
 
-def test_resume_is_bit_exact(tmp_path, mnist_dir):
+def test_resume_is_bit_exact(tmp_path, data):
     """20 steps, stop, resume to 40 == 40 uninterrupted steps, parameter for parameter."""
     common = ["--run.ckpt_every=20", "--train.max_steps=40"]
-    train("mnist_dcgan", tmp_path / "straight", mnist_dir, *common)
-    train("mnist_dcgan", tmp_path / "split", mnist_dir, *common[:1], "--train.max_steps=20")
-    train("mnist_dcgan", tmp_path / "split", mnist_dir, *common, "--train.resume=auto")
+    train("mnist_dcgan", tmp_path / "straight", data, *common)
+    train("mnist_dcgan", tmp_path / "split", data, *common[:1], "--train.max_steps=20")
+    train("mnist_dcgan", tmp_path / "split", data, *common, "--train.resume=auto")
 
     records = read_metrics(tmp_path / "split")
     assert [r["resumed_from"] for r in records if r.get("event") == "start"][1].endswith("step_00000020")
@@ -79,14 +87,15 @@ def test_resume_is_bit_exact(tmp_path, mnist_dir):
     ema_b = torch.load(b / "trainer_state.pt", weights_only=True)["ema"]
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     # ...and the comparison can tell runs apart: a different seed gives different weights
-    train("mnist_dcgan", tmp_path / "other", mnist_dir, "--train.max_steps=2", "--run.seed=1")
+    train("mnist_dcgan", tmp_path / "other", data, "--train.max_steps=2", "--run.seed=1")
     other = load_file(tmp_path / "other" / "checkpoints" / "step_00000002" / "model.safetensors")
     assert not all(torch.equal(other[k], load_file(a / "model.safetensors")[k]) for k in other)
 
 
-def test_bf16_autocast_on_cpu_with_spectral_norm_and_r1(tmp_path, mnist_dir):
+def test_bf16_autocast_on_cpu_with_spectral_norm_and_r1(tmp_path, data):
     run = tmp_path / "bf16"
-    train("mnist_dcgan", run, mnist_dir, "--train.max_steps=10", "--train.mixed_precision=bf16",
+    train("mnist_dcgan", run, data, "--train.max_steps=10", "--train.mixed_precision=bf16",
+          "--data.format=memory",
           "--model.discriminator.spectral_norm=true", "--model.discriminator.norm=none",
           "--loss.r1_gamma=1.0", "--optim.grad_clip=10", "--loss.name=hinge")
     records = [r for r in read_metrics(run) if "loss_D" in r]
@@ -95,28 +104,28 @@ def test_bf16_autocast_on_cpu_with_spectral_norm_and_r1(tmp_path, mnist_dir):
     assert start["mixed_precision"] == "bf16"
 
 
-def test_config_errors_from_the_command_line(tmp_path, mnist_dir):
-    proc = train("mnist_wgangp", tmp_path / "x", mnist_dir, "--train.max_step=3", check=False)
+def test_config_errors_from_the_command_line(tmp_path, data):
+    proc = train("mnist_wgangp", tmp_path / "x", data, "--train.max_step=3", check=False)
     assert proc.returncode != 0
     assert "unknown config key 'train.max_step'; did you mean 'train.max_steps'?" in proc.stderr
-    proc = train("mnist_wgangp", tmp_path / "x", mnist_dir, "--optim.n_critic=0", check=False)
+    proc = train("mnist_wgangp", tmp_path / "x", data, "--optim.n_critic=0", check=False)
     assert proc.returncode != 0 and "optim.n_critic = 0: must be >= 1" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, mnist_dir):
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, data):
     run = tmp_path / "run"
-    train("mnist_wgangp", run, mnist_dir, "--train.max_steps=2")
-    proc = train("mnist_wgangp", run, mnist_dir, "--train.max_steps=4", "--train.resume=auto",
+    train("mnist_wgangp", run, data, "--train.max_steps=2")
+    proc = train("mnist_wgangp", run, data, "--train.max_steps=4", "--train.resume=auto",
                  "--model.generator.width=32", check=False)
     assert proc.returncode != 0
     assert "was made for another model" in proc.stderr
     assert "model.generator.width: checkpoint 16, config 32" in proc.stderr
 
 
-def test_divergence_stops_with_the_step_and_values(tmp_path, mnist_dir):
+def test_divergence_stops_with_the_step_and_values(tmp_path, data):
     run = tmp_path / "nan"
-    proc = train("mnist_dcgan", run, mnist_dir, "--train.max_steps=20", "--optim.d_lr=1e30", check=False)
+    proc = train("mnist_dcgan", run, data, "--train.max_steps=20", "--optim.d_lr=1e30", check=False)
     assert proc.returncode != 0
     assert "non-finite values at step 5" in proc.stderr and "'loss_D': nan" in proc.stderr
     assert "Traceback" not in proc.stderr

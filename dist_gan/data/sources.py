@@ -1,0 +1,189 @@
+"""Datasets as indexable sets of uint8 images: MNIST IDX files, CIFAR-10 via torchvision, a folder.
+
+A source is one function ``(DataConfig) -> ImageSet`` registered in ``DATA_SOURCES``. ``ImageSet``
+items are ``(uint8 tensor C x H x W at the configured resolution and channels, int label)``; label -1
+means the dataset has no classes. The shard writer and the in-memory stream both read sources this way.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dist_gan.config import DataConfig
+
+MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class DataError(RuntimeError):
+    """Training data is missing or malformed; the message names the file (and sample)."""
+
+
+class ImageSet(Protocol):
+    class_names: list[str]
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
+
+
+@dataclass
+class TensorImageSet:
+    """Images already in memory: uint8 (N, C, H, W) and int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (gzipped or not) into an array, checking its header against its size."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise DataError(f"cannot read IDX file {path}: {err}") from err
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != expected:
+        raise DataError(f"{path} is truncated or padded: header says {shape}, "
+                        f"{expected} bytes expected, {len(raw)} found")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def find_mnist_file(directory: str | Path, stem: str) -> Path:
+    directory = Path(directory)
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    raise DataError(f"MNIST file {stem}[.gz] not found in {directory} "
+                    f"(data.mnist_dir must hold the four IDX files: {sorted(MNIST_FILES.values())})")
+
+
+def load_mnist_idx(directory: str | Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST ``split`` ("train" or "test") from IDX files: uint8 (N, 28, 28) and int64 labels."""
+    images = read_idx(find_mnist_file(directory, MNIST_FILES[f"{split}_images"]))
+    labels = read_idx(find_mnist_file(directory, MNIST_FILES[f"{split}_labels"]))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"MNIST {split} files in {directory} disagree: images {images.shape}, "
+                        f"labels {labels.shape}")
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def fit_images(images: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
+    """Resize uint8 (N, C, H, W) images to ``resolution`` and turn them into ``channels`` channels."""
+    if images.shape[-1] != resolution or images.shape[-2] != resolution:
+        resized = F.interpolate(images.float(), size=(resolution, resolution), mode="bilinear",
+                                antialias=True, align_corners=False)
+        images = resized.round().clamp(0, 255).to(torch.uint8)
+    if images.shape[1] == channels:
+        return images
+    if images.shape[1] == 1:
+        return images.expand(-1, channels, -1, -1).contiguous()
+    grey = (images.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return grey.round().clamp(0, 255).to(torch.uint8)
+
+
+def mnist_source(cfg: DataConfig, split: str = "train") -> TensorImageSet:
+    """MNIST from ``cfg.mnist_dir``, or downloaded by torchvision into ``cfg.root``."""
+    if cfg.mnist_dir:
+        images, labels = load_mnist_idx(cfg.mnist_dir, split)
+    else:
+        from torchvision.datasets import MNIST
+
+        dataset = MNIST(cfg.root, train=split == "train", download=True)
+        images, labels = dataset.data, dataset.targets.long()
+    return TensorImageSet(fit_images(images.unsqueeze(1), cfg.resolution, cfg.channels), labels,
+                          [str(d) for d in range(10)])
+
+
+def cifar10_source(cfg: DataConfig, split: str = "train") -> TensorImageSet:
+    """CIFAR-10 through torchvision from (or downloaded into) ``cfg.root``."""
+    from torchvision.datasets import CIFAR10
+
+    dataset = CIFAR10(cfg.root, train=split == "train", download=True)
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+    return TensorImageSet(fit_images(images, cfg.resolution, cfg.channels),
+                          torch.tensor(dataset.targets, dtype=torch.int64), list(dataset.classes))
+
+
+class FolderImageSet:
+    """Every image file under ``root``: class sub-folders become labels; a flat folder has none (-1).
+
+    Images are resized (shorter side) and centre-cropped to ``resolution``, converted to grey or RGB.
+    """
+
+    def __init__(self, root: str | Path, resolution: int, channels: int):
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"image folder not found: {root} (data.root)")
+        self.resolution, self.mode = resolution, "L" if channels == 1 else "RGB"
+        subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+        self.class_names = [p.name for p in subdirs]
+        if subdirs:
+            self.items = [(f, label) for label, d in enumerate(subdirs) for f in _images_in(d)]
+        else:
+            self.items = [(f, -1) for f in _images_in(root)]
+        if not self.items:
+            raise DataError(f"no images ({sorted(IMAGE_SUFFIXES)}) found under {root}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert(self.mode)
+                scale = self.resolution / min(image.size)
+                size = (max(self.resolution, round(image.width * scale)),
+                        max(self.resolution, round(image.height * scale)))
+                image = image.resize(size, Image.Resampling.BICUBIC)
+                left, top = (image.width - self.resolution) // 2, (image.height - self.resolution) // 2
+                image = image.crop((left, top, left + self.resolution, top + self.resolution))
+                array = np.asarray(image, dtype=np.uint8)
+        except OSError as err:
+            raise DataError(f"cannot read image {path}: {err}") from err
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        return torch.from_numpy(array.copy()), label
+
+
+def _images_in(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def folder_source(cfg: DataConfig, split: str = "train") -> FolderImageSet:
+    return FolderImageSet(cfg.root, cfg.resolution, cfg.channels)
+
+
+DATA_SOURCES: dict[str, Callable[..., ImageSet]] = {
+    "mnist": mnist_source,
+    "cifar10": cifar10_source,
+    "folder": folder_source,
+}

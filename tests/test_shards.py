@@ -1,0 +1,211 @@
+"""WebDataset shards: writing, reading back exactly, splitting over ranks and workers, bad data."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from dist_gan.config import DataConfig
+from dist_gan.data import DataError, build_batch_stream, load_mnist_idx, prepare_shards
+from dist_gan.data.shards import MANIFEST, write_shards
+from dist_gan.data.sources import TensorImageSet
+
+
+def tiny_shards(out, n_shards=8, per_shard=24, resolution=8, channels=1):
+    """Shards whose label is the sample's index, so every sample can be told apart."""
+    n = n_shards * per_shard
+    images = torch.randint(0, 256, (n, channels, resolution, resolution), dtype=torch.uint8)
+    write_shards(TensorImageSet(images, torch.arange(n)), out, "train", per_shard, "test",
+                 resolution, channels, progress=False)
+    return str(out / f"train-{{000000..{n_shards - 1:06d}}}.tar"), images
+
+
+def stream(pattern, rank=0, world=1, **overrides):
+    settings = dict(shards=pattern, resolution=8, channels=1, batch_size=6, workers=2,
+                    shuffle_buffer=10, prepare_if_missing=False)
+    settings.update(overrides)
+    return build_batch_stream(DataConfig(**settings), seed=7, rank=rank, world_size=world, device="cpu")
+
+
+def labels_of(s, batches):
+    return [int(v) for _ in range(batches) for v in s.next_batch()[1]]
+
+
+def test_mnist_round_trip_is_exact(mnist_dir, mnist_shards):
+    s = build_batch_stream(DataConfig(shards=mnist_shards, batch_size=500, workers=2), 0, 0, 1, "cpu")
+    assert s.budget == 120
+    seen = []
+    for _ in range(s.budget):
+        x, y = s.next_batch()
+        assert x.min() >= -1 and x.max() <= 1
+        pixels = ((x + 1) * 127.5).round().to(torch.uint8).view(len(x), -1)
+        seen += [(int(label), row.numpy().tobytes()) for label, row in zip(y, pixels)]
+    images, labels = load_mnist_idx(mnist_dir)
+    expected = [(int(label), row.numpy().tobytes()) for label, row in zip(labels, images.view(60000, -1))]
+    assert Counter(seen) == Counter(expected)
+    manifest = json.loads(open(mnist_shards.rsplit("/", 1)[0] + "/" + MANIFEST).read())
+    assert manifest["splits"]["train"]["total"] == 60000 and manifest["class_names"][3] == "3"
+    assert all(len(e["sha256"]) == 64 and e["count"] == 10000 for e in manifest["splits"]["train"]["shards"])
+
+
+def test_two_ranks_two_workers_see_every_sample_once_per_epoch(tmp_path):
+    pattern, _ = tiny_shards(tmp_path)  # 8 shards x 24 = 192 samples; 2 ranks x 2 workers
+    ranks = [stream(pattern, rank=r, world=2) for r in (0, 1)]
+    assert ranks[0].budget == ranks[1].budget == 16  # 96 samples per rank / 6
+    epoch0 = [labels_of(s, 16) for s in ranks]
+    assert not set(epoch0[0]) & set(epoch0[1])
+    assert sorted(epoch0[0] + epoch0[1]) == list(range(192))
+    epoch1 = [labels_of(s, 16) for s in ranks]
+    assert sorted(epoch1[0] + epoch1[1]) == list(range(192))
+    assert epoch1[0] != epoch0[0]  # a new shard order and shuffle each epoch
+    again = [labels_of(stream(pattern, rank=r, world=2), 32) for r in (0, 1)]
+    assert again == [epoch0[r] + epoch1[r] for r in (0, 1)]  # same seed, same order
+
+
+def test_resume_mid_epoch_replays_the_stream(tmp_path):
+    pattern, _ = tiny_shards(tmp_path)
+    a = stream(pattern)
+    labels_of(a, 40)  # into the second epoch (32 batches each)
+    b = stream(pattern)
+    b.load_state_dict(a.state_dict())
+    assert labels_of(a, 10) == labels_of(b, 10)
+
+
+def test_resampled_mode_is_seeded(tmp_path):
+    pattern, _ = tiny_shards(tmp_path)
+    first = labels_of(stream(pattern, resampled=True), 40)  # 240 draws from 192 samples
+    assert first == labels_of(stream(pattern, resampled=True), 40)
+    assert len(set(first)) < len(first)  # drawn with replacement
+
+
+def truncate(path, keep_bytes):
+    data = path.read_bytes()
+    path.write_bytes(data[:keep_bytes])
+
+
+def add_broken_sample(path):
+    """Append a sample whose png is garbage and one with no image at all."""
+    with tarfile.open(path, "a") as tar:
+        for name, payload in (("zz_bad.png", b"not a png"), ("zz_bad.cls", b"1"), ("zz_noimg.cls", b"2")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def test_bad_shards_are_skipped_and_counted(tmp_path, caplog):
+    pattern, _ = tiny_shards(tmp_path, n_shards=2, per_shard=24)
+    truncate(tmp_path / "train-000000.tar", 24 * 1024 + 700)  # part way through a sample
+    add_broken_sample(tmp_path / "train-000001.tar")
+    with caplog.at_level(logging.WARNING):
+        s = stream(pattern, workers=0, shuffle_buffer=0, batch_size=2)
+        labels = labels_of(s, 16)  # past both shards: the epoch ends early, the next one begins
+    assert "has 25276 bytes but manifest" in caplog.text
+    assert "ran out of good samples in epoch 0" in caplog.text
+    assert "unreadable shard" in caplog.text and "train-000000.tar" in caplog.text
+    assert "sample 'zz_bad': undecodable png" in caplog.text
+    assert "sample 'zz_noimg': no image" in caplog.text
+    counters = s.counters()
+    assert counters["data_bad_shards"] == 1 and counters["data_skipped_samples"] >= 2
+    assert set(range(24, 48)) <= set(labels)  # the intact shard was read in full
+
+
+@pytest.mark.parametrize("damage,pattern", [
+    ("truncate", r"train-000000\.tar has 25276 bytes but manifest .* \(data\.strict=true\)"),
+    ("broken", r"shard .*train-000001\.tar: sample 'zz_bad': undecodable png"),
+])
+def test_strict_mode_names_shard_and_sample(tmp_path, damage, pattern):
+    shards, _ = tiny_shards(tmp_path, n_shards=2, per_shard=24)
+    if damage == "truncate":
+        truncate(tmp_path / "train-000000.tar", 24 * 1024 + 700)
+    else:
+        add_broken_sample(tmp_path / "train-000001.tar")
+    with pytest.raises(DataError, match=pattern):
+        s = stream(shards, workers=0, shuffle_buffer=0, batch_size=2, strict=True)
+        labels_of(s, 24)
+
+
+def add_sample(path, key, image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    with tarfile.open(path, "a") as tar:
+        for name, payload in ((f"{key}.png", buffer.getvalue()), (f"{key}.cls", b"3")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+@pytest.mark.parametrize("image,message", [
+    (Image.new("L", (9, 9)), "L 9x9 image, expected L 8x8"),
+    (Image.new("RGB", (8, 8)), "RGB 8x8 image, expected L 8x8"),
+])
+def test_wrong_size_or_mode_is_a_bad_sample(tmp_path, image, message):
+    shards, _ = tiny_shards(tmp_path, n_shards=2, per_shard=12)
+    for shard in ("train-000000.tar", "train-000001.tar"):  # whichever shard is read first has one
+        add_sample(tmp_path / shard, "zz_odd", image)
+    s = stream(shards, workers=0, shuffle_buffer=0, batch_size=1)
+    assert sorted(labels_of(s, 24)) == list(range(24))  # every good sample, none of the odd ones
+    assert s.counters()["data_skipped_samples"] >= 1
+    manifest = json.loads((tmp_path / MANIFEST).read_text())  # sizes match again: only the sample is odd
+    for entry in manifest["splits"]["train"]["shards"]:
+        entry["bytes"] = (tmp_path / entry["name"]).stat().st_size
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"sample 'zz_odd': {message}"):
+        labels_of(stream(shards, workers=0, shuffle_buffer=0, batch_size=1, strict=True), 24)
+
+
+def test_pattern_and_manifest_errors_name_the_path(tmp_path):
+    with pytest.raises(DataError, match=r"shard pattern .*nothing-\{0\.\.3\}\.tar \(data\.shards\) matches no file"):
+        stream(str(tmp_path / "nothing-{0..3}.tar"))
+    pattern, _ = tiny_shards(tmp_path, n_shards=2)
+    with pytest.raises(DataError, match=r"train-000002\.tar named by data\.shards=.* does not exist"):
+        stream(pattern.replace("000001}", "000002}"))
+    (tmp_path / "extra-000000.tar").write_bytes((tmp_path / "train-000000.tar").read_bytes())
+    with pytest.raises(DataError, match=r"shard .*extra-000000\.tar is not listed in manifest"):
+        stream(str(tmp_path / "extra-000000.tar"))
+    with pytest.raises(DataError, match=r"describes 8px x 1 channel images but data\.resolution=8, data\.channels=3"):
+        stream(pattern, channels=3)
+    (tmp_path / MANIFEST).unlink()
+    with pytest.raises(DataError, match=r"shard manifest not found: .*manifest\.json"):
+        stream(pattern)
+
+
+def test_pipe_urls_stream_from_a_command(tmp_path):
+    pattern, _ = tiny_shards(tmp_path, n_shards=2)
+    piped = "::".join(f"pipe:cat {tmp_path}/train-00000{i}.tar" for i in range(2))
+    s = stream(piped, manifest=str(tmp_path / MANIFEST), workers=0)
+    assert sorted(labels_of(s, s.budget)) == list(range(48))
+
+
+def make_folder(root, classes, mode):
+    colour = {"L": 128, "RGB": (10, 200, 30)}[mode]
+    for c in classes or [None]:
+        folder = root / c if c else root
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            Image.new(mode, (40 + 10 * i, 30), colour).save(folder / f"img{i}.png")
+
+
+@pytest.mark.parametrize("channels,classes", [(1, ["cat", "dog"]), (3, ["cat", "dog"]), (1, None), (3, None)])
+def test_folder_source_to_shards_and_back(tmp_path, channels, classes):
+    make_folder(tmp_path / "images", classes, "RGB")
+    cfg = DataConfig(source="folder", root=str(tmp_path / "images"), resolution=16, channels=channels,
+                     shard_size=4)
+    manifest = prepare_shards(cfg, tmp_path / "shards", progress=False)
+    n = 3 * len(classes or [None])
+    assert manifest["splits"]["train"]["total"] == n and manifest["class_names"] == (classes or [])
+    names = sorted(p.name for p in (tmp_path / "shards").glob("train-*.tar"))
+    s = stream(str(tmp_path / "shards" / f"train-{{000000..{len(names) - 1:06d}}}.tar"), resolution=16,
+               channels=channels, batch_size=1, workers=0)
+    batches = [s.next_batch() for _ in range(n)]
+    assert all(x.shape == (1, channels, 16, 16) for x, _ in batches)
+    assert sorted(int(y) for _, y in batches) == (sorted([0, 0, 0, 1, 1, 1]) if classes else [-1] * 3)
+    if channels == 3:  # the colour survived: green channel brightest
+        x = batches[0][0][0]
+        assert x[1].mean() > x[0].mean() and x[1].mean() > x[2].mean()
