@@ -123,6 +123,34 @@ def train_step(nets: Nets, loss: GANLoss, data: BatchStream, accelerator: Accele
     return stats
 
 
+class StatsWindow:
+    """Per-step statistics summed since the last log line; averaged over steps and ranks on demand.
+
+    Statistics stay tensors on the device between log lines, so logging costs one collective and one
+    host sync per interval rather than per step. Grad norms appear on log steps only and are averaged
+    over the steps that have them.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.steps, self.start = 0, time.perf_counter()
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        for name, value in stats.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+            self.counts[name] = self.counts.get(name, 0) + 1
+        self.steps += 1
+
+    def means(self, accelerator: Accelerator) -> dict[str, float]:
+        names = sorted(self.sums)
+        stacked = torch.stack([self.sums[n] / self.counts[n] for n in names])
+        return dict(zip(names, accelerator.reduce(stacked, "mean").tolist()))
+
+
 @torch.no_grad()
 def check_replicas(accelerator: Accelerator, modules: dict[str, nn.Module]) -> dict[str, bool]:
     """Whether every rank holds bit-identical parameters of each module (the DDP invariant).
@@ -201,10 +229,7 @@ def train(config: Config) -> Path:
              config.train.max_steps, world, accelerator.device, run_dir)
 
     imgs_per_step = config.data.batch_size * config.optim.n_critic * world  # real images seen by D
-    # Sums and counts of each statistic since the last log line (grad norms appear on log steps only).
-    window: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    window_steps, window_start = 0, time.perf_counter()
+    window = StatsWindow()
     bar = tqdm(total=config.train.max_steps, initial=step, disable=not accelerator.is_main_process,
                unit="step", dynamic_ncols=True)
 
@@ -218,24 +243,17 @@ def train(config: Config) -> Path:
         step += 1
         if ema is not None:
             ema.update(nets.G_raw, step)
-        for name, value in stats.items():
-            window[name] = window.get(name, 0.0) + value
-            counts[name] = counts.get(name, 0) + 1
-        window_steps += 1
+        window.add(stats)
         bar.update(1)
 
         if measure:
-            elapsed = time.perf_counter() - window_start
-            names = sorted(window)
-            # One collective per log interval; the ranks' stats are averaged.
-            means = accelerator.reduce(torch.stack([window[n] / counts[n] for n in names]), "mean")
-            values = dict(zip(names, means.tolist()))
+            values = window.means(accelerator)
             counters = data.counters()  # e.g. skipped bad samples: summed over ranks
             if counters:
                 totals = torch.tensor(list(counters.values()), device=accelerator.device)
                 values.update(zip(counters, accelerator.reduce(totals, "sum").tolist()))
             values.update(
-                imgs_per_sec=imgs_per_step * window_steps / elapsed,
+                imgs_per_sec=imgs_per_step * window.steps / (time.perf_counter() - window.start),
                 lr_G=nets.sched_G.get_last_lr()[0], lr_D=nets.sched_D.get_last_lr()[0],
                 kimg=step * imgs_per_step / 1000, world_size=world,
             )
@@ -247,7 +265,7 @@ def train(config: Config) -> Path:
                 logger.close()
                 raise TrainingDiverged(f"non-finite values at step {step}: {bad}; last good "
                                        f"checkpoint: {resolve_resume('auto', run_dir)}")
-            window, counts, window_steps, window_start = {}, {}, 0, time.perf_counter()
+            window.reset()
 
         if step % config.run.sample_every == 0 or step == config.train.max_steps:
             logger.images(step, "ema" if ema is not None else "G",
