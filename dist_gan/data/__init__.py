@@ -1,0 +1,74 @@
+"""Training data: sources -> (optionally) WebDataset shards -> the batch stream the loop draws from.
+
+The loop sees only a ``BatchStream``: ``next_batch()`` returns images in [-1, 1] (N, C, H, W) and
+labels; ``counters()`` reports skipped data; ``state_dict()`` / ``load_state_dict()`` carry the position
+through a checkpoint so a resumed run reads exactly the batches the uninterrupted run would have read.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from dist_gan.config import DataConfig
+from dist_gan.data.loader import ShardSamples, ShardStream
+from dist_gan.data.memory import InMemoryBatches
+from dist_gan.data.shards import expand_urls, local_path, resolve_shards, write_shards
+from dist_gan.data.sources import DATA_SOURCES, DataError, ImageSet, load_mnist_idx, read_idx
+
+__all__ = ["BatchStream", "DATA_SOURCES", "DataError", "ImageSet", "InMemoryBatches", "ShardStream",
+           "build_batch_stream", "load_mnist_idx", "prepare_shards", "read_idx"]
+log = logging.getLogger(__name__)
+
+
+class BatchStream(Protocol):
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def counters(self) -> dict[str, int]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def prepare_shards(cfg: DataConfig, out_dir: str | Path, split: str = "train",
+                   progress: bool = True) -> dict:
+    """Write ``cfg.source``'s ``split`` as shards of ``cfg.shard_size`` samples into ``out_dir``."""
+    images = DATA_SOURCES[cfg.source](cfg, split)
+    return write_shards(images, out_dir, split, cfg.shard_size, cfg.source, cfg.resolution,
+                        cfg.channels, progress)
+
+
+def _prepare_if_missing(cfg: DataConfig) -> None:
+    """Rank 0 (called inside main_process_first) writes the configured shards when none exist yet."""
+    paths = [local_path(u) for u in expand_urls(cfg.shards)]
+    if not cfg.prepare_if_missing or any(p is None or p.exists() for p in paths):
+        return
+    out_dir, name = paths[0].parent, paths[0].name
+    split = name.split("-")[0]
+    log.info("no shards at %s: preparing them from %s (data.prepare_if_missing)", cfg.shards, cfg.source)
+    prepare_shards(cfg, out_dir, split)
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise DataError(f"prepared {cfg.source} shards in {out_dir}, but data.shards={cfg.shards} names "
+                        f"files that were not written, e.g. {missing[0]}: fix the pattern or data.shard_size")
+
+
+def build_batch_stream(cfg: DataConfig, seed: int, rank: int, world_size: int,
+                       device: torch.device | str, may_prepare: bool = False) -> BatchStream:
+    """This rank's stream of batches as ``cfg`` says (``may_prepare``: this process may write shards)."""
+    if cfg.format == "memory":
+        images = DATA_SOURCES[cfg.source](cfg)
+        log.info("data: %s in memory, %d images", cfg.source, len(images))
+        return InMemoryBatches.from_image_set(images, batch_size=cfg.batch_size, seed=seed, rank=rank,
+                                              world_size=world_size, device=device)
+    if may_prepare:
+        _prepare_if_missing(cfg)
+    shards, manifest = resolve_shards(cfg.shards, cfg.manifest, cfg.resolution, cfg.channels,
+                                      cfg.strict)
+    dataset = ShardSamples(shards, rank, world_size, seed, cfg.resolution, cfg.channels,
+                           cfg.shuffle_buffer, cfg.resampled, cfg.strict)
+    stream = ShardStream(dataset, cfg.batch_size, cfg.workers, device)
+    log.info("data: %d shards, %d samples (%s), %d batches per rank per epoch, %d workers",
+             len(shards), sum(c for _, c in shards), manifest.get("source"), stream.budget, cfg.workers)
+    return stream

@@ -1,0 +1,59 @@
+"""A batch stream over a dataset held in memory (small sets, tests, benchmarks without decoding)."""
+
+from __future__ import annotations
+
+import torch
+
+from dist_gan.data.sources import DataError, ImageSet
+
+
+class InMemoryBatches:
+    """Batches from uint8 images in memory, in a seeded order, split across ranks.
+
+    Each epoch is a permutation drawn from ``seed`` and the epoch, identical on every rank; rank r
+    takes its slice of each global batch, so ranks never see the same sample in one step and every rank
+    gets the same number of batches (the last incomplete global batch is dropped). The position is
+    two integers.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu"):
+        self.images, self.labels = images, labels
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.device = torch.device(device)
+        self.batches_per_epoch = len(images) // (batch_size * world_size)
+        if self.batches_per_epoch < 1:
+            raise DataError(f"{len(images)} images cannot fill one global batch of "
+                            f"{batch_size} x {world_size} processes (data.batch_size)")
+        self.epoch, self.batch = 0, 0
+        self._order = self._permutation(0)
+
+    @classmethod
+    def from_image_set(cls, images: ImageSet, **kwargs) -> "InMemoryBatches":
+        pairs = [images[i] for i in range(len(images))]
+        return cls(torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs]), **kwargs)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.images), generator=generator)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.batch == self.batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        start = (self.batch * self.world_size + self.rank) * self.batch_size
+        index = self._order[start : start + self.batch_size]
+        self.batch += 1
+        images = self.images[index].to(self.device, non_blocking=True)
+        labels = self.labels[index].to(self.device, non_blocking=True)
+        return images.float().div_(127.5).sub_(1.0), labels
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self._order = self._permutation(self.epoch)

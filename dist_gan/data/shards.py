@@ -1,0 +1,178 @@
+"""WebDataset shards: writing them from a source, their manifest, and checking shards against it.
+
+A shard is ``<split>-NNNNNN.tar`` holding one sample per image: ``<key>.png`` and ``<key>.cls`` (the
+label as text, -1 when the dataset has no classes). ``manifest.json`` beside the shards records, per
+split, every shard's sample count, size and sha256, plus resolution, channels, class names and source.
+The loader needs the counts to give every rank the same number of batches without reading the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dist_gan.data.sources import DataError, ImageSet
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "dist_gan.shards/1"
+_SHARD_NAME = re.compile(r"([^/\s]+\.tar)(?:\s|$)")
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """uint8 (C, H, W) with C = 1 or 3 -> PNG bytes (mode L or RGB)."""
+    array = image.numpy()
+    pil = Image.fromarray(array[0], "L") if array.shape[0] == 1 else Image.fromarray(
+        np.ascontiguousarray(array.transpose(1, 2, 0)), "RGB")
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shards(images: ImageSet, out_dir: str | Path, split: str, shard_size: int, source: str,
+                 resolution: int, channels: int, progress: bool = True) -> dict:
+    """Write ``images`` as ``out_dir/<split>-NNNNNN.tar`` shards and record them in the manifest.
+
+    The manifest is written last (atomically), so an interrupted prepare leaves shards that the
+    loader refuses rather than a silently short dataset.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{split}-*.tar"):
+        stale.unlink()
+    with wds.ShardWriter(str(out_dir / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+        for index in tqdm(range(len(images)), desc=f"writing {split} shards", unit="img",
+                          disable=not progress, mininterval=1.0):
+            image, label = images[index]
+            sink.write({"__key__": f"{index:08d}", "png": encode_png(image), "cls": str(label).encode()})
+    paths = sorted(out_dir.glob(f"{split}-*.tar"))
+    counts = [min(shard_size, len(images) - i * shard_size) for i in range(len(paths))]
+    entries = [{"name": p.name, "count": c, "bytes": p.stat().st_size, "sha256": sha256_of(p)}
+               for p, c in zip(paths, counts)]
+    manifest = read_manifest(out_dir / MANIFEST) if (out_dir / MANIFEST).is_file() else {}
+    if manifest and (manifest["resolution"], manifest["channels"]) != (resolution, channels):
+        raise DataError(f"{out_dir / MANIFEST} describes {manifest['resolution']}px x "
+                        f"{manifest['channels']} channels; refusing to add {resolution}px x {channels}")
+    manifest.update(format=MANIFEST_FORMAT, source=source, resolution=resolution, channels=channels,
+                    class_names=list(images.class_names))
+    manifest.setdefault("splits", {})[split] = {"total": len(images), "shards": entries}
+    write_json_atomically(out_dir / MANIFEST, manifest)
+    log.info("wrote %d %s samples in %d shards to %s", len(images), split, len(paths), out_dir)
+    return manifest
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"shard manifest not found: {path} (write shards with `python -m dist_gan.data "
+                        "prepare`, or set data.manifest)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"shard manifest {path} is not valid JSON: {err}") from err
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{path} is not a dist_gan shard manifest (format {manifest.get('format')!r})")
+    return manifest
+
+
+def expand_urls(pattern: str) -> list[str]:
+    """``data/x/train-{000000..000003}.tar`` -> four URLs (also ``a.tar::b.tar`` lists)."""
+    return [url for part in pattern.split("::") for url in braceexpand.braceexpand(part)]
+
+
+def local_path(url: str) -> Path | None:
+    """The file behind a URL, or None for a URL we cannot stat (``pipe:``, ``s3://``, ...)."""
+    if url.startswith("file://"):
+        return Path(url[len("file://"):])
+    if ":" in url.split("/")[0]:
+        return None
+    return Path(url)
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name inside any URL, ``pipe:aws s3 cp s3://b/train-000001.tar -`` included."""
+    match = _SHARD_NAME.search(url)
+    if not match:
+        raise DataError(f"cannot find a <name>.tar in shard URL {url!r}")
+    return Path(match.group(1)).name
+
+
+def default_manifest_path(pattern: str) -> Path | None:
+    first = local_path(expand_urls(pattern)[0])
+    return first.parent / MANIFEST if first is not None else None
+
+
+def resolve_shards(pattern: str, manifest_path: str | None, resolution: int, channels: int,
+                   strict: bool = False) -> tuple[list[tuple[str, int]], dict]:
+    """Check ``pattern`` against its manifest; return [(url, sample count)] and the manifest.
+
+    A shard missing from the manifest is always an error. A shard whose size differs from the
+    manifest (truncated, rewritten) is an error under ``strict``; otherwise a warning, and the loader
+    skips whatever part of it cannot be read.
+    """
+    urls = expand_urls(pattern)
+    local = [local_path(u) for u in urls]
+    if all(p is not None for p in local) and not any(p.is_file() for p in local):
+        raise DataError(f"shard pattern {pattern} (data.shards) matches no file")
+    for path in local:
+        if path is not None and not path.is_file():
+            raise DataError(f"shard {path} named by data.shards={pattern} does not exist")
+    path = Path(manifest_path) if manifest_path else default_manifest_path(pattern)
+    if path is None:
+        raise DataError(f"data.manifest must be set for remote shards ({urls[0]})")
+    manifest = read_manifest(path)
+    if (manifest["resolution"], manifest["channels"]) != (resolution, channels):
+        raise DataError(f"{path} describes {manifest['resolution']}px x {manifest['channels']} channel "
+                        f"images but data.resolution={resolution}, data.channels={channels}")
+    listed = {e["name"]: e for split in manifest["splits"].values() for e in split["shards"]}
+    shards = []
+    for url, file in zip(urls, local):
+        entry = listed.get(shard_name(url))
+        if entry is None:
+            raise DataError(f"shard {url} is not listed in manifest {path}")
+        if file is not None and file.stat().st_size != entry["bytes"]:
+            message = (f"shard {file} has {file.stat().st_size} bytes but manifest {path} says "
+                       f"{entry['bytes']}: re-run prepare or restore the shard")
+            if strict:
+                raise DataError(message + " (data.strict=true)")
+            log.warning("%s; reading what it holds", message)
+        shards.append((url, int(entry["count"])))
+    return shards, manifest
+
+
+def verify_shards(pattern: str, manifest_path: str | None = None) -> list[str]:
+    """sha256 of every local shard against the manifest; returns the names that differ."""
+    path = Path(manifest_path) if manifest_path else default_manifest_path(pattern)
+    listed = {e["name"]: e for split in read_manifest(path)["splits"].values() for e in split["shards"]}
+    return [url for url in expand_urls(pattern)
+            if (p := local_path(url)) is not None and sha256_of(p) != listed[shard_name(url)]["sha256"]]
