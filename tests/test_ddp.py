@@ -49,6 +49,8 @@ if acc.process_index == 1:
 differ = check_replicas(acc, {"net": net})
 if acc.is_main_process:
     print("RESULT", same["net"], differ["net"], acc.num_processes)
+acc.wait_for_everyone()  # no rank may leave while another is still inside a collective
+torch.distributed.destroy_process_group()
 """
 
 
