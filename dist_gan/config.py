@@ -152,6 +152,23 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0  # evaluate FID/KID/IS every this many steps (and at the end); 0 disables
+    n_samples: int = 5000  # generated samples per evaluation, shared over the ranks
+    feature_net: Literal["mnist_classifier"] = "mnist_classifier"
+    classifier_path: Optional[str] = None  # default: the user cache (trained on first use)
+    real_split: Literal["train", "test"] = "train"  # real reference statistics
+    batch_size: int = 500
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        found = []
+        for name, low in (("every", 0), ("n_samples", 10), ("batch_size", 1)):
+            if getattr(self, name) < low:
+                found.append((name, getattr(self, name), f"must be >= {low}"))
+        return found
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -159,6 +176,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def problems(self) -> list[tuple[str, Any, str]]:
         # Registries are imported here, not at module level, so the config stays the bottom layer.

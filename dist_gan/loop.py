@@ -202,6 +202,12 @@ def train(config: Config) -> Path:
         data = build_batch_stream(config.data, config.run.seed, accelerator.process_index,
                                   accelerator.num_processes, accelerator.device,
                                   may_prepare=accelerator.is_main_process)
+    evaluator = None
+    if config.eval.every:
+        from dist_gan.metrics import Evaluator
+
+        with accelerator.main_process_first():  # rank 0 trains/caches the reference network once
+            evaluator = Evaluator(config)
     fixed_z = torch.randn(SAMPLE_GRID_SIZE, config.model.z_dim,
                           generator=torch.Generator().manual_seed(config.run.seed)).to(accelerator.device)
 
@@ -270,6 +276,9 @@ def train(config: Config) -> Path:
         if step % config.run.sample_every == 0 or step == config.train.max_steps:
             logger.images(step, "ema" if ema is not None else "G",
                           _generate_grid(ema.model if ema is not None else nets.G_raw, fixed_z))
+        if evaluator and (step % config.eval.every == 0 or step == config.train.max_steps):
+            figures = evaluator(ema.model if ema is not None else nets.G_raw, accelerator)
+            logger.scalars(step, figures or {}, tb_prefix="eval/")
         if step % config.run.ckpt_every == 0 or step == config.train.max_steps:
             path = save_checkpoint(accelerator, run_dir, step, trainer_state(), config)
             replicas = check_replicas(accelerator, {"G": nets.G_raw, "D": nets.D_raw})

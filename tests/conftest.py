@@ -40,6 +40,19 @@ def mnist_shards(mnist_dir, tmp_path_factory) -> str:
     return str(out / "train-{000000..000005}.tar")
 
 
+@pytest.fixture(scope="session")
+def reference_classifier(mnist_dir, tmp_path_factory):
+    """The reference MNIST classifier, trained once per session into a private cache directory.
+
+    DIST_GAN_CACHE is set for the whole session so subprocesses (training runs, evaluate) share it.
+    """
+    from dist_gan.metrics.classifier import default_classifier_path, load_or_train_classifier
+
+    os.environ["DIST_GAN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    model = load_or_train_classifier(str(mnist_dir))
+    return model, default_classifier_path()
+
+
 def run_cli(args: list[str], launcher: list[str] | None = None, check: bool = True,
             timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``python -m <args>`` (or ``launcher + args``) from the repo root; fail with its output."""

@@ -1,0 +1,97 @@
+"""Quality metrics: the reference classifier, FID/KID/IS behaving as they must, eval in training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import FAST, read_metrics, run_cli
+from dist_gan.config import DataConfig
+from dist_gan.data.sources import load_mnist_idx
+from dist_gan.metrics import Embedder, class_coverage, fid_kid_is, precision_recall, real_embeddings
+from dist_gan.metrics.classifier import accuracy, load_or_train_classifier
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def embedded(reference_classifier, mnist_dir):
+    model, _ = reference_classifier
+    embed = Embedder(model)
+    data = DataConfig(mnist_dir=str(mnist_dir))
+    return embed, real_embeddings(data, "train", embed), real_embeddings(data, "test", embed)
+
+
+def test_classifier_is_accurate_and_reloads_from_cache(reference_classifier, mnist_dir):
+    model, path = reference_classifier
+    images, labels = load_mnist_idx(mnist_dir, "test")
+    assert accuracy(model, images, labels) >= 0.99
+    saved = torch.load(path, weights_only=True)
+    assert saved["test_accuracy"] >= 0.99
+    modified = path.stat().st_mtime_ns
+    again = load_or_train_classifier(str(mnist_dir))  # from the cache, not retrained
+    assert path.stat().st_mtime_ns == modified
+    x = images[:64].float().div(127.5).sub(1).unsqueeze(1)
+    assert torch.equal(again(x), model(x))
+
+
+def test_fid_kid_is_behave(embedded, mnist_dir):
+    embed, (train_f, _), (test_f, test_l) = embedded
+    real = fid_kid_is(train_f, test_f[:5000], test_l[:5000])
+    noise_f, noise_l = embed(torch.rand(5000, 1, 28, 28) * 2 - 1)
+    noise = fid_kid_is(train_f, noise_f, noise_l)
+    blank_f, blank_l = embed(torch.full((5000, 1, 28, 28), -1.0))
+    blank = fid_kid_is(train_f, blank_f, blank_l)
+    images, labels = load_mnist_idx(mnist_dir, "test")
+    one_digit = images[labels == 3][:1].float().div(127.5).sub(1).unsqueeze(1).repeat(5000, 1, 1, 1)
+    one_f, one_l = embed(one_digit)
+    single = fid_kid_is(train_f, one_f, one_l)
+
+    assert real["fid"] < 1.0, real
+    assert noise["fid"] > 50 * max(real["fid"], 0.1) and blank["fid"] > 50 * max(real["fid"], 0.1)
+    assert abs(real["kid"]) < 0.01 and noise["kid"] > 10 * abs(real["kid"]) + 0.1
+    assert real["is"] > 9.0, real  # near 10: confident, all classes equally
+    assert single["is"] < 1.1, single  # one repeated digit: 1
+    assert single["fid"] > 20 * max(real["fid"], 0.1)
+
+
+def test_coverage_and_precision_recall(embedded):
+    _, (train_f, _), (test_f, test_l) = embedded
+    real = class_coverage(test_l)
+    assert real["classes_covered"] == 10 and real["class_kl_uniform"] < 0.01
+    only_ones = class_coverage(torch.nn.functional.one_hot(torch.ones(100, dtype=torch.long), 10).float())
+    assert only_ones["classes_covered"] == 1 and only_ones["class_kl_uniform"] == pytest.approx(2.302585, abs=1e-5)
+    pr = precision_recall(train_f[:3000], test_f[:3000])
+    assert pr["precision"] > 0.6 and pr["recall"] > 0.6
+    half = test_f[:3000][test_l[:3000].argmax(1) < 5]  # only digits 0-4: precise but half the recall
+    collapsed = precision_recall(train_f[:3000], half)
+    assert collapsed["precision"] > 0.6 and collapsed["recall"] < pr["recall"] - 0.2
+
+
+def test_eval_during_training_and_evaluate_command(tmp_path, mnist_dir, mnist_shards, reference_classifier):
+    run = tmp_path / "run"
+    run_cli(["dist_gan.train", "configs/mnist_dcgan.yaml", f"--run.dir={run}", "--train.max_steps=20",
+             f"--data.mnist_dir={mnist_dir}", f"--data.shards={mnist_shards}", "--eval.every=10",
+             "--eval.n_samples=300", *FAST])
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    for tag in ("fid", "kid", "is", "precision", "recall", "classes_covered", "class_kl_uniform"):
+        assert [e.step for e in events.Scalars(f"eval/{tag}")] == [10, 20], tag
+    evals = [r for r in read_metrics(run) if "fid" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert all(r["fid"] > 0 and 1 <= r["is"] <= 10 for r in evals)
+
+    out = tmp_path / "eval.json"
+    proc = run_cli(["dist_gan.evaluate", str(run), "--n=500", f"--json_out={out}"])
+    assert "real test (floor)" in proc.stdout and "fid" in proc.stdout
+    results = json.loads(out.read_text())
+    assert results["generated"]["fid"] > 3 * results["real test (floor)"]["fid"]  # 20 steps is not MNIST
+    assert results["real test (floor)"]["classes_covered"] == 10
+
+    run_cli(["dist_gan.sample", str(run), "--n=6", f"--out_dir={tmp_path / 'each'}"])
+    assert len(list((tmp_path / "each").glob("*.png"))) == 6
+    run_cli(["dist_gan.sample", str(run), "--n=8", "--interpolate", f"--out={tmp_path / 'walk.png'}"])
+    assert (tmp_path / "walk.png").stat().st_size > 0
