@@ -8,6 +8,8 @@ hands them on unchanged: the metric arithmetic is torchmetrics', and real-data e
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,8 +55,10 @@ def fid_kid_is(real_feats: torch.Tensor, fake_feats: torch.Tensor, fake_logits: 
     dim = real_feats.shape[1]
     fid = FrechetInceptionDistance(feature=Precomputed(dim))
     subset = min(kid_subset, len(real_feats), len(fake_feats))
-    kid = KernelInceptionDistance(feature=Precomputed(dim), subset_size=subset, subsets=50)
-    score = InceptionScore(feature=Precomputed(fake_logits.shape[1]), splits=10)
+    with warnings.catch_warnings():  # "will save all extracted features": expected, they are small
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        kid = KernelInceptionDistance(feature=Precomputed(dim), subset_size=subset, subsets=50)
+        score = InceptionScore(feature=Precomputed(fake_logits.shape[1]), splits=10)
     for metric in (fid, kid):
         metric.update(real_feats, real=True)
         metric.update(fake_feats, real=False)
