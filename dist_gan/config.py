@@ -141,11 +141,16 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA of the generator's weights; 0 disables
     # None: start fresh; "auto": newest checkpoint in run.dir if any; otherwise a checkpoint directory.
     resume: Optional[str] = None
+    # Stop (with the final sample, eval and checkpoint) at the first log step after this many minutes
+    # of this process's training; 0: no limit. For fixed-budget comparisons and job time limits.
+    time_limit_min: float = 0.0
 
     def problems(self) -> list[tuple[str, Any, str]]:
         found = []
         if self.max_steps < 1:
             found.append(("max_steps", self.max_steps, "must be >= 1"))
+        if self.time_limit_min < 0:
+            found.append(("time_limit_min", self.time_limit_min, "must be >= 0 (0: no limit)"))
         if not 0.0 <= self.ema_decay < 1.0:
             found.append(("ema_decay", self.ema_decay, "must be in [0, 1)"))
         return found

@@ -151,6 +151,11 @@ class StatsWindow:
         return dict(zip(names, accelerator.reduce(stacked, "mean").tolist()))
 
 
+def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any: ranks must agree on when to stop."""
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum") > 0)
+
+
 @torch.no_grad()
 def check_replicas(accelerator: Accelerator, modules: dict[str, nn.Module]) -> dict[str, bool]:
     """Whether every rank holds bit-identical parameters of each module (the DDP invariant).
@@ -243,8 +248,10 @@ def train(config: Config) -> Path:
         return {"step": step, "data": data.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None}
 
-    while step < config.train.max_steps:
-        measure = (step + 1) % config.run.log_every == 0 or step + 1 == config.train.max_steps
+    last_step = config.train.max_steps
+    deadline = time.perf_counter() + config.train.time_limit_min * 60 if config.train.time_limit_min else None
+    while step < last_step:
+        measure = (step + 1) % config.run.log_every == 0 or step + 1 == last_step
         stats = train_step(nets, loss, data, accelerator, config, measure)
         step += 1
         if ema is not None:
@@ -272,14 +279,17 @@ def train(config: Config) -> Path:
                 raise TrainingDiverged(f"non-finite values at step {step}: {bad}; last good "
                                        f"checkpoint: {resolve_resume('auto', run_dir)}")
             window.reset()
+            if deadline is not None and _any_rank(accelerator, time.perf_counter() > deadline):
+                last_step = step  # out of time: finish here with the usual end-of-run work
+                log.info("train.time_limit_min=%s reached at step %d", config.train.time_limit_min, step)
 
-        if step % config.run.sample_every == 0 or step == config.train.max_steps:
+        if step % config.run.sample_every == 0 or step == last_step:
             logger.images(step, "ema" if ema is not None else "G",
                           _generate_grid(ema.model if ema is not None else nets.G_raw, fixed_z))
-        if evaluator and (step % config.eval.every == 0 or step == config.train.max_steps):
+        if evaluator and (step % config.eval.every == 0 or step == last_step):
             figures = evaluator(ema.model if ema is not None else nets.G_raw, accelerator)
             logger.scalars(step, figures or {}, tb_prefix="eval/")
-        if step % config.run.ckpt_every == 0 or step == config.train.max_steps:
+        if step % config.run.ckpt_every == 0 or step == last_step:
             path = save_checkpoint(accelerator, run_dir, step, trainer_state(), config)
             replicas = check_replicas(accelerator, {"G": nets.G_raw, "D": nets.D_raw})
             logger.event(step, {"event": "checkpoint", "path": str(path), "world_size": world,

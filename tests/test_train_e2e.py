@@ -130,3 +130,10 @@ def test_divergence_stops_with_the_step_and_values(tmp_path, data):
     assert "non-finite values at step 5" in proc.stderr and "'loss_D': nan" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert [r for r in read_metrics(run) if "loss_D" in r][-1]["loss_D"] is None  # NaN logged as null
+
+
+def test_time_limit_stops_cleanly_with_a_checkpoint(tmp_path, data):
+    run = tmp_path / "limited"
+    train("mnist_dcgan", run, data, "--train.max_steps=100000", "--train.time_limit_min=0.0001")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000005"]  # first log step
+    assert [r for r in read_metrics(run) if r.get("event") == "end"][0]["step"] == 5
