@@ -28,15 +28,20 @@ TARGETS = {"is": 9.5, "fid_vs_floor": 2.0, "min_class_share": 0.05}
 
 
 def run_config(name: str, args: argparse.Namespace, run_dir: Path) -> list[dict]:
+    if not args.report_only:
+        train(name, args, run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "fid" in r]
+
+
+def train(name: str, args: argparse.Namespace, run_dir: Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "dist_gan.train", f"configs/{name}.yaml", f"--run.dir={run_dir}",
            f"--data.mnist_dir={args.mnist_dir}", "--train.max_steps=1000000",
            f"--train.time_limit_min={args.minutes}", f"--eval.every={EVAL_EVERY[name]}",
            "--eval.n_samples=5000", "--run.log_every=50", "--run.ckpt_every=100000",
-           "--run.sample_every=100000"]
+           "--run.sample_every=1500"]
     subprocess.run(cmd, cwd=REPO, check=True)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "fid" in r]
 
 
 def floor(mnist_dir: str) -> dict:
@@ -96,6 +101,7 @@ def main() -> None:
     parser.add_argument("--configs", default="mnist_wgangp,mnist_dcgan")
     parser.add_argument("--out", default="docs")
     parser.add_argument("--runs", default="runs/bench_quality")
+    parser.add_argument("--report_only", action="store_true", help="rebuild the report from finished runs")
     args = parser.parse_args()
     out = Path(args.out)
     results = {"minutes": args.minutes, "floor": floor(args.mnist_dir), "runs": {}}
@@ -105,6 +111,8 @@ def main() -> None:
         grids = sorted((run_dir / "samples").glob("*.png"))
         if grids:
             shutil.copy(grids[-1], out / f"quality_{name}.png")
+        if (run_dir / "samples" / "ema_00001500.png").is_file():
+            shutil.copy(run_dir / "samples" / "ema_00001500.png", out / f"{name}_1500.png")
     (out / "quality.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "quality.png")
     table = report(results)
