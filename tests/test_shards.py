@@ -209,3 +209,16 @@ def test_folder_source_to_shards_and_back(tmp_path, channels, classes):
     if channels == 3:  # the colour survived: green channel brightest
         x = batches[0][0][0]
         assert x[1].mean() > x[0].mean() and x[1].mean() > x[2].mean()
+
+
+def test_verify_command_checks_sha256(tmp_path):
+    from conftest import run_cli
+
+    pattern, _ = tiny_shards(tmp_path, n_shards=2)
+    assert run_cli(["dist_gan.data", "verify", pattern]).returncode == 0
+    shard = tmp_path / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF  # same size, different content: only the hash can tell
+    shard.write_bytes(bytes(data))
+    proc = run_cli(["dist_gan.data", "verify", pattern], check=False)
+    assert proc.returncode != 0 and "train-000001.tar" in proc.stderr and "train-000000" not in proc.stderr
