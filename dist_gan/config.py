@@ -160,8 +160,11 @@ class TrainConfig:
 class EvalConfig:
     every: int = 0  # evaluate FID/KID/IS every this many steps (and at the end); 0 disables
     n_samples: int = 5000  # generated samples per evaluation, shared over the ranks
-    feature_net: Literal["mnist_classifier"] = "mnist_classifier"
-    classifier_path: Optional[str] = None  # default: the user cache (trained on first use)
+    # mnist_classifier | torchvision | "package.module:build" (see dist_gan.metrics.networks)
+    feature_net: str = "mnist_classifier"
+    classifier_path: Optional[str] = None  # mnist_classifier weights; default: the user cache
+    feature_arch: str = "resnet18"  # torchvision only
+    feature_weights: Optional[str] = None  # torchvision only: a local state_dict file
     real_split: Literal["train", "test"] = "train"  # real reference statistics
     batch_size: int = 500
 
@@ -170,6 +173,9 @@ class EvalConfig:
         for name, low in (("every", 0), ("n_samples", 10), ("batch_size", 1)):
             if getattr(self, name) < low:
                 found.append((name, getattr(self, name), f"must be >= {low}"))
+        if self.feature_net not in ("mnist_classifier", "torchvision") and ":" not in self.feature_net:
+            found.append(("feature_net", self.feature_net,
+                          "is not mnist_classifier, torchvision or a 'package.module:function'"))
         return found
 
 

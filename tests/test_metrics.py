@@ -97,3 +97,46 @@ def test_eval_during_training_and_evaluate_command(tmp_path, mnist_dir, mnist_sh
     assert len(list((tmp_path / "each").glob("*.png"))) == 6
     run_cli(["dist_gan.sample", str(run), "--n=8", "--interpolate", f"--out={tmp_path / 'walk.png'}"])
     assert (tmp_path / "walk.png").stat().st_size > 0
+
+
+class TinyFeatures(torch.nn.Module):
+    """A user's own feature network, named in the config as test_metrics:tiny_feature_net."""
+
+    def embed(self, images):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1)
+        return pooled, pooled[:, :3]
+
+
+def tiny_feature_net(config):
+    return TinyFeatures()
+
+
+@pytest.mark.parametrize("net", ["torchvision", "test_metrics:tiny_feature_net"])
+def test_other_feature_networks_by_name(tmp_path, net):
+    from torchvision.models import resnet18
+
+    from dist_gan.config import load_config
+    from dist_gan.metrics import build_feature_net
+
+    weights = tmp_path / "resnet18.pt"
+    torch.manual_seed(0)
+    torch.save(resnet18(weights=None).state_dict(), weights)  # local weights: nothing is downloaded
+    config = load_config(None, {"eval.feature_net": net, "eval.feature_weights": str(weights)})
+    embed = Embedder(build_feature_net(config), batch_size=4)
+    feats, logits = embed(torch.rand(6, 1, 28, 28) * 2 - 1)
+    assert feats.shape == ((6, 512) if net == "torchvision" else (6, 4))
+    assert logits.shape == ((6, 1000) if net == "torchvision" else (6, 3))
+    figures = fid_kid_is(feats, feats + 0.1 * torch.randn_like(feats), logits, kid_subset=6)
+    assert figures["fid"] >= 0 and figures["is"] > 0.999  # IS >= 1 up to rounding
+
+
+def test_feature_network_errors_name_the_key(tmp_path):
+    from dist_gan.config import ConfigError, load_config
+    from dist_gan.metrics import build_feature_net
+
+    with pytest.raises(ConfigError, match="eval.feature_net = 'inception'"):
+        load_config(None, {"eval.feature_net": "inception"})
+    with pytest.raises(ConfigError, match="needs eval.feature_weights"):
+        build_feature_net(load_config(None, {"eval.feature_net": "torchvision"}))
+    with pytest.raises(ConfigError, match="cannot import 'nope' from 'test_metrics'"):
+        build_feature_net(load_config(None, {"eval.feature_net": "test_metrics:nope"}))

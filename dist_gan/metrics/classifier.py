@@ -48,6 +48,15 @@ class MnistClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and logits of images in [-1, 1] at any resolution, grey or RGB."""
+        if images.shape[1] == 3:
+            images = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        if images.shape[-1] != 28:
+            images = F.interpolate(images, size=(28, 28), mode="bilinear", antialias=True)
+        features = self.features(images)
+        return features, self.head(features)
+
 
 def _as_input(images: torch.Tensor) -> torch.Tensor:
     return images.float().div(127.5).sub(1.0).unsqueeze(1) if images.dtype == torch.uint8 else images

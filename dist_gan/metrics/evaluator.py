@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from dist_gan.config import Config, DataConfig, load_config
 from dist_gan.data.sources import DATA_SOURCES
-from dist_gan.metrics.classifier import cache_dir, fingerprint, load_or_train_classifier
+from dist_gan.metrics.classifier import cache_dir, fingerprint
+from dist_gan.metrics.networks import build_feature_net
 from dist_gan.metrics.quality import Embedder, quality
 from dist_gan.sample import generate, load_generator
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def real_embeddings(data: DataConfig, split: str, embed: Embedder) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and logits of the real ``split``, cached per dataset, resolution and network."""
-    key = f"{data.source}-{split}-{data.resolution}px-{data.channels}ch-{fingerprint(embed.classifier)}"
+    key = f"{data.source}-{split}-{data.resolution}px-{data.channels}ch-{fingerprint(embed.network)}"
     path = cache_dir() / "real_embeddings" / f"{key}.pt"
     if path.is_file():
         cached = torch.load(path, weights_only=True)
@@ -41,8 +42,7 @@ class Evaluator:
 
     def __init__(self, config: Config):
         self.config = config
-        classifier = load_or_train_classifier(config.data.mnist_dir, config.eval.classifier_path)
-        self.embed = Embedder(classifier, config.eval.batch_size)
+        self.embed = Embedder(build_feature_net(config), config.eval.batch_size)
         self.real_feats, _ = real_embeddings(config.data, config.eval.real_split, self.embed)
 
     def __call__(self, generator: nn.Module, accelerator) -> dict[str, float] | None:
@@ -67,8 +67,7 @@ def evaluate_checkpoint(checkpoint: str | Path, n: int, ema: bool = True, seed: 
     config = load_config(source / "config.yaml")
     if mnist_dir:
         config.data.mnist_dir = mnist_dir
-    classifier = load_or_train_classifier(config.data.mnist_dir, config.eval.classifier_path)
-    embed = Embedder(classifier, config.eval.batch_size)
+    embed = Embedder(build_feature_net(config), config.eval.batch_size)
     train_feats, _ = real_embeddings(config.data, "train", embed)
     test_feats, test_logits = real_embeddings(config.data, "test", embed)
     images = generate(generator, n, seed, config.eval.batch_size)

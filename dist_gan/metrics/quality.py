@@ -12,7 +12,6 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
@@ -30,24 +29,15 @@ class Precomputed(nn.Module):
 
 
 class Embedder:
-    """Reference-network embeddings of generated images (any resolution, 1 or 3 channels, in [-1, 1])."""
+    """Batched ``(features, logits)`` of images in [-1, 1] from a feature network's ``embed``."""
 
-    def __init__(self, classifier: nn.Module, batch_size: int = 500):
-        self.classifier, self.batch_size = classifier.eval(), batch_size
+    def __init__(self, network: nn.Module, batch_size: int = 500):
+        self.network, self.batch_size = network.eval(), batch_size
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, logits = [], []
-        for chunk in images.split(self.batch_size):
-            chunk = chunk.float().cpu()
-            if chunk.shape[1] == 3:
-                chunk = (chunk * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-            if chunk.shape[-1] != 28:
-                chunk = F.interpolate(chunk, size=(28, 28), mode="bilinear", antialias=True)
-            f = self.classifier.features(chunk)
-            feats.append(f)
-            logits.append(self.classifier.head(f))
-        return torch.cat(feats), torch.cat(logits)
+        pairs = [self.network.embed(chunk.float().cpu()) for chunk in images.split(self.batch_size)]
+        return torch.cat([f for f, _ in pairs]).float(), torch.cat([l for _, l in pairs]).float()
 
 
 def fid_kid_is(real_feats: torch.Tensor, fake_feats: torch.Tensor, fake_logits: torch.Tensor,
