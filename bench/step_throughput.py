@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -146,8 +145,7 @@ def worker(args) -> None:
 
 def measure(extra: list[str], launcher: list[str] | None = None) -> dict:
     cmd = (launcher or [sys.executable]) + [str(Path(__file__).resolve()), "--worker", *extra]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True,
-                         env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "")))
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
     line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
