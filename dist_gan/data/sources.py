@@ -96,6 +96,12 @@ def load_mnist_idx(directory: str | Path, split: str = "train") -> tuple[torch.T
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
+def to_grey(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB -> (N, 1, H, W) luma (ITU-R BT.601 weights), as float."""
+    weights = torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)
+    return (images.float() * weights).sum(1, keepdim=True)
+
+
 def fit_images(images: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
     """Resize uint8 (N, C, H, W) images to ``resolution`` and turn them into ``channels`` channels."""
     if images.shape[-1] != resolution or images.shape[-2] != resolution:
@@ -106,8 +112,7 @@ def fit_images(images: torch.Tensor, resolution: int, channels: int) -> torch.Te
         return images
     if images.shape[1] == 1:
         return images.expand(-1, channels, -1, -1).contiguous()
-    grey = (images.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    return grey.round().clamp(0, 255).to(torch.uint8)
+    return to_grey(images).round().clamp(0, 255).to(torch.uint8)
 
 
 def mnist_source(cfg: DataConfig, split: str = "train") -> TensorImageSet:

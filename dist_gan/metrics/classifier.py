@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dist_gan.data.sources import load_mnist_idx
+from dist_gan.data.sources import load_mnist_idx, to_grey
 
 log = logging.getLogger(__name__)
 FEATURES = 128
@@ -51,7 +51,7 @@ class MnistClassifier(nn.Module):
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and logits of images in [-1, 1] at any resolution, grey or RGB."""
         if images.shape[1] == 3:
-            images = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            images = to_grey(images)
         if images.shape[-1] != 28:
             images = F.interpolate(images, size=(28, 28), mode="bilinear", antialias=True)
         features = self.features(images)
