@@ -55,10 +55,10 @@ def training_consumption_rate(mnist_dir: str, steps: int) -> float:
     images = torch.randint(0, 256, (4096, 1, 28, 28), dtype=torch.uint8)
     data = InMemoryBatches(images, torch.zeros(4096, dtype=torch.long), config.data.batch_size, seed=0)
     for _ in range(3):
-        train_step(nets, loss, data, accelerator, config, measure=False)
+        train_step(nets, loss, data, config, measure=False)
     start = time.perf_counter()
     for _ in range(steps):
-        train_step(nets, loss, data, accelerator, config, measure=False)
+        train_step(nets, loss, data, config, measure=False)
     return steps * config.data.batch_size * config.optim.n_critic / (time.perf_counter() - start)
 
 

@@ -28,20 +28,23 @@ import torch  # noqa: E402
 CONFIGS = ("mnist_wgangp", "dcgan64_rgb")
 
 
-def load(name: str, batch: int, precision: str = "no"):
+def load(name: str, batch: int, precision: str = "no", overrides: dict | None = None):
     from dist_gan.config import load_config
 
     return load_config(REPO / "configs" / f"{name}.yaml", {
-        "data.batch_size": batch, "data.format": "memory", "train.mixed_precision": precision})
+        "data.batch_size": batch, "data.format": "memory", "train.mixed_precision": precision,
+        **(overrides or {})})
 
 
-def fake_data(config, rank: int = 0, world: int = 1):
+def fake_data(config, rank: int = 0, world: int = 1, device: str | torch.device = "cpu"):
+    """Random uint8 images kept on ``device`` (no loader, no host copies: the step alone is timed)."""
     from dist_gan.data import InMemoryBatches
 
     n = config.data.batch_size * world * 8
     shape = (n, config.data.channels, config.data.resolution, config.data.resolution)
     images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    return InMemoryBatches(images, torch.zeros(n, dtype=torch.long), config.data.batch_size, 0, rank, world)
+    return InMemoryBatches(images.to(device), torch.zeros(n, dtype=torch.long, device=device),
+                           config.data.batch_size, 0, rank, world, device)
 
 
 class PlainLoop:
@@ -52,15 +55,17 @@ class PlainLoop:
 
         torch.manual_seed(0)
         self.config = config
-        self.G, self.D = build_generator(config), build_discriminator(config)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.G = build_generator(config).to(self.device)
+        self.D = build_discriminator(config).to(self.device)
         o = config.optim
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=o.g_lr, betas=o.betas)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=o.d_lr, betas=o.betas)
-        self.data = fake_data(config)
+        self.data = fake_data(config, device=self.device)
 
     def d_loss(self, real, fake):
         if self.config.loss.name == "wgan_gp":
-            alpha = torch.rand(len(real), 1, 1, 1)
+            alpha = torch.rand(len(real), 1, 1, 1, device=self.device)
             x_hat = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
             (grad,) = torch.autograd.grad(self.D(x_hat).sum(), x_hat, create_graph=True)
             gp = (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
@@ -78,13 +83,14 @@ class PlainLoop:
         for _ in range(self.config.optim.n_critic):
             real, _ = self.data.next_batch()
             with torch.no_grad():
-                fake = self.G(torch.randn(len(real), z_dim))
+                fake = self.G(torch.randn(len(real), z_dim, device=self.device))
             loss = self.d_loss(real, fake)
             self.opt_D.zero_grad(set_to_none=True)
             loss.backward()
             self.opt_D.step()
         self.D.requires_grad_(False)
-        loss = self.g_loss(self.G(torch.randn(self.config.data.batch_size, z_dim)))
+        z = torch.randn(self.config.data.batch_size, z_dim, device=self.device)
+        loss = self.g_loss(self.G(z))
         self.opt_G.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_G.step()
@@ -92,31 +98,38 @@ class PlainLoop:
 
 
 class Toolkit:
-    def __init__(self, config):
-        from accelerate import Accelerator
-
+    def __init__(self, config, accelerator=None):
         from dist_gan.losses import build_loss
-        from dist_gan.loop import build_nets
+        from dist_gan.loop import build_nets, make_accelerator, set_backend_flags
 
         self.config = config
-        self.accelerator = Accelerator(cpu=True, mixed_precision=config.train.mixed_precision)
+        set_backend_flags(config.speed)
+        self.accelerator = accelerator or make_accelerator(config)
         self.nets = build_nets(config, self.accelerator)
         self.loss = build_loss(config.loss, self.accelerator.autocast)
-        self.data = fake_data(config, self.accelerator.process_index, self.accelerator.num_processes)
+        self.data = fake_data(config, self.accelerator.process_index, self.accelerator.num_processes,
+                              self.accelerator.device)
         self.count = 0
 
     def step(self) -> None:
         from dist_gan.loop import train_step
 
         self.count += 1
-        train_step(self.nets, self.loss, self.data, self.accelerator, self.config,
+        train_step(self.nets, self.loss, self.data, self.config,
                    measure=self.count % 10 == 0)  # as in training: grad norms on log steps
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def seconds_per_step(runner, steps: int) -> float:
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         runner.step()
+    sync()
     return (time.perf_counter() - start) / steps
 
 
@@ -140,7 +153,18 @@ def worker(args) -> None:
         print("RESULT " + json.dumps({
             "config": args.config, "batch": args.batch, "precision": args.precision, "world": world,
             **{f"{n}_steps_per_s": 1 / s for n, s in per_step.items()},
-            "toolkit_imgs_per_s": images / per_step["toolkit"]}), flush=True)
+            "toolkit_imgs_per_s": images / per_step["toolkit"], "peak_mem_mb": peak_memory_mb(),
+            "device": str(runners["toolkit"].accelerator.device),
+            "distributed_type": str(runners["toolkit"].accelerator.distributed_type)}), flush=True)
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated by tensors on CUDA; the process's peak RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(extra: list[str], launcher: list[str] | None = None) -> dict:
@@ -159,10 +183,14 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--gpu_matrix", action="store_true",
+                        help="fp32/bf16/fp16 at batch 256 and 1024 plus DDP (NCCL) on one GPU")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.gpu_matrix:
+        return gpu_matrix(args)
 
     timing = ["--steps", str(args.steps), "--rounds", str(args.rounds)]
     rows = []
@@ -188,6 +216,32 @@ def main() -> None:
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")
+
+
+def gpu_matrix(args) -> None:
+    """The GPU check's table: every config x batch x precision, then DDP over NCCL with one process."""
+    timing = ["--steps", str(args.steps), "--rounds", str(args.rounds)]
+    rows, results = [], []
+    for name in CONFIGS:
+        for batch in (256, 1024):
+            for precision in ("no", "bf16", "fp16"):
+                r = measure(["--config", name, "--batch", str(batch), "--precision", precision, *timing])
+                results.append(r)
+                rows.append(f"| {name} | {batch} | {precision} | 1 ({r['distributed_type']}) | "
+                            f"{r['toolkit_steps_per_s']:.2f} | {r['toolkit_imgs_per_s']:,.0f} | "
+                            f"{r['peak_mem_mb']:,.0f} |")
+        r = measure(["--config", name, "--batch", "256", *timing], launcher=[
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"])
+        results.append(r)
+        rows.append(f"| {name} | 256 | no | DDP 1 ({r['distributed_type']}) | "
+                    f"{r['toolkit_steps_per_s']:.2f} | {r['toolkit_imgs_per_s']:,.0f} | "
+                    f"{r['peak_mem_mb']:,.0f} |")
+    table = "\n".join(["| config | batch | precision | processes | steps/s | real img/s | peak MB |",
+                       "|---|---|---|---|---|---|---|", *rows])
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,37 +1,50 @@
-"""Checkpoints: ``accelerator.save_state`` plus the loop's own state, written so a crash never leaves a
-half checkpoint that looks whole.
+"""Checkpoints: one folder per step, written so that a crash never leaves a half checkpoint that looks
+whole, and loaded only after checking it is whole and made for this model.
 
 Layout of RUN_DIR/checkpoints/step_00000040/:
-  model.safetensors (G), model_1.safetensors (D), optimizer.bin, optimizer_1.bin, scheduler.bin,
-  scheduler_1.bin, [scaler.pt], random_states_<rank>.pkl   <- accelerator.save_state, every rank
-  trainer_state.pt   step, data-stream position, EMA weights (torch.load(weights_only=True) safe)
-  config.yaml        the resolved config the checkpoint was made with
-  COMPLETE           written last; a directory without it is never loaded
+  G/, D/                 each network's ``accelerator.save_state``: weights once (model.safetensors,
+                         or DeepSpeed's pytorch_model/ with one ZeRO optimizer partition per rank),
+                         optimizer, grad scaler, and random_states_<rank>.pkl from every rank
+  generator.safetensors  G's weights, for sampling without Accelerate or DeepSpeed
+  trainer_state.pt       step, schedulers, EMA weights, each rank's data-stream position
+                         (plain tensors and numbers: loads with torch.load(weights_only=True))
+  config.yaml            the resolved config the checkpoint was made with
+  manifest.json          written last: every file with its size, the step, world size, backend
 
-Every rank writes into ``step_N.tmp``; after a barrier rank 0 adds the loop state, the marker, and
-renames the directory into place, so a kill at any moment leaves either the old set or the new one.
+Every rank writes into ``step_N.tmp``; after a barrier rank 0 adds the rest, fsyncs it all, writes
+the manifest and renames the folder into place. A kill at any moment leaves either the old set of
+checkpoints or the new one; a folder without a manifest, or whose files disagree with it, is never
+loaded. The folder must be on storage every rank sees (a shared filesystem on a cluster).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from dist_gan.config import Config, ConfigError, save_config, to_dict
 
 log = logging.getLogger(__name__)
 
-COMPLETE_MARKER = "COMPLETE"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "dist_gan.checkpoint/1"
 TRAINER_STATE = "trainer_state.pt"
-GENERATOR_WEIGHTS = "model.safetensors"  # accelerate names prepared models in order: G first, then D
+GENERATOR_WEIGHTS = "generator.safetensors"
 # The parts of a config that decide tensor shapes: a checkpoint only loads into the same ones.
 SHAPE_KEYS = ("model", "data.resolution", "data.channels")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint is incomplete, damaged, or was made for another model or launch."""
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -39,25 +52,25 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Checkpoints of a run that have a manifest (were completely written), oldest first."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step_*") if p.is_dir() and (p / COMPLETE_MARKER).is_file()]
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
 def find_checkpoint(path: str | Path) -> Path:
     """``path`` itself if it is a complete checkpoint, else the newest complete one of run ``path``."""
     path = Path(path)
-    if (path / COMPLETE_MARKER).is_file():
+    if (path / MANIFEST).is_file():
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"no such checkpoint or run directory: {path}")
     found = list_checkpoints(path)
     if not found:
-        raise FileNotFoundError(f"{path} is neither a complete checkpoint (no {COMPLETE_MARKER} "
-                                "marker: an interrupted save?) nor a run directory holding one")
+        raise FileNotFoundError(f"{path} is neither a complete checkpoint (no {MANIFEST}: an "
+                                "interrupted save?) nor a run directory holding one")
     return found[-1]
 
 
@@ -71,41 +84,105 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
     return find_checkpoint(resume)
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, trainer_state: dict,
-                    config: Config) -> Path:
-    """Save everything needed to continue at ``step``; then keep only the newest ``run.keep_last``."""
+def remove_stale_staging(run_dir: str | Path) -> None:
+    """Delete ``step_N.tmp`` folders left by a save that was killed (call on the main process)."""
+    for stale in checkpoint_root(run_dir).glob("step_*.tmp"):
+        log.warning("removing %s: an interrupted checkpoint save", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def save_checkpoint(accelerators: dict[str, Accelerator], run_dir: str | Path, step: int,
+                    shared_state: dict, rank_state: dict, generator: nn.Module, config: Config) -> Path:
+    """Save everything needed to continue at ``step``; then keep only the newest ``run.keep_last``.
+
+    ``accelerators`` maps a folder name to the Accelerator whose models it holds; ``shared_state`` is
+    the loop state (same on every rank), ``rank_state`` this rank's own part (its data position).
+    Every rank must call this.
+    """
+    main = next(iter(accelerators.values()))
     final = checkpoint_root(run_dir) / f"step_{step:08d}"
     staging = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
+    if main.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        torch.save(trainer_state, staging / TRAINER_STATE)
+    main.wait_for_everyone()
+    for name, accelerator in accelerators.items():
+        accelerator.save_state(str(staging / name))
+    rank_states = gather_object([rank_state])
+    main.wait_for_everyone()
+    if main.is_main_process:
+        from safetensors.torch import save_file
+
+        weights = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+        save_file(weights, staging / GENERATOR_WEIGHTS)
+        torch.save({**shared_state, "ranks": rank_states, "world_size": main.num_processes},
+                   staging / TRAINER_STATE)
         save_config(config, staging / "config.yaml")
-        (staging / COMPLETE_MARKER).write_text(f"step: {step}\nworld_size: {accelerator.num_processes}\n")
+        _fsync_tree(staging)
+        manifest = {
+            "format": MANIFEST_FORMAT, "step": step, "world_size": main.num_processes,
+            "distributed_type": str(main.distributed_type),
+            "files": {str(f.relative_to(staging)): f.stat().st_size
+                      for f in sorted(staging.rglob("*")) if f.is_file()},
+        }
+        _write_synced(staging / MANIFEST, json.dumps(manifest, indent=1))
         _fsync_dir(staging)
-        if final.exists():  # e.g. a rerun of the same step after a rollback
+        if final.exists():  # e.g. the same step saved again after a rollback
             shutil.rmtree(final)
         os.replace(staging, final)
         _fsync_dir(final.parent)
         for old in list_checkpoints(run_dir)[: -config.run.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    main.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, config: Config) -> dict:
-    """Restore models, optimisers, schedulers, scaler and RNG from ``path``; return the loop state."""
+def read_manifest(path: Path) -> dict:
+    """The manifest of checkpoint ``path``, after checking every file it lists is there, whole."""
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        raise CheckpointError(f"{path} has no {MANIFEST}: an interrupted save, not a checkpoint")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{manifest_file} is not valid JSON: {err}") from err
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise CheckpointError(f"{manifest_file}: unknown format {manifest.get('format')!r} "
+                              f"(expected {MANIFEST_FORMAT})")
+    damaged = []
+    for name, size in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            damaged.append(f"  {name}: missing")
+        elif file.stat().st_size != size:
+            damaged.append(f"  {name}: {file.stat().st_size} bytes, manifest says {size}")
+    if damaged:
+        raise CheckpointError(f"checkpoint {path} is damaged:\n" + "\n".join(damaged))
+    return manifest
+
+
+def load_checkpoint(accelerators: dict[str, Accelerator], path: Path, config: Config) -> dict:
+    """Restore models, optimisers, scalers and RNG from ``path``; return the loop state."""
+    main = next(iter(accelerators.values()))
+    manifest = read_manifest(path)
     check_compatible(path, config)
-    accelerator.load_state(str(path))
+    deepspeed = "DEEPSPEED" in manifest["distributed_type"] or "DEEPSPEED" in str(main.distributed_type)
+    if deepspeed and manifest["world_size"] != main.num_processes:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {manifest['world_size']} DeepSpeed processes and this "
+            f"run has {main.num_processes}: ZeRO optimizer partitions are per rank; resume with "
+            f"{manifest['world_size']} processes")
+    if deepspeed and manifest["distributed_type"] != str(main.distributed_type):
+        raise CheckpointError(f"checkpoint {path} was written under {manifest['distributed_type']} "
+                              f"and this run is {main.distributed_type}: resume under the same one")
+    for name, accelerator in accelerators.items():
+        accelerator.load_state(str(path / name))
     return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
 
 
 def load_generator_state(path: Path, ema: bool = True) -> dict[str, torch.Tensor]:
     """The generator's weights from a checkpoint: the EMA copy, or the trained (raw) ones."""
+    read_manifest(path)
     if ema:
         state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True).get("ema")
         if state is not None:
@@ -120,7 +197,7 @@ def check_compatible(path: Path, config: Config) -> None:
     """Refuse a checkpoint made for other network shapes, naming the keys that differ."""
     saved_file = path / "config.yaml"
     if not saved_file.is_file():
-        raise ConfigError(f"{path} has no config.yaml: not a dist_gan checkpoint")
+        raise CheckpointError(f"{path} has no config.yaml: not a dist_gan checkpoint")
     saved, current = _flatten(yaml.safe_load(saved_file.read_text())), _flatten(to_dict(config))
     differ = [
         f"  {key}: checkpoint {saved.get(key)!r}, config {current.get(key)!r}"
@@ -128,7 +205,7 @@ def check_compatible(path: Path, config: Config) -> None:
         if key.startswith(SHAPE_KEYS) and saved.get(key) != current.get(key)
     ]
     if differ:
-        raise ConfigError(f"checkpoint {path} was made for another model:\n" + "\n".join(differ))
+        raise CheckpointError(f"checkpoint {path} was made for another model:\n" + "\n".join(differ))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -141,11 +218,23 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    for child in path.iterdir():
-        if child.is_file():
-            with open(child, "rb") as f:
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
                 os.fsync(f.fileno())
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+        _fsync_dir(folder)
+
+
+def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

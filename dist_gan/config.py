@@ -61,11 +61,13 @@ class DataConfig:
     resolution: int = 28
     channels: Literal[1, 3] = 1
     batch_size: int = 64  # per process
+    pin_memory: Optional[bool] = None  # page-locked host batches for async copies; None: on CUDA only
+    prefetch_factor: int = 4  # batches each loader worker reads ahead
 
     def problems(self) -> list[tuple[str, Any, str]]:
         found = []
         for name, low in (("batch_size", 1), ("resolution", 8), ("shard_size", 1), ("workers", 0),
-                          ("shuffle_buffer", 0)):
+                          ("shuffle_buffer", 0), ("prefetch_factor", 1)):
             if getattr(self, name) < low:
                 found.append((name, getattr(self, name), f"must be >= {low}"))
         if self.format == "shards" and not self.shards:
@@ -135,6 +137,22 @@ class OptimConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Switches that change speed, not results (up to float rounding). docs/performance.md has the
+    measurements behind each default."""
+
+    compile: bool = False  # torch.compile G and D (penalties' double backward stays eager)
+    channels_last: bool = False  # NHWC memory format for the conv nets
+    adam_impl: Literal["auto", "for_loop", "foreach", "fused"] = "auto"  # auto: torch's choice
+    zero_grad_set_to_none: bool = True  # drop gradients instead of zero-filling them
+    tf32: bool = True  # TF32 matmuls and convolutions on Ampere+ GPUs (no effect on CPU)
+    cudnn_benchmark: bool = True  # let cuDNN time its kernels for the (fixed) shapes (CUDA only)
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        return []
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 1000  # generator steps
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -144,11 +162,26 @@ class TrainConfig:
     # Stop (with the final sample, eval and checkpoint) at the first log step after this many minutes
     # of this process's training; 0: no limit. For fixed-budget comparisons and job time limits.
     time_limit_min: float = 0.0
+    # Divergence guard: an update whose loss or gradient is NaN/inf is skipped and counted; after
+    # max_bad_steps bad steps in a row the run stops (naming the step and loss) or rolls back to its
+    # last checkpoint with the learning rates times rollback_lr_scale. skip_nonfinite=false turns
+    # the guard off (then a non-finite logged value stops the run at the next log step).
+    skip_nonfinite: bool = True
+    max_bad_steps: int = 5
+    on_divergence: Literal["stop", "rollback"] = "stop"
+    rollback_lr_scale: float = 0.5
+    max_rollbacks: int = 3
 
     def problems(self) -> list[tuple[str, Any, str]]:
         found = []
         if self.max_steps < 1:
             found.append(("max_steps", self.max_steps, "must be >= 1"))
+        if self.max_bad_steps < 1:
+            found.append(("max_bad_steps", self.max_bad_steps, "must be >= 1"))
+        if not 0.0 < self.rollback_lr_scale <= 1.0:
+            found.append(("rollback_lr_scale", self.rollback_lr_scale, "must be in (0, 1]"))
+        if self.max_rollbacks < 0:
+            found.append(("max_rollbacks", self.max_rollbacks, "must be >= 0"))
         if self.time_limit_min < 0:
             found.append(("time_limit_min", self.time_limit_min, "must be >= 0 (0: no limit)"))
         if not 0.0 <= self.ema_decay < 1.0:
@@ -187,6 +220,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def problems(self) -> list[tuple[str, Any, str]]:

@@ -1,8 +1,13 @@
 """The adversarial training loop, written once over Hugging Face Accelerate.
 
 It builds the networks, loss and data by name from the config and knows none of them: the same code
-runs in one CPU process, under DDP on gloo or NCCL, and in mixed precision. Read ``train`` top to
-bottom for the run; ``train_step`` is one generator step with its ``n_critic`` discriminator steps.
+runs in one CPU process, under DDP on gloo or NCCL, under DeepSpeed ZeRO 1/2, and in mixed precision.
+Read ``train`` top to bottom for the run; ``train_step`` is one generator step with its ``n_critic``
+discriminator steps.
+
+Each network has its own ``Accelerator``: under DeepSpeed each holds its network's engine
+(Accelerate's multi-model DeepSpeed support: one plugin per model); otherwise the second shares the
+first's state and only keeps its own model list, grad scaler and checkpoint folder.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,38 +23,80 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from dist_gan.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from dist_gan.config import Config, OptimConfig, save_config
+from dist_gan.config import Config, ConfigError, OptimConfig, SpeedConfig, save_config
 from dist_gan.data import BatchStream, build_batch_stream
 from dist_gan.ema import EMA
-from dist_gan.losses import GANLoss, build_loss
+from dist_gan.losses import GANLoss, build_loss, eager
 from dist_gan.models import build_discriminator, build_generator
 from dist_gan.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
 SAMPLE_GRID_SIZE = 64
+# Exit status of a run stopped by SIGUSR1/SIGTERM after saving its checkpoint: "requeue me"
+# (EX_TEMPFAIL from sysexits.h). A scheduler wrapper resubmits with --train.resume=auto.
+PREEMPTED_EXIT_CODE = 75
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class TrainingDiverged(RuntimeError):
-    """A loss or gradient norm became NaN or infinite; the message names the step and the value."""
+    """A loss or gradient stayed NaN or infinite; the message names the step and the value."""
 
 
 @dataclass
 class Nets:
-    """The two networks as the loop uses them: wrapped (DDP) for training, raw for everything else."""
+    """The networks as the loop uses them.
+
+    ``G``/``D`` are the prepared (DDP- or DeepSpeed-wrapped, maybe compiled) modules used for training
+    forwards; ``G_raw``/``D_raw`` the plain modules for sampling, EMA and the generator step's frozen
+    D; ``D_penalty`` is what penalties differentiate twice through (eager, and raw under DeepSpeed,
+    whose engine hooks cannot run inside ``autograd.grad``).
+    """
 
     G: nn.Module
     D: nn.Module
     G_raw: nn.Module
     D_raw: nn.Module
+    D_penalty: nn.Module
     opt_G: torch.optim.Optimizer
     opt_D: torch.optim.Optimizer
     sched_G: torch.optim.lr_scheduler.LRScheduler
     sched_D: torch.optim.lr_scheduler.LRScheduler
+    acc_G: Accelerator
+    acc_D: Accelerator
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    stopped_by: str  # "max_steps", "time_limit" or the signal's name (SIGUSR1, SIGTERM)
+
+    @property
+    def preempted(self) -> bool:
+        return self.stopped_by.startswith("SIG")
+
+
+def uses_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def set_backend_flags(speed: SpeedConfig) -> None:
+    """Process-wide numerics switches for CUDA (TF32, cuDNN autotuning); no effect on CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = speed.tf32
+    torch.backends.cudnn.allow_tf32 = speed.tf32
+    torch.backends.cudnn.benchmark = speed.cudnn_benchmark
+
+
+def build_adam(params, lr: float, betas: tuple[float, float], impl: str) -> torch.optim.Adam:
+    """Adam with the implementation ``speed.adam_impl`` names (auto: torch's default choice)."""
+    flags = {"auto": {}, "for_loop": {"foreach": False}, "foreach": {"foreach": True},
+             "fused": {"fused": True}}[impl]
+    return torch.optim.Adam(params, lr=lr, betas=betas, **flags)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
@@ -58,69 +106,125 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 
 
-def build_nets(config: Config, accelerator: Accelerator) -> Nets:
+def build_nets(config: Config, acc_G: Accelerator, acc_D: Accelerator | None = None) -> Nets:
+    """Build G and D by name, with optimisers and schedules, prepared by their accelerators.
+
+    Schedulers are built on the unwrapped optimisers and stepped by the loop once per generator
+    step (DeepSpeed would otherwise step D's once per critic step); they are saved with the loop state.
+    """
+    acc_D = acc_D or acc_G
     set_seed(config.run.seed)  # the same initial weights on every rank
     G, D = build_generator(config), build_discriminator(config)
-    opt = config.optim
-    opt_G = torch.optim.Adam(G.parameters(), lr=opt.g_lr, betas=opt.betas)
-    opt_D = torch.optim.Adam(D.parameters(), lr=opt.d_lr, betas=opt.betas)
+    if config.speed.channels_last:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    opt, impl = config.optim, config.speed.adam_impl
+    opt_G = build_adam(G.parameters(), opt.g_lr, opt.betas, impl)
+    opt_D = build_adam(D.parameters(), opt.d_lr, opt.betas, impl)
     sched_G = build_schedule(opt_G, opt, config.train.max_steps)
     sched_D = build_schedule(opt_D, opt, config.train.max_steps)
-    G, D, opt_G, opt_D, sched_G, sched_D = accelerator.prepare(G, D, opt_G, opt_D, sched_G, sched_D)
+    deepspeed = uses_deepspeed(acc_G)
+    if deepspeed:
+        acc_G.state.select_deepspeed_plugin("G")
+    G, opt_G = acc_G.prepare(G, opt_G)
+    if deepspeed:
+        acc_G.state.select_deepspeed_plugin("D")
+    D, opt_D = acc_D.prepare(D, opt_D)
     # prepare() wraps each forward in autocast; take that off so precision is decided where the loss
     # says (penalties must run in fp32) rather than forced on every call.
-    G_raw = accelerator.unwrap_model(G, keep_fp32_wrapper=False)
-    D_raw = accelerator.unwrap_model(D, keep_fp32_wrapper=False)
-    return Nets(G, D, G_raw, D_raw, opt_G, opt_D, sched_G, sched_D)
+    G_raw = acc_G.unwrap_model(G, keep_fp32_wrapper=False)
+    D_raw = acc_D.unwrap_model(D, keep_fp32_wrapper=False)
+    if config.speed.compile:
+        # The wrapped modules are compiled; the penalties use the uncompiled one (eager()), as
+        # torch.compile does not support their double backward.
+        G, D = torch.compile(G), torch.compile(D)
+    D_penalty = D_raw if deepspeed else eager(D)
+    return Nets(G, D, G_raw, D_raw, D_penalty, opt_G, opt_D, sched_G, sched_D, acc_G, acc_D)
 
 
 def _grad_norm(accelerator: Accelerator, model: nn.Module, max_norm: float,
                measure: bool) -> torch.Tensor | None:
-    """Clip to ``max_norm`` when it is set; return the pre-clip norm when clipping or measuring."""
+    """Clip to ``max_norm`` when it is set; return the pre-clip norm when clipping or measuring.
+
+    Under DeepSpeed the engine clips (``gradient_clipping``) and steps inside ``backward``; this then
+    reads the norm it computed.
+    """
+    if uses_deepspeed(accelerator):
+        if not measure:
+            return None
+        norm = accelerator.clip_grad_norm_(model.parameters(), math.inf)
+        return torch.as_tensor(float("nan") if norm is None else float(norm))
     if max_norm > 0 or measure:
         return accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
     return None
 
 
-def train_step(nets: Nets, loss: GANLoss, data: BatchStream, accelerator: Accelerator,
-               config: Config, measure: bool) -> dict[str, torch.Tensor]:
-    """``n_critic`` discriminator updates, then one generator update. Returns detached statistics."""
-    z_dim, clip = config.model.z_dim, config.optim.grad_clip
+def _update(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+            loss: torch.Tensor, config: Config, measure: bool) -> tuple[bool, torch.Tensor | None]:
+    """Backward and optimiser step for one network; returns (applied, pre-clip grad norm).
+
+    With ``train.skip_nonfinite`` the update is skipped when the loss is NaN/inf on any rank (checked
+    before backward, as DeepSpeed steps inside it) or, without a grad scaler, when the all-reduced
+    gradient norm is: every rank sees the same norm, so every rank skips alike. An fp16 scaler's own
+    inf/NaN skips are routine and left to it.
+    """
+    guard = config.train.skip_nonfinite
+    if guard and _any_rank(accelerator, not bool(torch.isfinite(loss.detach()))):
+        optimizer.zero_grad(set_to_none=True)
+        return False, None
+    accelerator.backward(loss)
+    check_grads = guard and accelerator.scaler is None and not uses_deepspeed(accelerator)
+    norm = _grad_norm(accelerator, model, config.optim.grad_clip, measure or check_grads)
+    if check_grads and not bool(torch.isfinite(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return False, norm
+    optimizer.step()
+    return True, norm
+
+
+def train_step(nets: Nets, loss: GANLoss, data: BatchStream, config: Config,
+               measure: bool) -> tuple[dict[str, torch.Tensor], bool]:
+    """``n_critic`` discriminator updates, then one generator update.
+
+    Returns detached statistics and whether every update was applied (False: the divergence guard
+    skipped at least one).
+    """
+    z_dim = config.model.z_dim
+    set_to_none = config.speed.zero_grad_set_to_none
+    autocast = nets.acc_G.autocast
+    applied = True
     d_totals: dict[str, torch.Tensor] = {}
     for _ in range(config.optim.n_critic):
         real, _labels = data.next_batch()
         z = torch.randn(real.shape[0], z_dim, device=real.device)
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad(), autocast():
             fake = nets.G(z)
-        d_loss, d_stats = loss.discriminator_loss(nets.D, real, fake)
-        nets.opt_D.zero_grad(set_to_none=True)
-        accelerator.backward(d_loss)
-        d_norm = _grad_norm(accelerator, nets.D, clip, measure)
-        nets.opt_D.step()
+        d_loss, d_stats = loss.discriminator_loss(nets.D, real, fake, penalty_net=nets.D_penalty)
+        nets.opt_D.zero_grad(set_to_none=set_to_none)
+        ok, d_norm = _update(nets.acc_D, nets.D, nets.opt_D, d_loss, config, measure)
+        applied &= ok
         loss.after_discriminator_step(nets.D_raw)
         for name, value in d_stats.items():
             d_totals[name] = d_totals.get(name, 0.0) + value
     stats = {name: total / config.optim.n_critic for name, total in d_totals.items()}
 
-    # D is used raw and frozen here: its weights get no gradient, and under DDP its reducer is not
-    # left waiting for gradients that never come.
+    # D is used raw and frozen here: its weights get no gradient, its DDP reducer is not left waiting
+    # for gradients that never come, and ZeRO-2 does not see D's gradients computed twice.
     nets.D_raw.requires_grad_(False)
-    z = torch.randn(config.data.batch_size, z_dim, device=accelerator.device)
-    with accelerator.autocast():
+    z = torch.randn(config.data.batch_size, z_dim, device=nets.acc_G.device)
+    with autocast():
         fake = nets.G(z)
     g_loss, g_stats = loss.generator_loss(nets.D_raw, fake)
-    nets.opt_G.zero_grad(set_to_none=True)
-    accelerator.backward(g_loss)
-    g_norm = _grad_norm(accelerator, nets.G, clip, measure)
-    nets.opt_G.step()
+    nets.opt_G.zero_grad(set_to_none=set_to_none)
+    ok, g_norm = _update(nets.acc_G, nets.G, nets.opt_G, g_loss, config, measure)
+    applied &= ok
     nets.D_raw.requires_grad_(True)
     nets.sched_G.step()
     nets.sched_D.step()
 
     stats.update(g_stats)
-    if measure:
+    if measure and d_norm is not None and g_norm is not None:
         stats["grad_norm_D"], stats["grad_norm_G"] = d_norm.detach(), g_norm.detach()
-    return stats
+    return stats, applied
 
 
 class StatsWindow:
@@ -147,12 +251,17 @@ class StatsWindow:
 
     def means(self, accelerator: Accelerator) -> dict[str, float]:
         names = sorted(self.sums)
-        stacked = torch.stack([self.sums[n] / self.counts[n] for n in names])
+        if not names:
+            return {}
+        stacked = torch.stack([torch.as_tensor(self.sums[n] / self.counts[n], device=accelerator.device)
+                               for n in names])
         return dict(zip(names, accelerator.reduce(stacked, "mean").tolist()))
 
 
 def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any: ranks must agree on when to stop."""
+    """True on every rank if ``flag`` is true on any: ranks must agree on when to skip or stop."""
+    if accelerator.num_processes == 1:
+        return flag
     return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum") > 0)
 
 
@@ -175,37 +284,131 @@ def _generate_grid(generator: nn.Module, fixed_z: torch.Tensor) -> torch.Tensor:
     was_training = generator.training
     generator.eval()
     with torch.no_grad():
-        images = generator(fixed_z)
+        images = generator(fixed_z.to(next(generator.parameters()).dtype))
     generator.train(was_training)
     return images
 
 
-def make_accelerator(config: Config) -> Accelerator:
-    """An Accelerator for this run, refusing a launch that silently lost its other processes."""
-    # cpu=True on a GPU-less host: Accelerate otherwise ignores the launcher's WORLD_SIZE there and
-    # every process trains alone (accelerate launch --config_file with use_cpu, torchrun).
-    accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
-                              cpu=not torch.cuda.is_available(),
-                              step_scheduler_with_optimizer=False)
+def _deepspeed_plugins(config: Config) -> dict:
+    """One DeepSpeed plugin per network from the launcher's settings (``accelerate launch
+    --config_file launch/deepspeed_zero2.yaml``), with what a run without a prepared DataLoader must
+    fix itself: the micro batch, no accumulation, the clipping threshold."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugins = {}
+    for name in ("G", "D"):
+        plugin = DeepSpeedPlugin()
+        ds = plugin.deepspeed_config
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (0, 1, 2):
+            raise ConfigError(f"DeepSpeed ZeRO stage {stage} is not supported for GANs (stages 0-2; "
+                              "stage 3 partitions D's weights, which the gradient penalty needs whole)")
+        ds["train_micro_batch_size_per_gpu"] = config.data.batch_size
+        ds["gradient_accumulation_steps"] = 1
+        ds["gradient_clipping"] = config.optim.grad_clip
+        ds.pop("train_batch_size", None)
+        plugins[name] = plugin
+    return plugins
+
+
+def make_accelerators(config: Config) -> tuple[Accelerator, Accelerator]:
+    """The generator's and the discriminator's Accelerator for this run.
+
+    Refuses a launch that silently lost its other processes, and a loss DeepSpeed cannot run.
+    """
+    common = dict(mixed_precision=config.train.mixed_precision, step_scheduler_with_optimizer=False)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if config.loss.name == "wgan":
+            raise ConfigError("loss.name=wgan clips D's weights in place, which ZeRO's own fp32 copy "
+                              "undoes: use wgan_gp under DeepSpeed")
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # On a GPU-less host Accelerate finds no backend for DeepSpeed and every rank would think
+        # it is alone; DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) speaks gloo.
+        handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+        acc_G = Accelerator(deepspeed_plugins=_deepspeed_plugins(config), kwargs_handlers=handlers,
+                            **common)
+    else:
+        # cpu=True on a GPU-less host: Accelerate otherwise ignores the launcher's WORLD_SIZE there and
+        # every process trains alone (accelerate launch --config_file with use_cpu, torchrun).
+        acc_G = Accelerator(cpu=not torch.cuda.is_available(), **common)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
+    if launched != acc_G.num_processes:
         raise RuntimeError(
             f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate formed a group "
-            f"of {accelerator.num_processes} ({accelerator.distributed_type}); on CPU launch with "
+            f"of {acc_G.num_processes} ({acc_G.distributed_type}); on CPU launch with "
             "--config_file launch/cpu_ddp.yaml (`--cpu --num_processes N` starts one process)")
-    return accelerator
+    acc_D = Accelerator(**common) if uses_deepspeed(acc_G) else Accelerator(
+        cpu=not torch.cuda.is_available(), **common)
+    return acc_G, acc_D
 
 
-def train(config: Config) -> Path:
-    """Train a GAN as ``config`` says; return the run directory."""
-    accelerator = make_accelerator(config)
+def make_accelerator(config: Config) -> Accelerator:
+    """One Accelerator for both networks (benchmarks, tools): enough where nothing is checkpointed."""
+    return make_accelerators(config)[0]
+
+
+class StopRequest:
+    """Turns SIGUSR1/SIGTERM into a request the loop honours after its current step.
+
+    The handler only records the signal (a handler must not log or do I/O), so a second signal
+    during the checkpoint save changes nothing. Previous handlers come back on exit.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = self.received or signal.Signals(signum).name
+
+    def __enter__(self) -> "StopRequest":
+        try:
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        except ValueError:  # not the main thread (e.g. a notebook worker): no pre-emption support
+            log.warning("not in the main thread: SIGUSR1/SIGTERM will not checkpoint before exiting")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _position_for_rank(state: dict, rank: int, world: int) -> dict:
+    """This rank's data-stream position from a checkpoint; re-derived when the world size changed.
+
+    Same world size: the rank's own saved position (exact). Otherwise rank 0's epoch and the same
+    share of it consumed (batches x old world / new world): the order of the rest of that epoch
+    differs from an uninterrupted run, which cannot be helped when ranks split the data differently.
+    """
+    ranks, saved_world = state["ranks"], int(state["world_size"])
+    if saved_world == world:
+        return ranks[rank]
+    first = ranks[0]
+    return {"epoch": int(first["epoch"]), "batch": int(first["batch"]) * saved_world // world}
+
+
+def _scale_learning_rates(nets: Nets, factor: float) -> None:
+    for scheduler in (nets.sched_G, nets.sched_D):
+        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+        for group, lr, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                 scheduler.lr_lambdas):
+            group["lr"] = lr * fn(scheduler.last_epoch)
+
+
+def train(config: Config) -> RunResult:
+    """Train a GAN as ``config`` says; return where and why it stopped."""
+    set_backend_flags(config.speed)
+    acc_G, acc_D = make_accelerators(config)
+    accelerator = acc_G  # collectives, device and "am I rank 0" for the whole run
+    accelerators = {"G": acc_G, "D": acc_D}
+    rank, world = accelerator.process_index, accelerator.num_processes
     run_dir = Path(config.run.dir)
-    nets = build_nets(config, accelerator)
+    nets = build_nets(config, acc_G, acc_D)
     ema = EMA(nets.G_raw, config.train.ema_decay) if config.train.ema_decay > 0 else None
     loss = build_loss(config.loss, accelerator.autocast)
     with accelerator.main_process_first():  # rank 0 downloads, if a download is needed
-        data = build_batch_stream(config.data, config.run.seed, accelerator.process_index,
-                                  accelerator.num_processes, accelerator.device,
+        data = build_batch_stream(config.data, config.run.seed, rank, world, accelerator.device,
                                   may_prepare=accelerator.is_main_process)
     evaluator = None
     if config.eval.every:
@@ -216,14 +419,34 @@ def train(config: Config) -> Path:
     fixed_z = torch.randn(SAMPLE_GRID_SIZE, config.model.z_dim,
                           generator=torch.Generator().manual_seed(config.run.seed)).to(accelerator.device)
 
+    def restore(path: Path) -> int:
+        """Load checkpoint ``path`` into everything the loop holds; return its step."""
+        state = load_checkpoint(accelerators, path, config)  # restores RNG states too
+        nets.sched_G.load_state_dict(state["sched_G"])
+        nets.sched_D.load_state_dict(state["sched_D"])
+        data.load_state_dict(_position_for_rank(state, rank, world))
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        if int(state["world_size"]) != world:
+            log.warning("checkpoint %s was written by %d process(es), this run has %d: weights, "
+                        "optimizers, EMA and step restored; data order and noise re-derived",
+                        path, state["world_size"], world)
+            set_seed(config.run.seed + int(state["step"]), device_specific=True)
+        return int(state["step"])
+
+    def checkpoint(step: int) -> Path:
+        shared = {"step": step, "sched_G": nets.sched_G.state_dict(), "sched_D": nets.sched_D.state_dict(),
+                  "ema": ema.state_dict() if ema is not None else None}
+        return save_checkpoint(accelerators, run_dir, step, shared, data.state_dict(), nets.G_raw, config)
+
+    if accelerator.is_main_process:
+        from dist_gan.checkpoint import remove_stale_staging
+
+        remove_stale_staging(run_dir)
     step = 0
     resume_from = resolve_resume(config.train.resume, run_dir)
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from, config)  # restores RNG states too
-        step = int(state["step"])
-        data.load_state_dict(state["data"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
+        step = restore(resume_from)
         log.info("resumed from %s at step %d", resume_from, step)
     else:
         set_seed(config.run.seed, device_specific=True)  # different noise on each rank
@@ -231,74 +454,112 @@ def train(config: Config) -> Path:
     logger = RunLogger(run_dir, enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
         save_config(config, run_dir / "config.yaml")
-    world = accelerator.num_processes
     logger.event(step, {"event": "start", "world_size": world, "resumed_from": str(resume_from or ""),
                         "device": str(accelerator.device),
                         "distributed_type": str(accelerator.distributed_type),
                         "mixed_precision": config.train.mixed_precision})
-    log.info("training %s -> step %d on %d process(es), %s, run dir %s", config.loss.name,
-             config.train.max_steps, world, accelerator.device, run_dir)
+    log.info("training %s -> step %d on %d process(es), %s, %s, run dir %s", config.loss.name,
+             config.train.max_steps, world, accelerator.device, accelerator.distributed_type, run_dir)
 
     imgs_per_step = config.data.batch_size * config.optim.n_critic * world  # real images seen by D
     window = StatsWindow()
     bar = tqdm(total=config.train.max_steps, initial=step, disable=not accelerator.is_main_process,
                unit="step", dynamic_ncols=True)
-
-    def trainer_state() -> dict:
-        return {"step": step, "data": data.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None}
-
+    bad_in_row, skipped, rollbacks, last_bad = 0, 0, 0, {}
+    stopped_by = "max_steps"
     last_step = config.train.max_steps
     deadline = time.perf_counter() + config.train.time_limit_min * 60 if config.train.time_limit_min else None
-    while step < last_step:
-        measure = (step + 1) % config.run.log_every == 0 or step + 1 == last_step
-        stats = train_step(nets, loss, data, accelerator, config, measure)
-        step += 1
-        if ema is not None:
-            ema.update(nets.G_raw, step)
-        window.add(stats)
-        bar.update(1)
+    with StopRequest() as stop_request:
+        while step < last_step:
+            measure = (step + 1) % config.run.log_every == 0 or step + 1 == last_step
+            stats, applied = train_step(nets, loss, data, config, measure)
+            step += 1
+            bar.update(1)
+            if applied:
+                bad_in_row = 0
+                window.add(stats)
+                if ema is not None:
+                    ema.update(nets.G_raw, step)
+            else:
+                bad_in_row, skipped = bad_in_row + 1, skipped + 1
+                last_bad = {k: float(v) for k, v in stats.items() if k.startswith("loss")}
+                log.warning("step %d: non-finite loss or gradient %s, update skipped (%d in a row)",
+                            step, last_bad, bad_in_row)
+                if bad_in_row >= config.train.max_bad_steps:
+                    message = (f"training diverged: {bad_in_row} steps in a row with a non-finite "
+                               f"loss or gradient, the last at step {step} ({last_bad})")
+                    good = resolve_resume("auto", run_dir)
+                    if (config.train.on_divergence == "stop" or good is None
+                            or rollbacks >= config.train.max_rollbacks):
+                        logger.event(step, {"event": "diverged", "message": message})
+                        logger.close()
+                        why = "" if config.train.on_divergence == "stop" else (
+                            "; no checkpoint to roll back to" if good is None
+                            else f"; {rollbacks} rollbacks (train.max_rollbacks) spent")
+                        raise TrainingDiverged(f"{message}{why}; last good checkpoint: {good}")
+                    rollbacks += 1
+                    step = restore(good)
+                    _scale_learning_rates(nets, config.train.rollback_lr_scale)
+                    # a different noise stream, or the same steps would diverge the same way
+                    set_seed(config.run.seed + 7919 * rollbacks, device_specific=True)
+                    logger.event(step, {"event": "rollback", "message": message, "to": str(good),
+                                        "lr_G": nets.sched_G.get_last_lr()[0], "rollbacks": rollbacks})
+                    log.warning("%s; rolled back to %s with learning rates x%s", message, good,
+                                config.train.rollback_lr_scale)
+                    bad_in_row = 0
+                    window.reset()
+                    bar.n = step
+                    continue
 
-        if measure:
-            values = window.means(accelerator)
-            counters = data.counters()  # e.g. skipped bad samples: summed over ranks
-            if counters:
-                totals = torch.tensor(list(counters.values()), device=accelerator.device)
-                values.update(zip(counters, accelerator.reduce(totals, "sum").tolist()))
-            values.update(
-                imgs_per_sec=imgs_per_step * window.steps / (time.perf_counter() - window.start),
-                lr_G=nets.sched_G.get_last_lr()[0], lr_D=nets.sched_D.get_last_lr()[0],
-                kimg=step * imgs_per_step / 1000, world_size=world,
-            )
-            logger.scalars(step, values)
-            bar.set_postfix(loss_D=f"{values['loss_D']:.3f}", loss_G=f"{values['loss_G']:.3f}",
-                            img_s=f"{values['imgs_per_sec']:.0f}")
-            bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-            if bad:
-                logger.close()
-                raise TrainingDiverged(f"non-finite values at step {step}: {bad}; last good "
-                                       f"checkpoint: {resolve_resume('auto', run_dir)}")
-            window.reset()
-            if deadline is not None and _any_rank(accelerator, time.perf_counter() > deadline):
-                last_step = step  # out of time: finish here with the usual end-of-run work
-                log.info("train.time_limit_min=%s reached at step %d", config.train.time_limit_min, step)
+            if measure and window.steps:
+                values = window.means(accelerator)
+                counters = data.counters()  # e.g. skipped bad samples: summed over ranks
+                if counters:
+                    totals = torch.tensor(list(counters.values()), device=accelerator.device)
+                    values.update(zip(counters, accelerator.reduce(totals, "sum").tolist()))
+                values.update(
+                    imgs_per_sec=imgs_per_step * window.steps / (time.perf_counter() - window.start),
+                    lr_G=nets.sched_G.get_last_lr()[0], lr_D=nets.sched_D.get_last_lr()[0],
+                    kimg=step * imgs_per_step / 1000, world_size=world, skipped_steps=skipped,
+                    rollbacks=rollbacks,
+                )
+                logger.scalars(step, values)
+                bar.set_postfix(loss_D=f"{values['loss_D']:.3f}", loss_G=f"{values['loss_G']:.3f}",
+                                img_s=f"{values['imgs_per_sec']:.0f}")
+                bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+                if bad:  # only reachable with train.skip_nonfinite=false
+                    logger.close()
+                    raise TrainingDiverged(f"non-finite values at step {step}: {bad}; last good "
+                                           f"checkpoint: {resolve_resume('auto', run_dir)}")
+                window.reset()
+                if deadline is not None and _any_rank(accelerator, time.perf_counter() > deadline):
+                    last_step, stopped_by = step, "time_limit"  # finish with the end-of-run work
+                    log.info("train.time_limit_min=%s reached at step %d", config.train.time_limit_min,
+                             step)
+            if _any_rank(accelerator, stop_request.received is not None):
+                last_step, stopped_by = step, stop_request.received or "SIGNAL"
+                log.warning("%s received: checkpointing at step %d and exiting with status %d",
+                            stopped_by, step, PREEMPTED_EXIT_CODE)
 
-        if step % config.run.sample_every == 0 or step == last_step:
-            logger.images(step, "ema" if ema is not None else "G",
-                          _generate_grid(ema.model if ema is not None else nets.G_raw, fixed_z))
-        if evaluator and (step % config.eval.every == 0 or step == last_step):
-            figures = evaluator(ema.model if ema is not None else nets.G_raw, accelerator)
-            logger.scalars(step, figures or {}, tb_prefix="eval/")
-        if step % config.run.ckpt_every == 0 or step == last_step:
-            path = save_checkpoint(accelerator, run_dir, step, trainer_state(), config)
-            replicas = check_replicas(accelerator, {"G": nets.G_raw, "D": nets.D_raw})
-            logger.event(step, {"event": "checkpoint", "path": str(path), "world_size": world,
-                                "replicas_identical": replicas})
-            if not all(replicas.values()):
-                raise RuntimeError(f"ranks disagree on weights at step {step}: {replicas}")
+            preempted = stopped_by.startswith("SIG")
+            if not preempted and (step % config.run.sample_every == 0 or step == last_step):
+                logger.images(step, "ema" if ema is not None else "G",
+                              _generate_grid(ema.model if ema is not None else nets.G_raw, fixed_z))
+            if evaluator and not preempted and (step % config.eval.every == 0 or step == last_step):
+                figures = evaluator(ema.model if ema is not None else nets.G_raw, accelerator)
+                logger.scalars(step, figures or {}, tb_prefix="eval/")
+            if step % config.run.ckpt_every == 0 or step == last_step:
+                path = checkpoint(step)
+                replicas = check_replicas(accelerator, {"G": nets.G_raw, "D": nets.D_raw})
+                logger.event(step, {"event": "checkpoint", "path": str(path), "world_size": world,
+                                    "replicas_identical": replicas})
+                if not all(replicas.values()):
+                    raise RuntimeError(f"ranks disagree on weights at step {step}: {replicas}")
 
     bar.close()
-    logger.event(step, {"event": "end", "world_size": world})
+    logger.event(step, {"event": "preempted" if stopped_by.startswith("SIG") else "end",
+                        "stopped_by": stopped_by, "world_size": world, "skipped_steps": skipped,
+                        "rollbacks": rollbacks})
     logger.close()
     accelerator.end_training()
-    return run_dir
+    return RunResult(run_dir, step, stopped_by)

@@ -28,6 +28,11 @@ def _fp32(device: torch.device) -> ContextManager:
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def eager(module: nn.Module) -> nn.Module:
+    """The uncompiled module behind a ``torch.compile`` wrapper (double backward needs eager mode)."""
+    return getattr(module, "_orig_mod", module)
+
+
 def gradient_penalty(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """Gulrajani et al.'s penalty: mean over the batch of (||grad_x D(x_hat)||_2 - 1)^2.
 
@@ -72,13 +77,15 @@ class GANLoss:
             return {"r1": 0.5 * self.cfg.r1_gamma * r1_penalty(discriminator, real)}
         return {}
 
-    def discriminator_loss(self, discriminator: nn.Module, real: torch.Tensor,
-                           fake: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    def discriminator_loss(self, discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor,
+                           penalty_net: nn.Module | None = None) -> tuple[torch.Tensor, Stats]:
+        """D's objective plus its penalties; ``penalty_net`` is the module penalties differentiate
+        twice through (default: ``discriminator`` without its torch.compile wrapper)."""
         with self.autocast():
             real_logits = discriminator(real).float()
             fake_logits = discriminator(fake.detach()).float()
         loss = self.d_objective(real_logits, fake_logits)
-        penalties = self.penalties(discriminator, real, fake)
+        penalties = self.penalties(penalty_net or eager(discriminator), real, fake)
         for value in penalties.values():
             loss = loss + value
         d_real, d_fake = real_logits.mean().detach(), fake_logits.mean().detach()

@@ -68,7 +68,8 @@ def build_batch_stream(cfg: DataConfig, seed: int, rank: int, world_size: int,
                                       cfg.strict)
     dataset = ShardSamples(shards, rank, world_size, seed, cfg.resolution, cfg.channels,
                            cfg.shuffle_buffer, cfg.resampled, cfg.strict)
-    stream = ShardStream(dataset, cfg.batch_size, cfg.workers, device)
+    stream = ShardStream(dataset, cfg.batch_size, cfg.workers, device, cfg.pin_memory,
+                         cfg.prefetch_factor)
     log.info("data: %d shards, %d samples (%s), %d batches per rank per epoch, %d workers",
              len(shards), sum(c for _, c in shards), manifest.get("source"), stream.budget, cfg.workers)
     return stream

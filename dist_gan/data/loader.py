@@ -131,9 +131,12 @@ class ShardStream:
     """The loop's ``BatchStream`` over shards: a DataLoader per epoch, batches moved to ``device``."""
 
     def __init__(self, dataset: ShardSamples, batch_size: int, workers: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", pin_memory: bool | None = None,
+                 prefetch_factor: int = 4):
         self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
         self.device = torch.device(device)
+        self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
+        self.prefetch_factor = prefetch_factor
         self.budget = self.batches_per_epoch()
         if self.budget < 1:
             raise DataError(f"the shards cannot fill one batch of {batch_size} per rank and worker "
@@ -159,8 +162,9 @@ class ShardStream:
         # time an iterator opens, which would shift the training noise after a resume.
         seed = torch.Generator().manual_seed(self.dataset.seed * 1_000_003 + self.epoch)
         loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
-                            drop_last=True, pin_memory=self.device.type == "cuda",
-                            prefetch_factor=4 if self.workers > 0 else None, generator=seed)
+                            drop_last=True, pin_memory=self.pin_memory,
+                            prefetch_factor=self.prefetch_factor if self.workers > 0 else None,
+                            generator=seed)
         self._batches = iter(loader)
 
     def _next_raw(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,5 +203,6 @@ class ShardStream:
         return {"epoch": self.epoch, "batch": self.batch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        # min(): a position re-derived for another world size may lie past this rank's epoch end
+        self.epoch, self.batch = int(state["epoch"]), min(int(state["batch"]), self.budget)
         self._batches = None

@@ -55,5 +55,6 @@ class InMemoryBatches:
         return {"epoch": self.epoch, "batch": self.batch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.epoch = int(state["epoch"])
+        self.batch = min(int(state["batch"]), self.batches_per_epoch)  # see ShardStream
         self._order = self._permutation(self.epoch)
