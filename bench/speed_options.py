@@ -33,10 +33,10 @@ BASELINE = {"speed.compile": False, "speed.channels_last": False, "speed.adam_im
 STEP_OPTIONS = {
     "compile": {"speed.compile": True},
     "channels_last": {"speed.channels_last": True},
-    "adam for_loop": {"speed.adam_impl": "for_loop"},
-    "adam foreach": {"speed.adam_impl": "foreach"},
-    "adam fused": {"speed.adam_impl": "fused"},
-    "zero_grad set_to_none=False": {"speed.zero_grad_set_to_none": False},
+    "adam_for_loop": {"speed.adam_impl": "for_loop"},
+    "adam_foreach": {"speed.adam_impl": "foreach"},
+    "adam_fused": {"speed.adam_impl": "fused"},
+    "zero_grad_no_set_to_none": {"speed.zero_grad_set_to_none": False},
 }
 CUDA_OPTIONS = {"tf32": {"speed.tf32": True}, "cudnn_benchmark": {"speed.cudnn_benchmark": True}}
 

@@ -185,6 +185,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--gpu_matrix", action="store_true",
                         help="fp32/bf16/fp16 at batch 256 and 1024 plus DDP (NCCL) on one GPU")
+    parser.add_argument("--batches", default="256,1024", help="--gpu_matrix batch sizes")
+    parser.add_argument("--precisions", default="no,bf16,fp16", help="--gpu_matrix precisions")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.worker:
@@ -223,17 +225,18 @@ def gpu_matrix(args) -> None:
     timing = ["--steps", str(args.steps), "--rounds", str(args.rounds)]
     rows, results = [], []
     for name in CONFIGS:
-        for batch in (256, 1024):
-            for precision in ("no", "bf16", "fp16"):
+        batches = [int(b) for b in args.batches.split(",")]
+        for batch in batches:
+            for precision in args.precisions.split(","):
                 r = measure(["--config", name, "--batch", str(batch), "--precision", precision, *timing])
                 results.append(r)
                 rows.append(f"| {name} | {batch} | {precision} | 1 ({r['distributed_type']}) | "
                             f"{r['toolkit_steps_per_s']:.2f} | {r['toolkit_imgs_per_s']:,.0f} | "
                             f"{r['peak_mem_mb']:,.0f} |")
-        r = measure(["--config", name, "--batch", "256", *timing], launcher=[
+        r = measure(["--config", name, "--batch", str(batches[0]), *timing], launcher=[
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"])
         results.append(r)
-        rows.append(f"| {name} | 256 | no | DDP 1 ({r['distributed_type']}) | "
+        rows.append(f"| {name} | {batches[0]} | no | DDP 1 ({r['distributed_type']}) | "
                     f"{r['toolkit_steps_per_s']:.2f} | {r['toolkit_imgs_per_s']:,.0f} | "
                     f"{r['peak_mem_mb']:,.0f} |")
     table = "\n".join(["| config | batch | precision | processes | steps/s | real img/s | peak MB |",

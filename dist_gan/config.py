@@ -155,7 +155,8 @@ class SpeedConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000  # generator steps
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # null: as the launcher says (accelerate launch --mixed_precision, or the profile), else "no"
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
     ema_decay: float = 0.999  # EMA of the generator's weights; 0 disables
     # None: start fresh; "auto": newest checkpoint in run.dir if any; otherwise a checkpoint directory.
     resume: Optional[str] = None

@@ -388,12 +388,15 @@ def _position_for_rank(state: dict, rank: int, world: int) -> dict:
     return {"epoch": int(first["epoch"]), "batch": int(first["batch"]) * saved_world // world}
 
 
-def _scale_learning_rates(nets: Nets, factor: float) -> None:
-    for scheduler in (nets.sched_G, nets.sched_D):
-        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-        for group, lr, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
-                                 scheduler.lr_lambdas):
-            group["lr"] = lr * fn(scheduler.last_epoch)
+def _set_learning_rates(nets: Nets, config: Config, scale: float) -> None:
+    """Base learning rates from the config (so a resume may change them) times ``scale`` (< 1 after
+    rollbacks), with the schedule's factor for the current step applied."""
+    for scheduler, lr in ((nets.sched_G, config.optim.g_lr), (nets.sched_D, config.optim.d_lr)):
+        scheduler.base_lrs = [lr * scale] * len(scheduler.base_lrs)
+        for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                   scheduler.lr_lambdas):
+            group["lr"] = base * fn(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def train(config: Config) -> RunResult:
@@ -419,11 +422,16 @@ def train(config: Config) -> RunResult:
     fixed_z = torch.randn(SAMPLE_GRID_SIZE, config.model.z_dim,
                           generator=torch.Generator().manual_seed(config.run.seed)).to(accelerator.device)
 
+    lr_scale = 1.0
+
     def restore(path: Path) -> int:
         """Load checkpoint ``path`` into everything the loop holds; return its step."""
+        nonlocal lr_scale
         state = load_checkpoint(accelerators, path, config)  # restores RNG states too
         nets.sched_G.load_state_dict(state["sched_G"])
         nets.sched_D.load_state_dict(state["sched_D"])
+        lr_scale = float(state["lr_scale"])
+        _set_learning_rates(nets, config, lr_scale)
         data.load_state_dict(_position_for_rank(state, rank, world))
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
@@ -436,7 +444,7 @@ def train(config: Config) -> RunResult:
 
     def checkpoint(step: int) -> Path:
         shared = {"step": step, "sched_G": nets.sched_G.state_dict(), "sched_D": nets.sched_D.state_dict(),
-                  "ema": ema.state_dict() if ema is not None else None}
+                  "lr_scale": lr_scale, "ema": ema.state_dict() if ema is not None else None}
         return save_checkpoint(accelerators, run_dir, step, shared, data.state_dict(), nets.G_raw, config)
 
     if accelerator.is_main_process:
@@ -457,7 +465,7 @@ def train(config: Config) -> RunResult:
     logger.event(step, {"event": "start", "world_size": world, "resumed_from": str(resume_from or ""),
                         "device": str(accelerator.device),
                         "distributed_type": str(accelerator.distributed_type),
-                        "mixed_precision": config.train.mixed_precision})
+                        "mixed_precision": accelerator.mixed_precision})
     log.info("training %s -> step %d on %d process(es), %s, %s, run dir %s", config.loss.name,
              config.train.max_steps, world, accelerator.device, accelerator.distributed_type, run_dir)
 
@@ -499,11 +507,12 @@ def train(config: Config) -> RunResult:
                         raise TrainingDiverged(f"{message}{why}; last good checkpoint: {good}")
                     rollbacks += 1
                     step = restore(good)
-                    _scale_learning_rates(nets, config.train.rollback_lr_scale)
+                    lr_scale *= config.train.rollback_lr_scale
+                    _set_learning_rates(nets, config, lr_scale)
                     # a different noise stream, or the same steps would diverge the same way
                     set_seed(config.run.seed + 7919 * rollbacks, device_specific=True)
                     logger.event(step, {"event": "rollback", "message": message, "to": str(good),
-                                        "lr_G": nets.sched_G.get_last_lr()[0], "rollbacks": rollbacks})
+                                        "lr_scale": lr_scale, "rollbacks": rollbacks})
                     log.warning("%s; rolled back to %s with learning rates x%s", message, good,
                                 config.train.rollback_lr_scale)
                     bad_in_row = 0

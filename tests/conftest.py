@@ -54,9 +54,10 @@ def reference_classifier(mnist_dir, tmp_path_factory):
 
 
 def run_cli(args: list[str], launcher: list[str] | None = None, check: bool = True,
-            timeout: int = 600) -> subprocess.CompletedProcess:
+            timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m <args>`` (or ``launcher + args``) from the repo root; fail with its output."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               **(env or {}))
     cmd = (launcher or [sys.executable]) + ["-m"] + args
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -67,3 +68,28 @@ def run_cli(args: list[str], launcher: list[str] | None = None, check: bool = Tr
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def start_cli(args: list[str], launcher: list[str] | None = None, log: Path | None = None,
+              env: dict | None = None) -> subprocess.Popen:
+    """Start ``python -m <args>`` (or ``launcher + args``) in the background; output to ``log``."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1",
+                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **(env or {}))
+    cmd = (launcher or [sys.executable]) + ["-m"] + args
+    out = open(log, "w") if log else subprocess.DEVNULL
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None,
+             interval: float = 0.05) -> None:
+    """Poll ``predicate`` until true; fail naming ``what`` on timeout or if ``proc`` died first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

@@ -32,7 +32,7 @@ def test_two_process_run_prepares_shards_and_keeps_replicas_identical(tmp_path, 
     assert all(c["replicas_identical"] == {"G": True, "D": True} for c in checks)
     # both ranks wrote their RNG state into the checkpoint
     ckpt = run / "checkpoints" / "step_00000012"
-    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    assert (ckpt / "G/random_states_0.pkl").is_file() and (ckpt / "G/random_states_1.pkl").is_file()
 
 
 SCRIPT = """
