@@ -17,18 +17,21 @@ install() {
 }
 
 start() {
-    local dir=$1 host cpus mem port
-    mkdir -p "$dir"/{state,spool,munge}
+    local dir=$1 host cpus mem port munge
+    mkdir -p "$dir"/{state,spool}
     dir=$(cd "$dir" && pwd)
+    # munged runs as the munge user, who must reach its folder: not under a private (0700) test dir
+    munge=$(mktemp -d /tmp/dist_gan_munge.XXXXXX)
+    echo "$munge" > "$dir/munge.path"
     host=$(hostname -s); cpus=$(nproc)
     mem=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) * 9 / 10 ))
     port=${SLURM_TEST_PORT:-$(( 16817 + RANDOM % 2000 ))}
     [ -s /etc/munge/munge.key ] || { dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null;
                                     chown munge:munge /etc/munge/munge.key; chmod 400 /etc/munge/munge.key; }
-    chown munge:munge "$dir/munge"; chmod 755 "$dir/munge"
-    runuser -u munge -- /usr/sbin/munged --socket="$dir/munge/munge.socket" \
-        --pid-file="$dir/munge/munged.pid" --log-file="$dir/munge/munged.log" \
-        --seed-file="$dir/munge/munged.seed" --force
+    chown munge:munge "$munge"; chmod 755 "$munge"
+    runuser -u munge -- /usr/sbin/munged --socket="$munge/munge.socket" \
+        --pid-file="$munge/munged.pid" --log-file="$munge/munged.log" \
+        --seed-file="$munge/munged.seed" --force
     cat > "$dir/slurm.conf" <<CONF
 ClusterName=disttest
 SlurmctldHost=$host
@@ -37,7 +40,7 @@ SlurmdPort=$((port + 1))
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$dir/munge/munge.socket
+AuthInfo=socket=$munge/munge.socket
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -71,14 +74,17 @@ CONF
 }
 
 stop() {
-    local dir=$1 pidfile pid
-    for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munge/munged.pid"; do
+    local dir=$1 pidfile pid munge
+    munge=$(cat "$dir/munge.path" 2>/dev/null || echo /nonexistent)
+    for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid" "$munge/munged.pid"; do
         [ -s "$pidfile" ] || continue
         pid=$(cat "$pidfile")
         kill "$pid" 2>/dev/null || continue
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
         kill -9 "$pid" 2>/dev/null || true
     done
+    [ -d "$munge" ] && rm -rf "$munge"
+    return 0
 }
 
 "$@"
