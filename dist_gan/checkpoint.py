@@ -6,6 +6,7 @@ Layout of RUN_DIR/checkpoints/step_00000040/:
                          or DeepSpeed's pytorch_model/ with one ZeRO optimizer partition per rank),
                          optimizer, grad scaler, and random_states_<rank>.pkl from every rank
   generator.safetensors  G's weights, for sampling without Accelerate or DeepSpeed
+  encoder.safetensors    VAE-GAN only: the encoder's, for reconstructions
   trainer_state.pt       step, schedulers, EMA weights, each rank's data-stream position
                          (plain tensors and numbers: loads with torch.load(weights_only=True))
   config.yaml            the resolved config the checkpoint was made with
@@ -39,6 +40,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dist_gan.checkpoint/1"
 TRAINER_STATE = "trainer_state.pt"
 GENERATOR_WEIGHTS = "generator.safetensors"
+ENCODER_WEIGHTS = "encoder.safetensors"
 # The parts of a config that decide tensor shapes: a checkpoint only loads into the same ones.
 SHAPE_KEYS = ("model", "data.resolution", "data.channels")
 
@@ -92,12 +94,14 @@ def remove_stale_staging(run_dir: str | Path) -> None:
 
 
 def save_checkpoint(accelerators: dict[str, Accelerator], run_dir: str | Path, step: int,
-                    shared_state: dict, rank_state: dict, generator: nn.Module, config: Config) -> Path:
+                    shared_state: dict, rank_state: dict, weights: dict[str, nn.Module],
+                    config: Config) -> Path:
     """Save everything needed to continue at ``step``; then keep only the newest ``run.keep_last``.
 
     ``accelerators`` maps a folder name to the Accelerator whose models it holds; ``shared_state`` is
-    the loop state (same on every rank), ``rank_state`` this rank's own part (its data position).
-    Every rank must call this.
+    the loop state (same on every rank), ``rank_state`` this rank's own part (its data position);
+    ``weights`` the plain networks to write as ``<name>.safetensors`` for sampling (the generator, and
+    the encoder of a VAE-GAN). Every rank must call this.
     """
     main = next(iter(accelerators.values()))
     final = checkpoint_root(run_dir) / f"step_{step:08d}"
@@ -113,8 +117,9 @@ def save_checkpoint(accelerators: dict[str, Accelerator], run_dir: str | Path, s
     if main.is_main_process:
         from safetensors.torch import save_file
 
-        weights = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
-        save_file(weights, staging / GENERATOR_WEIGHTS)
+        for name, module in weights.items():
+            tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+            save_file(tensors, staging / f"{name}.safetensors")
         torch.save({**shared_state, "ranks": rank_states, "world_size": main.num_processes},
                    staging / TRAINER_STATE)
         save_config(config, staging / "config.yaml")
@@ -191,6 +196,16 @@ def load_generator_state(path: Path, ema: bool = True) -> dict[str, torch.Tensor
     from safetensors.torch import load_file
 
     return load_file(path / GENERATOR_WEIGHTS)
+
+
+def load_encoder_state(path: Path) -> dict[str, torch.Tensor]:
+    """A VAE-GAN checkpoint's encoder weights."""
+    read_manifest(path)
+    if not (path / ENCODER_WEIGHTS).is_file():
+        raise CheckpointError(f"{path} has no {ENCODER_WEIGHTS}: not a VAE-GAN (model.encoder) run")
+    from safetensors.torch import load_file
+
+    return load_file(path / ENCODER_WEIGHTS)
 
 
 def check_compatible(path: Path, config: Config) -> None:

@@ -77,10 +77,12 @@ class DataConfig:
 
 @dataclass
 class NetConfig:
-    arch: str = "dcgan"
-    width: int = 64  # channels of the widest (dcgan) or first hidden (mlp) layer's unit
+    arch: str = "dcgan"  # a name in models.GENERATORS / DISCRIMINATORS / ENCODERS ("none": no encoder)
+    width: int = 64  # channels of the widest (dcgan) or first hidden (mlp) layer's unit; rnn: hidden/4
     norm: Literal["batch", "layer", "instance", "none"] = "none"
     spectral_norm: bool = False
+    cell: Literal["gru", "lstm"] = "gru"  # rnn only
+    mbstd: bool = False  # discriminators: the minibatch standard-deviation feature (Improved-GAN)
 
     def problems(self) -> list[tuple[str, Any, str]]:
         return [("width", self.width, "must be >= 1")] if self.width < 1 else []
@@ -89,11 +91,20 @@ class NetConfig:
 @dataclass
 class ModelConfig:
     z_dim: int = 128
+    # > 0: class-conditional G (label embedding) and projection D, trained on the data's labels
+    num_classes: int = 0
     generator: NetConfig = field(default_factory=lambda: NetConfig(norm="batch"))
     discriminator: NetConfig = field(default_factory=NetConfig)
+    # VAE-GAN: an encoder trained with G (arch "dcgan"); "none" for a plain GAN
+    encoder: NetConfig = field(default_factory=lambda: NetConfig(arch="none"))
 
     def problems(self) -> list[tuple[str, Any, str]]:
-        return [("z_dim", self.z_dim, "must be >= 1")] if self.z_dim < 1 else []
+        found = [("z_dim", self.z_dim, "must be >= 1")] if self.z_dim < 1 else []
+        if self.num_classes < 0:
+            found.append(("num_classes", self.num_classes, "must be >= 0 (0: unconditional)"))
+        if self.generator.mbstd:
+            found.append(("generator.mbstd", True, "is a discriminator layer"))
+        return found
 
 
 @dataclass
@@ -102,14 +113,28 @@ class LossConfig:
     gp_weight: float = 10.0  # wgan_gp only
     r1_gamma: float = 0.0  # R1 penalty on real data, any loss; 0 disables
     clip_value: float = 0.01  # wgan (weight clipping) only
+    # Improved-GAN techniques (Salimans et al. 2016), usable with any family:
+    label_smoothing: float = 0.0  # one-sided: D's target for real images is 1 - this (ns loss only)
+    feature_matching: float = 0.0  # weight of ||E f(x) - E f(G(z))||^2 on D's features, added to G's loss
+    historical_averaging: float = 0.0  # weight of ||theta - running mean of theta||^2, both nets
+    # VAE-GAN (model.encoder set): weights of the KL prior term and of the reconstruction error
+    # measured in D's last hidden layer (Larsen et al. 2016)
+    kl_weight: float = 1.0
+    recon_weight: float = 1.0
 
     def problems(self) -> list[tuple[str, Any, str]]:
         found = []
-        for name in ("gp_weight", "r1_gamma"):
+        for name in ("gp_weight", "r1_gamma", "feature_matching", "historical_averaging", "kl_weight",
+                     "recon_weight"):
             if getattr(self, name) < 0:
                 found.append((name, getattr(self, name), "must be >= 0"))
         if self.clip_value <= 0:
             found.append(("clip_value", self.clip_value, "must be > 0"))
+        if not 0.0 <= self.label_smoothing < 1.0:
+            found.append(("label_smoothing", self.label_smoothing, "must be in [0, 1)"))
+        elif self.label_smoothing > 0 and self.name != "ns":
+            found.append(("label_smoothing", self.label_smoothing,
+                          f"needs the ns loss (a target probability); loss.name is {self.name}"))
         return found
 
 
@@ -228,7 +253,7 @@ class Config:
         # Registries are imported here, not at module level, so the config stays the bottom layer.
         from dist_gan.data import DATA_SOURCES
         from dist_gan.losses import LOSSES
-        from dist_gan.models import DISCRIMINATORS, GENERATORS
+        from dist_gan.models import DISCRIMINATORS, ENCODERS, GENERATORS
 
         found = []
         for key, value, registry in (
@@ -239,6 +264,9 @@ class Config:
         ):
             if value not in registry:
                 found.append((key, value, f"is not one of {sorted(registry)}"))
+        encoder = self.model.encoder.arch
+        if encoder != "none" and encoder not in ENCODERS:
+            found.append(("model.encoder.arch", encoder, f"is not none or one of {sorted(ENCODERS)}"))
         penalised = self.loss.name == "wgan_gp" or self.loss.r1_gamma > 0
         if penalised and self.model.discriminator.norm == "batch":
             found.append(

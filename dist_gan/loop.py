@@ -30,8 +30,8 @@ from dist_gan.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from dist_gan.config import Config, ConfigError, OptimConfig, SpeedConfig, save_config
 from dist_gan.data import BatchStream, build_batch_stream
 from dist_gan.ema import EMA
-from dist_gan.losses import GANLoss, build_loss, eager
-from dist_gan.models import build_discriminator, build_generator
+from dist_gan.losses import GANLoss, Models, build_loss, eager
+from dist_gan.models import build_discriminator, build_encoder, build_generator
 from dist_gan.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ class Nets:
     ``G``/``D`` are the prepared (DDP- or DeepSpeed-wrapped, maybe compiled) modules used for training
     forwards; ``G_raw``/``D_raw`` the plain modules for sampling, EMA and the generator step's frozen
     D; ``D_penalty`` is what penalties differentiate twice through (eager, and raw under DeepSpeed,
-    whose engine hooks cannot run inside ``autograd.grad``).
+    whose engine hooks cannot run inside ``autograd.grad``). ``E`` (VAE-GAN's encoder, else None) is
+    trained with G, by G's accelerator, in the generator step.
     """
 
     G: nn.Module
@@ -68,6 +69,27 @@ class Nets:
     sched_D: torch.optim.lr_scheduler.LRScheduler
     acc_G: Accelerator
     acc_D: Accelerator
+    num_classes: int = 0
+    E: nn.Module | None = None
+    E_raw: nn.Module | None = None
+    opt_E: torch.optim.Optimizer | None = None
+    sched_E: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    def models(self, z_dim: int) -> Models:
+        """The view a loss gets."""
+        return Models(self.G, self.D, self.D_raw, self.D_penalty, self.E, z_dim, self.num_classes)
+
+    def generator_side(self) -> tuple[list[nn.Module], list[torch.optim.Optimizer]]:
+        """The networks the generator step updates, and their optimisers."""
+        if self.E is None:
+            return [self.G], [self.opt_G]
+        return [self.G, self.E], [self.opt_G, self.opt_E]
+
+    def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
+        found = {"sched_G": self.sched_G, "sched_D": self.sched_D}
+        if self.sched_E is not None:
+            found["sched_E"] = self.sched_E
+        return found
 
 
 @dataclass
@@ -122,10 +144,16 @@ def build_nets(config: Config, acc_G: Accelerator, acc_D: Accelerator | None = N
     opt_D = build_adam(D.parameters(), opt.d_lr, opt.betas, impl)
     sched_G = build_schedule(opt_G, opt, config.train.max_steps)
     sched_D = build_schedule(opt_D, opt, config.train.max_steps)
+    E = build_encoder(config)
+    opt_E = build_adam(E.parameters(), opt.g_lr, opt.betas, impl) if E is not None else None
+    sched_E = build_schedule(opt_E, opt, config.train.max_steps) if E is not None else None
     deepspeed = uses_deepspeed(acc_G)
     if deepspeed:
         acc_G.state.select_deepspeed_plugin("G")
-    G, opt_G = acc_G.prepare(G, opt_G)
+    if E is not None:  # G first: its weights keep the name model.safetensors
+        G, E, opt_G, opt_E = acc_G.prepare(G, E, opt_G, opt_E)
+    else:
+        G, opt_G = acc_G.prepare(G, opt_G)
     if deepspeed:
         acc_G.state.select_deepspeed_plugin("D")
     D, opt_D = acc_D.prepare(D, opt_D)
@@ -138,7 +166,9 @@ def build_nets(config: Config, acc_G: Accelerator, acc_D: Accelerator | None = N
         # torch.compile does not support their double backward.
         G, D = torch.compile(G), torch.compile(D)
     D_penalty = D_raw if deepspeed else eager(D)
-    return Nets(G, D, G_raw, D_raw, D_penalty, opt_G, opt_D, sched_G, sched_D, acc_G, acc_D)
+    E_raw = acc_G.unwrap_model(E, keep_fp32_wrapper=False) if E is not None else None
+    return Nets(G, D, G_raw, D_raw, D_penalty, opt_G, opt_D, sched_G, sched_D, acc_G, acc_D,
+                config.model.num_classes, E, E_raw, opt_E, sched_E)
 
 
 def _grad_norm(accelerator: Accelerator, model: nn.Module, max_norm: float,
@@ -158,9 +188,10 @@ def _grad_norm(accelerator: Accelerator, model: nn.Module, max_norm: float,
     return None
 
 
-def _update(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+def _update(accelerator: Accelerator, models: list[nn.Module], optimizers: list[torch.optim.Optimizer],
             loss: torch.Tensor, config: Config, measure: bool) -> tuple[bool, torch.Tensor | None]:
-    """Backward and optimiser step for one network; returns (applied, pre-clip grad norm).
+    """Backward and optimiser step for one side of the game (D; or G with any networks trained
+    with it); returns (applied, the first network's pre-clip grad norm).
 
     With ``train.skip_nonfinite`` the update is skipped when the loss is NaN/inf on any rank (checked
     before backward, as DeepSpeed steps inside it) or, without a grad scaler, when the all-reduced
@@ -169,16 +200,20 @@ def _update(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.O
     """
     guard = config.train.skip_nonfinite
     if guard and _any_rank(accelerator, not bool(torch.isfinite(loss.detach()))):
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         return False, None
     accelerator.backward(loss)
     check_grads = guard and accelerator.scaler is None and not uses_deepspeed(accelerator)
-    norm = _grad_norm(accelerator, model, config.optim.grad_clip, measure or check_grads)
-    if check_grads and not bool(torch.isfinite(norm)):
-        optimizer.zero_grad(set_to_none=True)
-        return False, norm
-    optimizer.step()
-    return True, norm
+    norms = [_grad_norm(accelerator, model, config.optim.grad_clip, measure or check_grads)
+             for model in models]
+    if check_grads and not all(bool(torch.isfinite(norm)) for norm in norms):
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        return False, norms[0]
+    for optimizer in optimizers:
+        optimizer.step()
+    return True, norms[0]
 
 
 def train_step(nets: Nets, loss: GANLoss, data: BatchStream, config: Config,
@@ -188,19 +223,15 @@ def train_step(nets: Nets, loss: GANLoss, data: BatchStream, config: Config,
     Returns detached statistics and whether every update was applied (False: the divergence guard
     skipped at least one).
     """
-    z_dim = config.model.z_dim
+    models = nets.models(config.model.z_dim)
     set_to_none = config.speed.zero_grad_set_to_none
-    autocast = nets.acc_G.autocast
     applied = True
     d_totals: dict[str, torch.Tensor] = {}
     for _ in range(config.optim.n_critic):
-        real, _labels = data.next_batch()
-        z = torch.randn(real.shape[0], z_dim, device=real.device)
-        with torch.no_grad(), autocast():
-            fake = nets.G(z)
-        d_loss, d_stats = loss.discriminator_loss(nets.D, real, fake, penalty_net=nets.D_penalty)
+        real, labels = data.next_batch()
+        d_loss, d_stats = loss.discriminator_loss(models, real, labels)
         nets.opt_D.zero_grad(set_to_none=set_to_none)
-        ok, d_norm = _update(nets.acc_D, nets.D, nets.opt_D, d_loss, config, measure)
+        ok, d_norm = _update(nets.acc_D, [nets.D], [nets.opt_D], d_loss, config, measure)
         applied &= ok
         loss.after_discriminator_step(nets.D_raw)
         for name, value in d_stats.items():
@@ -208,18 +239,19 @@ def train_step(nets: Nets, loss: GANLoss, data: BatchStream, config: Config,
     stats = {name: total / config.optim.n_critic for name, total in d_totals.items()}
 
     # D is used raw and frozen here: its weights get no gradient, its DDP reducer is not left waiting
-    # for gradients that never come, and ZeRO-2 does not see D's gradients computed twice.
+    # for gradients that never come, and ZeRO-2 does not see D's gradients computed twice. The
+    # generator step reuses the last critic batch (VAE-GAN encodes it, feature matching reads it).
     nets.D_raw.requires_grad_(False)
-    z = torch.randn(config.data.batch_size, z_dim, device=nets.acc_G.device)
-    with autocast():
-        fake = nets.G(z)
-    g_loss, g_stats = loss.generator_loss(nets.D_raw, fake)
-    nets.opt_G.zero_grad(set_to_none=set_to_none)
-    ok, g_norm = _update(nets.acc_G, nets.G, nets.opt_G, g_loss, config, measure)
+    g_loss, g_stats = loss.generator_loss(models, real, labels)
+    g_modules, g_optimizers = nets.generator_side()
+    for optimizer in g_optimizers:
+        optimizer.zero_grad(set_to_none=set_to_none)
+    ok, g_norm = _update(nets.acc_G, g_modules, g_optimizers, g_loss, config, measure)
     applied &= ok
+    loss.after_generator_step(nets.G_raw)
     nets.D_raw.requires_grad_(True)
-    nets.sched_G.step()
-    nets.sched_D.step()
+    for scheduler in nets.schedulers().values():
+        scheduler.step()
 
     stats.update(g_stats)
     if measure and d_norm is not None and g_norm is not None:
@@ -280,11 +312,16 @@ def check_replicas(accelerator: Accelerator, modules: dict[str, nn.Module]) -> d
     return result
 
 
-def _generate_grid(generator: nn.Module, fixed_z: torch.Tensor) -> torch.Tensor:
+def _generate_grid(generator: nn.Module, fixed_z: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The sample grid: fixed latents; for a conditional model row r (of 8) shows class r."""
     was_training = generator.training
     generator.eval()
+    labels = None
+    if num_classes:
+        rows = torch.arange(len(fixed_z), device=fixed_z.device) // 8
+        labels = rows % num_classes
     with torch.no_grad():
-        images = generator(fixed_z.to(next(generator.parameters()).dtype))
+        images = generator(fixed_z.to(next(generator.parameters()).dtype), labels)
     generator.train(was_training)
     return images
 
@@ -321,6 +358,9 @@ def make_accelerators(config: Config) -> tuple[Accelerator, Accelerator]:
         if config.loss.name == "wgan":
             raise ConfigError("loss.name=wgan clips D's weights in place, which ZeRO's own fp32 copy "
                               "undoes: use wgan_gp under DeepSpeed")
+        if config.model.encoder.arch != "none":
+            raise ConfigError("model.encoder (VAE-GAN) trains a third network with G, and one "
+                              "DeepSpeed engine holds one model: use DDP for VAE-GAN")
         from accelerate.utils import InitProcessGroupKwargs
 
         # On a GPU-less host Accelerate finds no backend for DeepSpeed and every rank would think
@@ -391,7 +431,9 @@ def _position_for_rank(state: dict, rank: int, world: int) -> dict:
 def _set_learning_rates(nets: Nets, config: Config, scale: float) -> None:
     """Base learning rates from the config (so a resume may change them) times ``scale`` (< 1 after
     rollbacks), with the schedule's factor for the current step applied."""
-    for scheduler, lr in ((nets.sched_G, config.optim.g_lr), (nets.sched_D, config.optim.d_lr)):
+    config_lr = {"sched_G": config.optim.g_lr, "sched_D": config.optim.d_lr, "sched_E": config.optim.g_lr}
+    for name, scheduler in nets.schedulers().items():
+        lr = config_lr[name]
         scheduler.base_lrs = [lr * scale] * len(scheduler.base_lrs)
         for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
                                    scheduler.lr_lambdas):
@@ -428,8 +470,9 @@ def train(config: Config) -> RunResult:
         """Load checkpoint ``path`` into everything the loop holds; return its step."""
         nonlocal lr_scale
         state = load_checkpoint(accelerators, path, config)  # restores RNG states too
-        nets.sched_G.load_state_dict(state["sched_G"])
-        nets.sched_D.load_state_dict(state["sched_D"])
+        for name, scheduler in nets.schedulers().items():
+            scheduler.load_state_dict(state[name])
+        loss.load_state_dict(state["loss"])
         lr_scale = float(state["lr_scale"])
         _set_learning_rates(nets, config, lr_scale)
         data.load_state_dict(_position_for_rank(state, rank, world))
@@ -443,9 +486,11 @@ def train(config: Config) -> RunResult:
         return int(state["step"])
 
     def checkpoint(step: int) -> Path:
-        shared = {"step": step, "sched_G": nets.sched_G.state_dict(), "sched_D": nets.sched_D.state_dict(),
-                  "lr_scale": lr_scale, "ema": ema.state_dict() if ema is not None else None}
-        return save_checkpoint(accelerators, run_dir, step, shared, data.state_dict(), nets.G_raw, config)
+        shared = {"step": step, "lr_scale": lr_scale, "loss": loss.state_dict(),
+                  "ema": ema.state_dict() if ema is not None else None,
+                  **{name: s.state_dict() for name, s in nets.schedulers().items()}}
+        weights = {"generator": nets.G_raw, **({"encoder": nets.E_raw} if nets.E_raw is not None else {})}
+        return save_checkpoint(accelerators, run_dir, step, shared, data.state_dict(), weights, config)
 
     if accelerator.is_main_process:
         from dist_gan.checkpoint import remove_stale_staging
@@ -553,13 +598,15 @@ def train(config: Config) -> RunResult:
             preempted = stopped_by.startswith("SIG")
             if not preempted and (step % config.run.sample_every == 0 or step == last_step):
                 logger.images(step, "ema" if ema is not None else "G",
-                              _generate_grid(ema.model if ema is not None else nets.G_raw, fixed_z))
+                              _generate_grid(ema.model if ema is not None else nets.G_raw, fixed_z,
+                                             config.model.num_classes))
             if evaluator and not preempted and (step % config.eval.every == 0 or step == last_step):
                 figures = evaluator(ema.model if ema is not None else nets.G_raw, accelerator)
                 logger.scalars(step, figures or {}, tb_prefix="eval/")
             if step % config.run.ckpt_every == 0 or step == last_step:
                 path = checkpoint(step)
-                replicas = check_replicas(accelerator, {"G": nets.G_raw, "D": nets.D_raw})
+                replicas = check_replicas(accelerator, {"G": nets.G_raw, "D": nets.D_raw, **(
+                    {"E": nets.E_raw} if nets.E_raw is not None else {})})
                 logger.event(step, {"event": "checkpoint", "path": str(path), "world_size": world,
                                     "replicas_identical": replicas})
                 if not all(replicas.values()):

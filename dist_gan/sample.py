@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 from torchvision.utils import save_image
 
-from dist_gan.checkpoint import find_checkpoint, load_generator_state
+from dist_gan.checkpoint import find_checkpoint, load_encoder_state, load_generator_state
 from dist_gan.config import ConfigError, load_config
-from dist_gan.models import build_generator
+from dist_gan.data import DATA_SOURCES, DataError
+from dist_gan.models import build_encoder, build_generator
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +29,26 @@ def load_generator(path: str | Path, ema: bool = True) -> tuple[nn.Module, Path]
     return generator.eval().requires_grad_(False), checkpoint
 
 
+def num_classes(generator: nn.Module) -> int:
+    """How many classes a conditional generator knows; 0 for an unconditional one."""
+    embed = getattr(getattr(generator, "condition", None), "embed", None)
+    return embed.num_embeddings if embed is not None else 0
+
+
 @torch.no_grad()
 def generate(generator: nn.Module, n: int, seed: int = 0, batch_size: int = 256,
-             device: torch.device | str = "cpu") -> torch.Tensor:
+             device: torch.device | str = "cpu", labels: torch.Tensor | None = None) -> torch.Tensor:
     """``n`` images in [-1, 1] (on the CPU) from latents drawn with ``seed``: same seed, same images.
 
-    The generator is in eval mode meanwhile (BatchNorm uses its running statistics).
+    A conditional generator draws each image's class uniformly (from the same seed) unless ``labels``
+    names them. The generator is in eval mode meanwhile (BatchNorm uses its running statistics).
     """
-    z = torch.randn(n, generator.z_dim, generator=torch.Generator().manual_seed(seed))
-    return _decode(generator, z, batch_size, device)
+    rng = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, generator.z_dim, generator=rng)
+    classes = num_classes(generator)
+    if classes and labels is None:
+        labels = torch.randint(0, classes, (n,), generator=rng)
+    return _decode(generator, z, batch_size, device, labels)
 
 
 def latent_walk(generator: nn.Module, steps: int, seed: int = 0) -> torch.Tensor:
@@ -47,33 +59,85 @@ def latent_walk(generator: nn.Module, steps: int, seed: int = 0) -> torch.Tensor
     omega = torch.arccos((a / a.norm() * b / b.norm()).sum().clamp(-1, 1))
     t = torch.linspace(0, 1, steps).unsqueeze(1)
     z = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
-    return _decode(generator, z, steps, "cpu")
+    labels = torch.zeros(steps, dtype=torch.long) if num_classes(generator) else None
+    return _decode(generator, z, steps, "cpu", labels)
+
+
+def by_class(generator: nn.Module, classes: list[int], per_class: int, seed: int = 0) -> torch.Tensor:
+    """``per_class`` images of each class in turn (one grid row per class), the same latents per row."""
+    if not num_classes(generator):
+        raise ConfigError("--classes needs a class-conditional model (model.num_classes > 0)")
+    bad = [c for c in classes if not 0 <= c < num_classes(generator)]
+    if bad:
+        raise ConfigError(f"--classes {bad}: this model knows classes 0..{num_classes(generator) - 1}")
+    z = torch.randn(per_class, generator.z_dim, generator=torch.Generator().manual_seed(seed))
+    labels = torch.tensor(classes).repeat_interleave(per_class)
+    return _decode(generator, z.repeat(len(classes), 1), 256, "cpu", labels)
 
 
 @torch.no_grad()
-def _decode(generator: nn.Module, z: torch.Tensor, batch_size: int,
-            device: torch.device | str) -> torch.Tensor:
+def reconstructions(checkpoint: Path, generator: nn.Module, n: int,
+                mnist_dir: str | None = None) -> torch.Tensor:
+    """VAE-GAN: the first ``n`` test images, each row of inputs followed by a row of their
+    reconstructions G(mu(E(x)))."""
+    config = load_config(checkpoint / "config.yaml")
+    encoder = build_encoder(config)
+    if encoder is None:
+        raise ConfigError(f"{checkpoint} is not a VAE-GAN checkpoint (model.encoder.arch is none)")
+    encoder.load_state_dict(load_encoder_state(checkpoint))
+    encoder.eval()
+    if mnist_dir:
+        config.data.mnist_dir = mnist_dir
+    images = DATA_SOURCES[config.data.source](config.data, "test")
+    real = torch.stack([images[i][0] for i in range(n)]).float().div(127.5).sub(1.0)
+    labels = torch.tensor([images[i][1] for i in range(n)]) if num_classes(generator) else None
+    recon = _decode(generator, encoder(real)[0], 256, "cpu", labels)
+    rows = [t for i in range(0, n, 8) for t in (real[i:i + 8], recon[i:i + 8])]
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def _decode(generator: nn.Module, z: torch.Tensor, batch_size: int, device: torch.device | str,
+            labels: torch.Tensor | None = None) -> torch.Tensor:
     was_training = generator.training
     generator.eval()
-    images = torch.cat([generator(chunk.to(device)).float().cpu() for chunk in z.split(batch_size)])
+    label_chunks = labels.split(batch_size) if labels is not None else [None] * len(z.split(batch_size))
+    images = torch.cat([
+        generator(chunk.to(device), None if y is None else y.to(device)).float().cpu()
+        for chunk, y in zip(z.split(batch_size), label_chunks)])
     generator.train(was_training)
     return images
 
 
 def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, raw: bool = False,
-         nrow: int | None = None, out_dir: str | None = None, interpolate: bool = False) -> None:
+         nrow: int | None = None, out_dir: str | None = None, interpolate: bool = False,
+         classes=None, per_class: int = 8, reconstruct: bool = False,
+         mnist_dir: str | None = None) -> None:
     """Write ``n`` samples from ``checkpoint`` (a run directory or a checkpoint).
 
     --out: a grid PNG (default). --out_dir: one PNG per image instead. --interpolate: a latent walk of
     ``n`` steps from the latent of ``seed`` to that of ``seed + 1``. --raw: the trained weights
     instead of their EMA. --seed: which latents (the same seed gives the same images).
+    --classes=0,1,2: a conditional model's samples, one row of ``per_class`` per class.
+    --reconstruct: a VAE-GAN's reconstructions of ``n`` test images (rows of inputs, then of their
+    reconstructions; --mnist_dir if the run's data.mnist_dir is not here).
     """
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         generator, source = load_generator(checkpoint, ema=not raw)
-    except (ConfigError, FileNotFoundError) as err:
+        if classes is not None:
+            wanted = [int(c) for c in (classes if isinstance(classes, (list, tuple))
+                                       else str(classes).split(","))]
+            images, nrow = by_class(generator, wanted, per_class, seed), per_class
+        elif reconstruct:
+            images, nrow = reconstructions(source, generator, n, mnist_dir), 8
+        elif interpolate:
+            images = latent_walk(generator, n, seed)
+        else:
+            images = generate(generator, n, seed)
+    except (ConfigError, DataError, FileNotFoundError) as err:
         sys.exit(f"dist_gan.sample: error: {err}")
-    images = latent_walk(generator, n, seed) if interpolate else generate(generator, n, seed)
+    n = len(images)
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(images):

@@ -67,7 +67,10 @@ def run_cli(args: list[str], launcher: list[str] | None = None, check: bool = Tr
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """metrics.jsonl's records; a last line still being written (no newline yet) is left out."""
+    text = (run_dir / "metrics.jsonl").read_text()
+    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+    return [json.loads(line) for line in lines]
 
 
 def start_cli(args: list[str], launcher: list[str] | None = None, log: Path | None = None,

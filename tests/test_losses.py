@@ -7,18 +7,36 @@ import torch
 import torch.nn as nn
 
 from dist_gan.config import LossConfig
-from dist_gan.losses import LOSSES, build_loss, gradient_penalty, r1_penalty
+from dist_gan.losses import LOSSES, HistoricalAverage, Models, build_loss, gradient_penalty, r1_penalty
 
 
 class Linear(nn.Module):
-    """D(x) = w . x: its input gradient is w everywhere, so penalties have closed forms."""
+    """D(x) = w . x: its input gradient is w everywhere, so penalties have closed forms. Its
+    "features" are x itself."""
 
     def __init__(self, w):
         super().__init__()
         self.w = nn.Parameter(torch.tensor(w))
 
-    def forward(self, x):
-        return x.flatten(1) @ self.w
+    def forward(self, x, labels=None, return_features=False):
+        logits = x.flatten(1) @ self.w
+        return (logits, x.flatten(1)) if return_features else logits
+
+
+class Constant(nn.Module):
+    """A generator that always produces ``images`` (a batch), whatever z."""
+
+    def __init__(self, images):
+        super().__init__()
+        self.images = images
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, z, labels=None):
+        return self.images * self.scale
+
+
+def models(d, fake, encoder=None):
+    return Models(G=Constant(fake), D=d, D_frozen=d, D_penalty=d, E=encoder, z_dim=3, num_classes=0)
 
 
 def test_gradient_penalty_by_hand():
@@ -39,14 +57,15 @@ def test_r1_by_hand():
     d = Linear([1.0, 2.0])  # ||grad||^2 = 5
     assert r1_penalty(d, torch.randn(4, 2)).item() == pytest.approx(5.0)
     loss = build_loss(LossConfig(name="ns", r1_gamma=2.0))
-    _, stats = loss.discriminator_loss(d, torch.randn(4, 2), torch.randn(4, 2))
+    _, stats = loss.discriminator_loss(models(d, torch.randn(4, 2)), torch.randn(4, 2), torch.zeros(4))
     assert stats["r1"].item() == pytest.approx(0.5 * 2.0 * 5.0)
 
 
 def test_wgan_gp_total_is_wasserstein_plus_weighted_penalty():
     d = Linear([3.0, 4.0])
     real, fake = torch.ones(4, 2), torch.zeros(4, 2)  # D(real) = 7, D(fake) = 0
-    loss, stats = build_loss(LossConfig(name="wgan_gp", gp_weight=10.0)).discriminator_loss(d, real, fake)
+    loss, stats = build_loss(LossConfig(name="wgan_gp", gp_weight=10.0)).discriminator_loss(
+        models(d, fake), real, torch.zeros(4))
     assert stats["wasserstein"].item() == pytest.approx(7.0)
     assert loss.item() == pytest.approx(-7.0 + 10.0 * 16.0)
 
@@ -72,7 +91,7 @@ def test_penalty_runs_in_fp32_under_bf16_autocast():
 def test_objectives_on_known_logits(name, real, fake, d_expected, g_expected):
     loss = LOSSES[name](LossConfig(name=name))
     r, f = torch.full((3,), real), torch.full((3,), fake)
-    assert loss.d_objective(r, f).item() == pytest.approx(d_expected)
+    assert (loss.d_real(r) + loss.d_fake(f)).item() == pytest.approx(d_expected)
     assert loss.g_objective(f).item() == pytest.approx(g_expected)
 
 
@@ -81,3 +100,79 @@ def test_weight_clipping_only_for_wgan():
         d = Linear([3.0, -4.0])
         build_loss(LossConfig(name=name, clip_value=0.01)).after_discriminator_step(d)
         assert d.w.tolist() == pytest.approx(expected)
+
+
+def test_one_sided_label_smoothing_moves_only_the_real_target():
+    smooth = build_loss(LossConfig(name="ns", label_smoothing=0.1))
+    plain = build_loss(LossConfig(name="ns"))
+    logits = torch.full((4,), 2.0)
+    # BCE(2, target 0.9) = softplus(2) - 0.9 * 2
+    assert smooth.d_real(logits).item() == pytest.approx(math.log1p(math.exp(2.0)) - 1.8, rel=1e-5)
+    assert plain.d_real(logits).item() == pytest.approx(math.log1p(math.exp(-2.0)), rel=1e-5)
+    assert smooth.d_fake(logits).item() == plain.d_fake(logits).item()
+
+
+def test_feature_matching_is_the_squared_distance_of_mean_features():
+    d = Linear([0.0, 0.0])  # logits 0: only the matching term differs between the two losses
+    real, fake = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.zeros(2, 2)
+    with_fm = build_loss(LossConfig(name="ns", feature_matching=2.0))
+    loss, stats = with_fm.generator_loss(models(d, fake), real, torch.zeros(2))
+    assert stats["feature_matching"].item() == pytest.approx(2.0**2 + 3.0**2)  # means (2, 3) vs (0, 0)
+    base, _ = build_loss(LossConfig(name="ns")).generator_loss(models(d, fake), real, torch.zeros(2))
+    assert (loss - base).item() == pytest.approx(2.0 * 13.0)
+
+
+def test_historical_average_penalises_distance_from_the_running_mean():
+    net = nn.Linear(2, 1, bias=False)
+    history = HistoricalAverage()
+    assert history.penalty(net).item() == 0.0  # no history yet
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[1.0, 1.0]]))
+    history.update(net)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[3.0, 1.0]]))
+    assert history.penalty(net).item() == pytest.approx(4.0)
+    history.update(net)  # mean of (1, 1) and (3, 1)
+    assert history.mean[0].tolist() == [[2.0, 1.0]]
+    restored = HistoricalAverage()
+    restored.load_state_dict(history.state_dict())
+    assert restored.penalty(net).item() == pytest.approx(1.0) and restored.count == 2
+
+
+def test_vae_terms_train_the_encoder_through_the_generator_loss():
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mu = nn.Linear(2, 3)
+
+        def forward(self, x):
+            return self.mu(x), torch.zeros(len(x), 3)
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.out = nn.Linear(3, 2)
+
+        def forward(self, z, labels=None):
+            return self.out(z)
+
+    torch.manual_seed(0)
+    d, encoder, decoder = Linear([1.0, -1.0]), Encoder(), Decoder()
+    view = Models(G=decoder, D=d, D_frozen=d, D_penalty=d, E=encoder, z_dim=3, num_classes=0)
+    loss = build_loss(LossConfig(name="ns", kl_weight=1.0, recon_weight=1.0))
+    total, stats = loss.generator_loss(view, torch.randn(8, 2), torch.zeros(8))
+    assert stats["kl"].item() > 0 and stats["recon"].item() > 0
+    total.backward()
+    assert encoder.mu.weight.grad.abs().sum() > 0 and decoder.out.weight.grad.abs().sum() > 0
+    d_loss, d_stats = loss.discriminator_loss(view, torch.randn(8, 2), torch.zeros(8))
+    assert torch.isfinite(d_loss)
+
+
+def test_conditional_models_reject_unlabelled_data():
+    from dist_gan.data import DataError
+
+    d = Linear([1.0, 1.0])
+    view = Models(G=Constant(torch.zeros(2, 2)), D=d, D_frozen=d, D_penalty=d, E=None, z_dim=3,
+                  num_classes=10)
+    with pytest.raises(DataError, match="num_classes=10 needs a label"):
+        build_loss(LossConfig(name="hinge")).discriminator_loss(view, torch.zeros(2, 2), torch.tensor([-1, -1]))

@@ -6,16 +6,18 @@ from dist_gan.models import build_discriminator, build_generator
 from dist_gan.models.dcgan import stage_plan
 
 
-def make(arch, resolution, channels, norm_g="batch", norm_d="none", sn=False):
+def make(arch, resolution, channels, norm_g="batch", norm_d="none", sn=False, num_classes=0,
+         mbstd=False, cell="gru"):
     config = Config()
     config.data.resolution, config.data.channels = resolution, channels
-    config.model.z_dim = 32
-    config.model.generator = NetConfig(arch=arch, width=8, norm=norm_g, spectral_norm=sn)
-    config.model.discriminator = NetConfig(arch=arch, width=8, norm=norm_d, spectral_norm=sn)
+    config.model.z_dim, config.model.num_classes = 32, num_classes
+    config.model.generator = NetConfig(arch=arch, width=8, norm=norm_g, spectral_norm=sn, cell=cell)
+    config.model.discriminator = NetConfig(arch=arch, width=8, norm=norm_d, spectral_norm=sn,
+                                           mbstd=mbstd, cell=cell)
     return build_generator(config), build_discriminator(config)
 
 
-@pytest.mark.parametrize("arch", ["dcgan", "mlp"])
+@pytest.mark.parametrize("arch", ["dcgan", "mlp", "rnn"])
 @pytest.mark.parametrize("resolution,channels", [(28, 1), (32, 3), (64, 3)])
 def test_shapes(arch, resolution, channels):
     G, D = make(arch, resolution, channels)
@@ -46,7 +48,7 @@ def test_spectral_norm_bounds_each_layer():
     D.train()
     for _ in range(30):  # power iterations converge during forward passes
         D(torch.randn(2, 1, 28, 28))
-    head = D.head
+    head = D.head.linear
     assert hasattr(head, "parametrizations")
     sigma = torch.linalg.matrix_norm(head.weight.detach(), ord=2)
     assert sigma.item() == pytest.approx(1.0, rel=0.05)
@@ -61,3 +63,60 @@ def test_shipped_config_networks_build():
     config = load_config("configs/mnist_dcgan.yaml")
     G, D = build_generator(config), build_discriminator(config)
     assert D(G(torch.randn(2, config.model.z_dim))).shape == (2,)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_rnn_generator_emits_rows_and_discriminator_reads_them(cell):
+    G, D = make("rnn", 28, 1, cell=cell)
+    images = G(torch.randn(3, 32))
+    assert images.shape == (3, 1, 28, 28)
+    logits, features = D(images, return_features=True)
+    assert logits.shape == (3,) and features.shape == (3, 32)  # hidden = 4 x width
+    logits.sum().backward()
+    assert all(p.grad is not None for p in G.parameters())
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "mlp", "rnn"])
+def test_conditional_generator_and_projection_discriminator_use_the_label(arch):
+    torch.manual_seed(0)
+    G, D = make(arch, 28, 1, num_classes=10)
+    z = torch.randn(4, 32).repeat(2, 1)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    G.eval()
+    images = G(z, labels)
+    assert not torch.allclose(images[:4], images[4:])  # same z, other class: another image
+    with torch.no_grad():  # projection: the logit moves with <embed(y), features>
+        D.head.embed.weight.normal_()
+    x = torch.randn(2, 1, 28, 28)
+    assert not torch.allclose(D(x, torch.tensor([0, 0])), D(x, torch.tensor([1, 1])))
+    with pytest.raises(ValueError, match="class-conditional"):
+        G(z)
+
+
+def test_minibatch_stddev_feature_sees_the_batch():
+    from dist_gan.models.base import minibatch_stddev
+
+    same = torch.ones(8, 5)
+    varied = torch.randn(8, 5)
+    assert minibatch_stddev(same).shape == (8, 1)
+    assert minibatch_stddev(same).max() < 1e-3 < minibatch_stddev(varied).min()
+    assert minibatch_stddev(torch.randn(6, 5)).shape == (6, 1)  # group size divides the batch
+    # with the feature, sample 0's logit depends on the rest of its batch; without, it does not
+    x = torch.randn(4, 1, 28, 28)
+    alike = torch.cat([x[:1]] * 4)
+    for mbstd in (True, False):
+        _, D = make("dcgan", 28, 1, mbstd=mbstd)
+        if mbstd:
+            with torch.no_grad():
+                D.head.linear.weight[0, -1] = 1.0  # the weight of the stddev feature
+        assert torch.allclose(D(x)[0], D(alike)[0], atol=1e-6) != mbstd
+
+
+def test_encoder_gives_a_posterior_per_image():
+    from dist_gan.models import build_encoder
+
+    config = load_config("configs/mnist_wgangp.yaml", {"model.encoder.arch": "dcgan",
+                                                        "model.encoder.width": 8})
+    mu, logvar = build_encoder(config)(torch.randn(3, 1, 28, 28))
+    assert mu.shape == logvar.shape == (3, config.model.z_dim)
+    assert build_encoder(load_config("configs/mnist_wgangp.yaml")) is None

@@ -122,13 +122,20 @@ def test_kill9_after_a_checkpoint_then_resume_is_bit_exact(tmp_path, data):
     run_cli(train_args("mnist_dcgan", tmp_path / "straight", data, *common))
     killed = tmp_path / "killed"
     proc = start_cli(train_args("mnist_dcgan", killed, data, *common), log=tmp_path / "killed.log")
-    wait_for(lambda: (killed / "checkpoints" / "step_00000030" / "manifest.json").is_file(), 300,
-             "the step-30 checkpoint", proc)
-    time.sleep(random.uniform(0.0, 1.5))
+    target = random.choice([35, 40, 45])  # a random point between the step-30 checkpoint and the end
+
+    def logged_step() -> int:
+        steps = [r["step"] for r in read_metrics(killed) if "loss_D" in r] if (
+            killed / "metrics.jsonl").is_file() else []
+        return max(steps, default=0)
+
+    wait_for(lambda: logged_step() >= target, 300, f"step {target}", proc, interval=0.002)
+    time.sleep(random.uniform(0.0, 0.05))
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    assert not (killed / "checkpoints" / "step_00000060").exists()
+    assert (killed / "checkpoints" / "step_00000030").is_dir()
+    assert not (killed / "checkpoints" / "step_00000060").exists(), "the run ended before the kill"
     run_cli(train_args("mnist_dcgan", killed, data, *common, "--train.resume=auto"))
     assert events(killed, "start")[-1]["resumed_from"].endswith("step_00000030")
     assert_same_weights(tmp_path / "straight" / "checkpoints" / "step_00000060",

@@ -1,23 +1,37 @@
-"""Networks by name. Adding one: a class taking (NetConfig, z_dim, resolution, channels), one line below."""
+"""Networks by name. Adding one: a class taking (NetConfig, z_dim, resolution, channels, num_classes),
+following the conventions in ``models/base.py``, and one line below."""
 
 from __future__ import annotations
 
 import torch.nn as nn
 
-from dist_gan.config import Config
-from dist_gan.models.dcgan import DCGANDiscriminator, DCGANGenerator
+from dist_gan.config import Config, NetConfig
+from dist_gan.models.dcgan import DCGANDiscriminator, DCGANEncoder, DCGANGenerator
 from dist_gan.models.mlp import MLPDiscriminator, MLPGenerator
+from dist_gan.models.rnn import RNNDiscriminator, RNNGenerator
 
-GENERATORS: dict[str, type[nn.Module]] = {"dcgan": DCGANGenerator, "mlp": MLPGenerator}
-DISCRIMINATORS: dict[str, type[nn.Module]] = {"dcgan": DCGANDiscriminator, "mlp": MLPDiscriminator}
+GENERATORS: dict[str, type[nn.Module]] = {"dcgan": DCGANGenerator, "mlp": MLPGenerator,
+                                          "rnn": RNNGenerator}
+DISCRIMINATORS: dict[str, type[nn.Module]] = {"dcgan": DCGANDiscriminator, "mlp": MLPDiscriminator,
+                                              "rnn": RNNDiscriminator}
+ENCODERS: dict[str, type[nn.Module]] = {"dcgan": DCGANEncoder}  # model.encoder.arch "none": no encoder
+
+
+def _build(registry: dict, net: NetConfig, config: Config) -> nn.Module:
+    return registry[net.arch](net, config.model.z_dim, config.data.resolution, config.data.channels,
+                              config.model.num_classes)
 
 
 def build_generator(config: Config) -> nn.Module:
-    net = config.model.generator
-    return GENERATORS[net.arch](net, config.model.z_dim, config.data.resolution, config.data.channels)
+    return _build(GENERATORS, config.model.generator, config)
 
 
 def build_discriminator(config: Config) -> nn.Module:
-    net = config.model.discriminator
-    return DISCRIMINATORS[net.arch](net, config.model.z_dim, config.data.resolution,
-                                    config.data.channels)
+    return _build(DISCRIMINATORS, config.model.discriminator, config)
+
+
+def build_encoder(config: Config) -> nn.Module | None:
+    """The VAE-GAN encoder, or None when ``model.encoder.arch`` is "none"."""
+    if config.model.encoder.arch == "none":
+        return None
+    return _build(ENCODERS, config.model.encoder, config)

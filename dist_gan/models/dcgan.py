@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from dist_gan.config import NetConfig
+from dist_gan.models.base import ConditionalInput, Discriminator, DiscriminatorHead
 from dist_gan.models.layers import add_spectral_norm, dcgan_init, norm_2d
 
 
@@ -27,11 +28,13 @@ def stage_plan(resolution: int, width: int) -> tuple[int, list[int]]:
 
 
 class DCGANGenerator(nn.Module):
-    def __init__(self, cfg: NetConfig, z_dim: int, resolution: int, channels: int):
+    def __init__(self, cfg: NetConfig, z_dim: int, resolution: int, channels: int,
+                 num_classes: int = 0):
         super().__init__()
         self.z_dim = z_dim
+        self.condition = ConditionalInput(z_dim, num_classes)
         self.base, widths = stage_plan(resolution, cfg.width)
-        self.project = nn.Linear(z_dim, widths[0] * self.base * self.base)
+        self.project = nn.Linear(self.condition.out_dim, widths[0] * self.base * self.base)
         layers: list[nn.Module] = [nn.Unflatten(1, (widths[0], self.base, self.base)),
                                    norm_2d(cfg.norm, widths[0]), nn.ReLU(inplace=True)]
         for c_in, c_out in zip(widths, widths[1:]):
@@ -43,24 +46,42 @@ class DCGANGenerator(nn.Module):
         if cfg.spectral_norm:
             add_spectral_norm(self)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.body(self.project(z))
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.body(self.project(self.condition(z, labels)))
 
 
-class DCGANDiscriminator(nn.Module):
-    def __init__(self, cfg: NetConfig, z_dim: int, resolution: int, channels: int):
+def conv_features(cfg: NetConfig, resolution: int, channels: int) -> tuple[nn.Sequential, int]:
+    """DCGAN's strided-conv stack, images -> flat features, and the feature count."""
+    base, widths = stage_plan(resolution, cfg.width)
+    widths = widths[::-1]  # largest map first
+    layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, True)]
+    for c_in, c_out in zip(widths, widths[1:]):
+        layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=cfg.norm == "none"),
+                   norm_2d(cfg.norm, c_out), nn.LeakyReLU(0.2, True)]
+    return nn.Sequential(*layers, nn.Flatten()), widths[-1] * base * base
+
+
+class DCGANDiscriminator(Discriminator):
+    def __init__(self, cfg: NetConfig, z_dim: int, resolution: int, channels: int,
+                 num_classes: int = 0):
         super().__init__()
-        base, widths = stage_plan(resolution, cfg.width)
-        widths = widths[::-1]  # largest map first
-        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, True)]
-        for c_in, c_out in zip(widths, widths[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=cfg.norm == "none"),
-                       norm_2d(cfg.norm, c_out), nn.LeakyReLU(0.2, True)]
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(widths[-1] * base * base, 1)
+        self.body, features = conv_features(cfg, resolution, channels)
+        self.head = DiscriminatorHead(features, num_classes, cfg.mbstd)
         dcgan_init(self)
         if cfg.spectral_norm:
             add_spectral_norm(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).flatten(1)).squeeze(1)
+
+class DCGANEncoder(nn.Module):
+    """VAE-GAN's encoder: the discriminator's conv stack, then the posterior's mean and log-variance."""
+
+    def __init__(self, cfg: NetConfig, z_dim: int, resolution: int, channels: int,
+                 num_classes: int = 0):
+        super().__init__()
+        self.body, features = conv_features(cfg, resolution, channels)
+        self.posterior = nn.Linear(features, 2 * z_dim)
+        dcgan_init(self)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.posterior(self.body(x)).chunk(2, dim=1)
+        return mu, logvar.clamp(-30.0, 20.0)

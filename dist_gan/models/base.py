@@ -1,0 +1,73 @@
+"""What every generator, discriminator and encoder shares: the calling conventions the losses use.
+
+- Generator: ``G(z, labels=None) -> images``; ``G.z_dim``. A class-conditional generator
+  (``model.num_classes > 0``) joins a learned label embedding to z (``ConditionalInput``).
+- Discriminator: ``D(x, labels=None, return_features=False) -> logits`` (and, when asked, the last
+  hidden features, which feature matching and the VAE-GAN reconstruction use). Subclasses provide
+  ``self.body`` (images -> (N, F)); ``DiscriminatorHead`` turns features into logits, with the class
+  projection of Miyato & Koyama (2018) when conditional and the minibatch standard-deviation feature
+  when ``mbstd`` is set.
+- Encoder (VAE-GAN): ``E(x) -> (mu, logvar)``, each (N, z_dim).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class ConditionalInput(nn.Module):
+    """z, or z joined with a learned embedding of the class label."""
+
+    def __init__(self, z_dim: int, num_classes: int):
+        super().__init__()
+        self.embed = nn.Embedding(num_classes, z_dim) if num_classes else None
+        self.out_dim = 2 * z_dim if num_classes else z_dim
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if self.embed is None:
+            return z
+        if labels is None:
+            raise ValueError("this generator is class-conditional (model.num_classes > 0): pass labels")
+        return torch.cat([z, self.embed(labels)], 1)
+
+
+def minibatch_stddev(features: torch.Tensor, group: int = 4) -> torch.Tensor:
+    """One feature per sample: the standard deviation of each feature over its group of samples,
+    averaged (Karras et al. 2018's simplification of Salimans et al.'s minibatch discrimination).
+    A discriminator that sees it can tell a batch of near-identical fakes from a varied real batch."""
+    n = features.shape[0]
+    g = max(d for d in range(1, min(group, n) + 1) if n % d == 0)
+    grouped = features.float().view(g, n // g, -1)  # sample i is in group i % (n // g)
+    std = grouped.var(0, unbiased=False).add(1e-8).sqrt().mean(1)  # (n // g,)
+    return std.repeat(g).unsqueeze(1).to(features.dtype)
+
+
+class DiscriminatorHead(nn.Module):
+    def __init__(self, features: int, num_classes: int = 0, mbstd: bool = False):
+        super().__init__()
+        self.mbstd = mbstd
+        self.linear = nn.Linear(features + int(mbstd), 1)
+        self.embed = nn.Embedding(num_classes, features) if num_classes else None
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        x = torch.cat([h, minibatch_stddev(h)], 1) if self.mbstd else h
+        logits = self.linear(x).squeeze(1)
+        if self.embed is not None:
+            if labels is None:
+                raise ValueError("this discriminator is class-conditional: pass labels")
+            logits = logits + (self.embed(labels) * h).sum(1)
+        return logits
+
+
+class Discriminator(nn.Module):
+    """Base of the discriminators: ``self.body`` and ``self.head`` come from the subclass."""
+
+    body: nn.Module
+    head: DiscriminatorHead
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
+                return_features: bool = False):
+        h = self.body(x)
+        logits = self.head(h, labels)
+        return (logits, h) if return_features else logits
