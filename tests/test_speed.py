@@ -40,7 +40,7 @@ def baseline() -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("overrides", [
-    {"speed.channels_last": True},
+    {"speed.channels_last": False},
     {"speed.adam_impl": "for_loop"},
     {"speed.adam_impl": "foreach"},
     {"speed.adam_impl": "fused"},
