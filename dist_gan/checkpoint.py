@@ -136,10 +136,20 @@ def save_checkpoint(accelerators: dict[str, Accelerator], run_dir: str | Path, s
             shutil.rmtree(final)
         os.replace(staging, final)
         _fsync_dir(final.parent)
-        for old in list_checkpoints(run_dir)[: -config.run.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(run_dir, config.run.keep_last)
     main.wait_for_everyone()
     return final
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` (>= 1) complete checkpoints; return what was deleted.
+
+    Only complete checkpoints count and only they are deleted, so the newest complete one survives
+    whatever else lies there (interrupted saves are cleaned up by ``remove_stale_staging``)."""
+    doomed = list_checkpoints(run_dir)[: -max(keep_last, 1)]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed
 
 
 def read_manifest(path: Path) -> dict:

@@ -176,15 +176,21 @@ def _grad_norm(accelerator: Accelerator, model: nn.Module, max_norm: float,
     """Clip to ``max_norm`` when it is set; return the pre-clip norm when clipping or measuring.
 
     Under DeepSpeed the engine clips (``gradient_clipping``) and steps inside ``backward``; this then
-    reads the norm it computed.
+    reads the norm it computed. Without clipping or a grad scaler the norm is read directly (no
+    clip pass over the gradients, which costs as much again).
     """
     if uses_deepspeed(accelerator):
         if not measure:
             return None
         norm = accelerator.clip_grad_norm_(model.parameters(), math.inf)
         return torch.as_tensor(float("nan") if norm is None else float(norm))
-    if max_norm > 0 or measure:
+    if max_norm > 0 or (measure and accelerator.scaler is not None):  # the scaler must unscale first
         return accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    if measure:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=accelerator.device)
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     return None
 
 
@@ -233,7 +239,8 @@ def train_step(nets: Nets, loss: GANLoss, data: BatchStream, config: Config,
         nets.opt_D.zero_grad(set_to_none=set_to_none)
         ok, d_norm = _update(nets.acc_D, [nets.D], [nets.opt_D], d_loss, config, measure)
         applied &= ok
-        loss.after_discriminator_step(nets.D_raw)
+        if ok:
+            loss.after_discriminator_step(nets.D_raw)
         for name, value in d_stats.items():
             d_totals[name] = d_totals.get(name, 0.0) + value
     stats = {name: total / config.optim.n_critic for name, total in d_totals.items()}
@@ -248,7 +255,8 @@ def train_step(nets: Nets, loss: GANLoss, data: BatchStream, config: Config,
         optimizer.zero_grad(set_to_none=set_to_none)
     ok, g_norm = _update(nets.acc_G, g_modules, g_optimizers, g_loss, config, measure)
     applied &= ok
-    loss.after_generator_step(nets.G_raw)
+    if ok:
+        loss.after_generator_step(nets.G_raw)
     nets.D_raw.requires_grad_(True)
     for scheduler in nets.schedulers().values():
         scheduler.step()
