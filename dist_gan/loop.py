@@ -137,7 +137,9 @@ def build_nets(config: Config, acc_G: Accelerator, acc_D: Accelerator | None = N
     acc_D = acc_D or acc_G
     set_seed(config.run.seed)  # the same initial weights on every rank
     G, D = build_generator(config), build_discriminator(config)
-    if config.speed.channels_last:
+    deepspeed = uses_deepspeed(acc_G)
+    # DeepSpeed flattens parameters through views that need the standard contiguous layout.
+    if config.speed.channels_last and not deepspeed:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     opt, impl = config.optim, config.speed.adam_impl
     opt_G = build_adam(G.parameters(), opt.g_lr, opt.betas, impl)
@@ -147,7 +149,6 @@ def build_nets(config: Config, acc_G: Accelerator, acc_D: Accelerator | None = N
     E = build_encoder(config)
     opt_E = build_adam(E.parameters(), opt.g_lr, opt.betas, impl) if E is not None else None
     sched_E = build_schedule(opt_E, opt, config.train.max_steps) if E is not None else None
-    deepspeed = uses_deepspeed(acc_G)
     if deepspeed:
         acc_G.state.select_deepspeed_plugin("G")
     if E is not None:  # G first: its weights keep the name model.safetensors

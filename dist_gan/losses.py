@@ -218,12 +218,13 @@ class GANLoss:
             stats["feature_matching"] = matching.detach()
         if m.E is not None:
             z_post, mu, logvar = self.encode(m, real)
-            kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).mean()  # per latent dimension
+            # per image, summed over latent dimensions and features as in Larsen et al.
+            kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1).mean()
             with self.autocast():
                 recon_features = m.D_frozen(m.G(z_post, labels), labels, return_features=True)[1]
                 # the reconstruction also plays the game, for G only (no GAN gradient into E)
                 recon_logits = m.D_frozen(m.G(z_post.detach(), labels), labels)
-            recon = F.mse_loss(recon_features.float(), real_features)
+            recon = 0.5 * (recon_features.float() - real_features).pow(2).sum(1).mean()
             loss = (loss + 0.5 * self.g_objective(recon_logits.float()) + cfg.kl_weight * kl
                     + cfg.recon_weight * recon)
             stats.update(kl=kl.detach(), recon=recon.detach())

@@ -17,12 +17,16 @@ import torch.nn as nn
 
 
 class ConditionalInput(nn.Module):
-    """z, or z joined with a learned embedding of the class label."""
+    """z, or z joined with a learned embedding of the class label.
+
+    The embedding has as many dimensions as there are classes (a learned one-hot), far fewer than z:
+    with as many as z it outweighed z and the generator drew one image per class.
+    """
 
     def __init__(self, z_dim: int, num_classes: int):
         super().__init__()
-        self.embed = nn.Embedding(num_classes, z_dim) if num_classes else None
-        self.out_dim = 2 * z_dim if num_classes else z_dim
+        self.embed = nn.Embedding(num_classes, num_classes) if num_classes else None
+        self.out_dim = z_dim + num_classes
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         if self.embed is None:
@@ -49,6 +53,11 @@ class DiscriminatorHead(nn.Module):
         self.mbstd = mbstd
         self.linear = nn.Linear(features + int(mbstd), 1)
         self.embed = nn.Embedding(num_classes, features) if num_classes else None
+        if self.embed is not None:
+            # Small, as Miyato & Koyama's: with N(0, 1) the projection term (a sum over every
+            # feature) dwarfs the linear one, D judges only "does x look like class y", and G learns
+            # one image per class, ignoring z.
+            nn.init.xavier_uniform_(self.embed.weight)
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         x = torch.cat([h, minibatch_stddev(h)], 1) if self.mbstd else h

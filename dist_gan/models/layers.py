@@ -32,9 +32,10 @@ def norm_1d(kind: str, features: int) -> nn.Module:
 
 
 def add_spectral_norm(module: nn.Module) -> nn.Module:
-    """Spectrally normalise the weight of every conv and linear layer in ``module``, in place."""
+    """Spectrally normalise the weight of every conv, linear and embedding layer (the projection
+    discriminator's class embedding, as Miyato & Koyama) in ``module``, in place."""
     for child in list(module.modules()):
-        if isinstance(child, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        if isinstance(child, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
             spectral_norm(child)
     return module
 
