@@ -89,7 +89,7 @@ def test_conditional_samples_are_of_the_requested_class(tmp_path, data, referenc
 
     run = tmp_path / "cgan"
     run_cli(["dist_gan.train", "configs/mnist_cgan.yaml", f"--run.dir={run}", *data,
-             "--train.max_steps=200", "--run.ckpt_every=200", "--model.generator.width=32",
+             "--train.max_steps=500", "--run.ckpt_every=500", "--model.generator.width=32",
              "--model.discriminator.width=32", "--run.log_every=50"])
     classifier, _ = reference_classifier
     generator, _ = load_generator(run)
