@@ -200,18 +200,19 @@ def _update(accelerator: Accelerator, models: list[nn.Module], optimizers: list[
     """Backward and optimiser step for one side of the game (D; or G with any networks trained
     with it); returns (applied, the first network's pre-clip grad norm).
 
-    With ``train.skip_nonfinite`` the update is skipped when the loss is NaN/inf on any rank (checked
-    before backward, as DeepSpeed steps inside it) or, without a grad scaler, when the all-reduced
-    gradient norm is: every rank sees the same norm, so every rank skips alike. An fp16 scaler's own
-    inf/NaN skips are routine and left to it.
+    With ``train.skip_nonfinite`` the update is skipped when the all-reduced gradient norm is NaN/inf:
+    every rank sees the same norm (a NaN loss on one rank makes every rank's gradients NaN), so
+    every rank skips alike without a collective of its own. Where that cannot work (DeepSpeed steps
+    inside ``backward``; an fp16 scaler skips inf/NaN gradients itself, routinely) the loss is checked
+    on all ranks before backward instead.
     """
     guard = config.train.skip_nonfinite
-    if guard and _any_rank(accelerator, not bool(torch.isfinite(loss.detach()))):
+    check_grads = guard and accelerator.scaler is None and not uses_deepspeed(accelerator)
+    if guard and not check_grads and _any_rank(accelerator, not bool(torch.isfinite(loss.detach()))):
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         return False, None
     accelerator.backward(loss)
-    check_grads = guard and accelerator.scaler is None and not uses_deepspeed(accelerator)
     norms = [_grad_norm(accelerator, model, config.optim.grad_clip, measure or check_grads)
              for model in models]
     if check_grads and not all(bool(torch.isfinite(norm)) for norm in norms):
