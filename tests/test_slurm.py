@@ -6,58 +6,21 @@ started once for the module by tests/slurm/cluster.sh and its daemons are stoppe
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from conftest import FAST, REPO, read_metrics, wait_for
+from conftest import read_metrics, wait_for
+from slurm_cluster import preempt_and_release, run_cluster, squeue_state, submit
 
 pytestmark = pytest.mark.slow
-CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    """Environment for Slurm commands talking to a cluster started for this module."""
-    if os.geteuid() != 0:
-        pytest.skip("a test Slurm cluster needs root (slurmd, munged as the munge user)")
-    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(b) is None]
-    if missing:
-        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing): "
-                    "bash tests/slurm/cluster.sh install")
-    state = tmp_path_factory.mktemp("slurm")
-    started = subprocess.run(["bash", str(CLUSTER), "start", str(state)], capture_output=True, text=True,
-                             timeout=120)
-    env = dict(os.environ, SLURM_CONF=str(state / "slurm.conf"), OMP_NUM_THREADS="1",
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        yield env
-    finally:
-        subprocess.run(["bash", str(CLUSTER), "stop", str(state)], timeout=120)
-
-
-def squeue_state(env: dict, job: str) -> str:
-    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], env=env, capture_output=True,
-                         text=True)
-    return out.stdout.strip()
-
-
-def submit(env: dict, tmp_path: Path, run_dir: Path, mnist_dir: Path, *overrides: str) -> tuple[str, Path]:
-    log_pattern = tmp_path / "%x-%j.log"
-    out = subprocess.run(
-        ["sbatch", "--parsable", f"--output={log_pattern}", "slurm/train.sbatch",
-         "configs/mnist_wgangp.yaml", "--data.format=memory", f"--data.mnist_dir={mnist_dir}",
-         *FAST, *overrides],
-        cwd=REPO, env=dict(env, RUN_DIR=str(run_dir)), capture_output=True, text=True, check=True)
-    job = out.stdout.strip().split(";")[0]
-    return job, tmp_path / f"dist_gan-{job}.log"
+    """Environment for Slurm commands talking to a one-node cluster started for this module."""
+    yield from run_cluster(tmp_path_factory, "start")
 
 
 def test_sbatch_trains_on_two_cpu_processes(slurm, tmp_path, mnist_dir):
@@ -78,12 +41,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path, mnist_dir):
     job, log = submit(slurm, tmp_path, run, mnist_dir, "--train.max_steps=150", "--run.ckpt_every=1000")
     wait_for(lambda: (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 3, 300,
              "the first log lines", interval=0.5)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
-    # Slurm holds a requeued job for about two minutes (BeginTime) so the old credential expires;
-    # once that has happened (a few seconds), release it early to keep the test short.
-    wait_for(lambda: squeue_state(slurm, job) == "PENDING BeginTime", 120, "the requeue", interval=0.5)
-    time.sleep(5)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
+    preempt_and_release(slurm, job)
     wait_for(lambda: squeue_state(slurm, job) == "", 400, "the requeued job to finish", interval=1)
 
     text = log.read_text()
