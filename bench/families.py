@@ -7,7 +7,8 @@ FID / KID / classifier IS / precision / recall / digits covered on 5,000 EMA sam
 reference classifier's features (with the real-test floor), and for the conditional model how often
 the reference classifier reads the requested digit. Writes OUT/families.{md,json} and the grids
 OUT/family_<name>.png (cgan: one row per digit; vaegan: also family_vaegan_recon.png, test images
-above their reconstructions).
+above their reconstructions). ``--families=rnngan`` re-measures one family and keeps the others'
+figures from an earlier OUT/families.json (each row records its date).
 """
 
 from __future__ import annotations
@@ -68,15 +69,15 @@ def measure(name: str, run_dir: Path, out: Path, args: argparse.Namespace) -> di
 
 def report(results: dict, args: argparse.Namespace) -> str:
     floor = next(iter(results.values()))["real test (floor)"]
-    lines = ["| family | steps | minutes | FID | FID / floor | KID | IS | precision | recall | "
-             "digits >= 5% | requested digit | samples |", "|" + "---|" * 12]
-    lines.append(f"| real MNIST test (floor) | | | {floor['fid']:.2f} | 1.00 | {floor['kid']:.2f} | "
+    lines = ["| family | measured | steps | minutes | FID | FID / floor | KID | IS | precision | recall | "
+             "digits >= 5% | requested digit | samples |", "|" + "---|" * 13]
+    lines.append(f"| real MNIST test (floor) | | | | {floor['fid']:.2f} | 1.00 | {floor['kid']:.2f} | "
                  f"{floor['is']:.2f} | {floor['precision']:.3f} | {floor['recall']:.3f} | "
                  f"{floor['classes_covered']:.0f} | | |")
     for name, r in results.items():
         g = r["generated"]
         accuracy = f"{r['class_accuracy']:.1%}" if "class_accuracy" in r else ""
-        lines.append(f"| mnist_{name} | {r['steps']} | {r['minutes']:.1f} | {g['fid']:.2f} | "
+        lines.append(f"| mnist_{name} | {r['date']} | {r['steps']} | {r['minutes']:.1f} | {g['fid']:.2f} | "
                      f"{g['fid'] / floor['fid']:.2f} | {g['kid']:.2f} | {g['is']:.2f} | "
                      f"{g['precision']:.3f} | {g['recall']:.3f} | {g['classes_covered']:.0f} | "
                      f"{accuracy} | ![{name}](family_{name}.png) |")
@@ -93,11 +94,14 @@ def main() -> None:
     parser.add_argument("--out", default="docs")
     args = parser.parse_args()
     out = Path(args.out)
-    results = {}
+    earlier = out / "families.json"
+    results = json.loads(earlier.read_text()) if earlier.is_file() else {}
     for name in args.families.split(","):
         run_dir = REPO / args.runs / name
         seconds = train(name, run_dir, args)
-        results[name] = {**measure(name, run_dir, out, args), "minutes": seconds / 60}
+        results[name] = {**measure(name, run_dir, out, args), "minutes": seconds / 60,
+                         "date": time.strftime("%Y-%m-%d")}
+    results = {name: results[name] for name in FAMILIES if name in results}
     table = report(results, args)
     print(table)
     (out / "families.md").write_text(table + "\n")

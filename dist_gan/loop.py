@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +142,9 @@ def build_nets(config: Config, acc_G: Accelerator, acc_D: Accelerator | None = N
     # DeepSpeed flattens parameters through views that need the standard contiguous layout.
     if config.speed.channels_last and not deepspeed:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+        # A conv weight with one input or output channel (grey images) has two valid stride patterns
+        # for the same memory; DDP warns when grad and bucket pick different ones. Nothing is wrong.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     opt, impl = config.optim, config.speed.adam_impl
     opt_G = build_adam(G.parameters(), opt.g_lr, opt.betas, impl)
     opt_D = build_adam(D.parameters(), opt.d_lr, opt.betas, impl)

@@ -64,6 +64,17 @@ def test_family_trains_on_two_processes(tmp_path, data, family):
     assert all(check.values()) and ({"G", "D", "E"} if family == "vaegan" else {"G", "D"}) == set(check)
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_recurrent_discriminator_trains_on_two_processes(tmp_path, data, cell):
+    """The RNN-GAN with the discriminator that reads the rows in order (not the config's default)."""
+    run = tmp_path / cell
+    train("rnngan", run, data, "--model.discriminator.arch=rnn", f"--model.discriminator.cell={cell}",
+          f"--model.generator.cell={cell}", "--train.max_steps=4", "--run.ckpt_every=4", launcher=CPU_DDP)
+    assert events(run, "start")[0]["world_size"] == 2
+    assert events(run, "checkpoint")[-1]["replicas_identical"] == {"G": True, "D": True}
+    assert all(r["loss_D"] is not None for r in read_metrics(run) if "loss_D" in r)
+
+
 def test_improved_gan_techniques_with_a_vaegan_resume_bit_exact(tmp_path, data):
     """Label smoothing, feature matching, minibatch stddev and historical averaging on the VAE-GAN
     (so the encoder and the averages are checkpointed too): 3 + 3 steps == 6 steps, bit for bit."""

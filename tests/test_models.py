@@ -71,7 +71,7 @@ def test_rnn_generator_emits_rows_and_discriminator_reads_them(cell):
     images = G(torch.randn(3, 32))
     assert images.shape == (3, 1, 28, 28)
     logits, features = D(images, return_features=True)
-    assert logits.shape == (3,) and features.shape == (3, 32)  # hidden = 4 x width
+    assert logits.shape == (3,) and features.shape == (3, 64)  # mean and last output, hidden = 4 x width
     logits.sum().backward()
     assert all(p.grad is not None for p in G.parameters())
 
