@@ -13,16 +13,19 @@ class EMA:
 
     The decay ramps up as min(decay, (1 + step) / (10 + step)) so early averages are not dominated
     by the random initialisation; buffers (BatchNorm statistics, spectral-norm vectors) are copied.
+    The average is kept in fp32 even when the live weights are bf16/fp16 (DeepSpeed's mixed
+    precision): in bf16 a step of (1 - decay) x the difference rounds away.
     """
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1.0 - decay)
+        live = [p.float() for p in model.parameters()]  # no copy when already fp32
+        torch._foreach_lerp_(list(self.model.parameters()), live, 1.0 - decay)
         for mine, theirs in zip(self.model.buffers(), model.buffers()):
             mine.copy_(theirs)
 

@@ -358,8 +358,23 @@ def _deepspeed_plugins(config: Config) -> dict:
         ds["gradient_accumulation_steps"] = 1
         ds["gradient_clipping"] = config.optim.grad_clip
         ds.pop("train_batch_size", None)
+        half = _deepspeed_half_precision(ds, config.train.mixed_precision
+                                         or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+        if half:
+            # DeepSpeed casts only the parameters to bf16/fp16; BatchNorm's running statistics and
+            # spectral norm's vectors must follow, or every such layer meets mixed dtypes.
+            ds.setdefault("data_types", {}).setdefault("buffer_dtype", half)
         plugins[name] = plugin
     return plugins
+
+
+def _deepspeed_half_precision(ds: dict, mixed_precision: str) -> str | None:
+    """"bf16" or "fp16" when this DeepSpeed config trains in it, else None ("auto" follows the run)."""
+    for key in ("bf16", "fp16"):
+        enabled = ds.get(key, {}).get("enabled", False)
+        if enabled is True or (enabled == "auto" and mixed_precision == key):
+            return key
+    return None
 
 
 def make_accelerators(config: Config) -> tuple[Accelerator, Accelerator]:

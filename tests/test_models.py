@@ -120,3 +120,31 @@ def test_encoder_gives_a_posterior_per_image():
     mu, logvar = build_encoder(config)(torch.randn(3, 1, 28, 28))
     assert mu.shape == logvar.shape == (3, config.model.z_dim)
     assert build_encoder(load_config("configs/mnist_wgangp.yaml")) is None
+
+
+def test_networks_with_bf16_weights_take_and_give_fp32():
+    """As DeepSpeed's bf16 leaves them: weights and buffers cast, inputs still fp32."""
+    config = load_config("configs/mnist_cgan.yaml")  # BatchNorm in G; spectral norm, projection in D
+    G, D = build_generator(config).to(torch.bfloat16), build_discriminator(config).to(torch.bfloat16)
+    z, labels = torch.randn(4, config.model.z_dim), torch.arange(4)
+    images = G(z, labels)
+    logits, features = D(images, labels, return_features=True)
+    assert images.dtype == logits.dtype == features.dtype == torch.float32
+    x = images.detach().requires_grad_(True)  # the penalty's path: a gradient w.r.t. fp32 inputs
+    (grad,) = torch.autograd.grad(D(x, labels).sum(), x)
+    assert grad.dtype == torch.float32 and grad.abs().sum() > 0
+    fp32 = build_generator(config)
+    assert fp32(z, labels).dtype == torch.float32  # fp32 weights: the hooks change nothing
+
+
+def test_ema_of_bf16_weights_is_kept_in_fp32():
+    from dist_gan.ema import EMA
+
+    live = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    ema = EMA(live, decay=0.999)
+    assert ema.model.weight.dtype == torch.float32
+    before = ema.model.weight.clone()
+    with torch.no_grad():
+        live.weight.add_(1.0)
+    ema.update(live, step=10_000)  # a 0.001 step: in bf16 it would round away
+    assert torch.allclose(ema.model.weight - before, torch.full_like(before, 0.001), atol=1e-4)

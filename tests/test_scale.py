@@ -4,6 +4,7 @@ resume, pre-emption signals, the divergence guard. All real processes on CPU (gl
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 import socket
@@ -90,6 +91,37 @@ def test_deepspeed_zero_trains_both_nets_with_the_gradient_penalty(tmp_path, dat
                     "--num_processes", "1"], env=env, check=False)
     assert proc.returncode != 0
     assert "written by 2 DeepSpeed processes and this run has 1" in proc.stdout + proc.stderr
+
+
+def test_deepspeed_bf16_weights_with_batchnorm_spectral_norm_and_the_penalty(tmp_path, data):
+    """DeepSpeed's bf16 casts the weights themselves (not autocast): the networks take fp32 in and
+    give fp32 out, their buffers (BatchNorm statistics, spectral-norm vectors) follow the weights,
+    the EMA stays fp32, and the run checkpoints, resumes and samples. (fp16 under DeepSpeed needs a
+    GPU: DeepSpeed's CPU accelerator refuses it; bench/gpu_check.sh runs it.)"""
+    launcher = [*ACCELERATE, "--config_file", str(REPO / "launch" / "deepspeed_zero2.yaml"),
+                "--num_processes", "2"]
+    env = {"DS_ACCELERATOR": "cpu"}
+    run = tmp_path / "wgangp"  # BatchNorm in G, the gradient penalty's double backward through D
+    common = ["--train.mixed_precision=bf16", "--run.ckpt_every=3"]
+    run_cli(train_args("mnist_wgangp", run, data, *common, "--train.max_steps=3"), launcher, env=env)
+    run_cli(train_args("mnist_wgangp", run, data, *common, "--train.max_steps=6", "--train.resume=auto"),
+            launcher, env=env)
+    starts = events(run, "start")
+    assert [s["mixed_precision"] for s in starts] == ["bf16", "bf16"]
+    assert starts[1]["resumed_from"].endswith("step_00000003") and events(run, "end")[-1]["step"] == 6
+    logged = [r for r in read_metrics(run) if "loss_D" in r]
+    assert logged and all(math.isfinite(r["loss_D"]) and r["gp"] > 0 for r in logged)
+    ckpt = run / "checkpoints" / "step_00000006"
+    weights = torch.load(ckpt / "D" / "pytorch_model" / "mp_rank_00_model_states.pt", map_location="cpu",
+                         weights_only=False)["module"]
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.bfloat16}
+    ema = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)["ema"]
+    assert {v.dtype for v in ema.values() if v.is_floating_point()} == {torch.float32}
+    run_cli(["dist_gan.sample", str(run), "--n=4", f"--out={tmp_path / 'grid.png'}"])
+
+    cgan = tmp_path / "cgan"  # spectral norm and the class projection in D, hinge loss
+    run_cli(train_args("mnist_cgan", cgan, data, *common, "--train.max_steps=3"), launcher, env=env)
+    assert events(cgan, "checkpoint")[-1]["replicas_identical"] == {"G": True, "D": True}
 
 
 # --- two machines on one host ---------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from dist_gan.config import Config, NetConfig
 from dist_gan.models.dcgan import DCGANDiscriminator, DCGANEncoder, DCGANGenerator
+from dist_gan.models.layers import accept_fp32_io
 from dist_gan.models.mlp import MLPDiscriminator, MLPGenerator
 from dist_gan.models.rnn import RNNDiscriminator, RNNGenerator
 
@@ -18,8 +19,9 @@ ENCODERS: dict[str, type[nn.Module]] = {"dcgan": DCGANEncoder}  # model.encoder.
 
 
 def _build(registry: dict, net: NetConfig, config: Config) -> nn.Module:
-    return registry[net.arch](net, config.model.z_dim, config.data.resolution, config.data.channels,
-                              config.model.num_classes)
+    network = registry[net.arch](net, config.model.z_dim, config.data.resolution, config.data.channels,
+                                 config.model.num_classes)
+    return accept_fp32_io(network)
 
 
 def build_generator(config: Config) -> nn.Module:
