@@ -8,7 +8,7 @@
 # `bash bench/gpu_check_wheels.sh` here first (it fills .whl/, which the script installs from).
 # Steps: (1) the CUDA-marked tests; (2) fp32 vs bf16 vs fp16 step rates of both benchmark configs at
 # batch 256 and 1024, and DDP over NCCL with one process, with peak GPU memory; (3) DeepSpeed ZeRO-2
-# on one GPU (a real training run through launch/deepspeed_zero2.yaml); (4) the speed switches on the
+# on one GPU (real training runs through launch/deepspeed_zero2.yaml, bf16 and fp16); (4) the speed switches on the
 # GPU. Results go to $OUT (default /tmp/gpu_check); the summary table is the last thing printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,12 +21,13 @@ if [ -z "${GPU_CHECK_CPU_SMOKE:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH="$PYTHONPATH:/tmp/site" PATH="/tmp/site/bin:$PATH"
 fi
 if [ -n "${GPU_CHECK_CPU_SMOKE:-}" ]; then
-    # no fp16 (Accelerate refuses it without a GPU) and no compile (minutes of CPU compilation)
-    STEPS=1; ROUNDS=1; DS_STEPS=4; export DS_ACCELERATOR=cpu; PRECISION_DS=no; SPEED_BATCH=8
+    # no fp16 (Accelerate and DeepSpeed refuse it without a GPU) and no compile (minutes of CPU
+    # compilation)
+    STEPS=1; ROUNDS=1; DS_STEPS=4; export DS_ACCELERATOR=cpu; PRECISIONS_DS=bf16; SPEED_BATCH=8
     MATRIX_ARGS="--steps 1 --rounds 1 --batches 8,16 --precisions no,bf16"
     SPEED_ARGS="--options channels_last,adam_fused"
 else
-    STEPS=10; ROUNDS=3; DS_STEPS=60; PRECISION_DS=bf16; SPEED_BATCH=256
+    STEPS=10; ROUNDS=3; DS_STEPS=60; PRECISIONS_DS="bf16 fp16"; SPEED_BATCH=256
     MATRIX_ARGS="--steps 10 --rounds 3"
     SPEED_ARGS=""
 fi
@@ -47,25 +48,28 @@ $PY -m pytest -q -m cuda tests/ 2>&1 | tee "$OUT/cuda_tests.txt" | tail -15 || s
 step "2. step rates: precision x batch x config, and DDP over NCCL (one process)"
 $PY bench/step_throughput.py --gpu_matrix $MATRIX_ARGS --out "$OUT/gpu_steps.md" 2>&1 | tail -20 || status=1
 
-step "3. DeepSpeed ZeRO-2, one process, a real training run"
-rm -rf "$OUT/ds_run"
-timeout 300 $PY -m accelerate.commands.launch --config_file launch/deepspeed_zero2.yaml --num_processes 1 \
-    -m dist_gan.train configs/mnist_wgangp.yaml --data.format=memory --data.source=synthetic \
-    --train.mixed_precision=$PRECISION_DS --train.max_steps=$DS_STEPS --run.log_every=$((DS_STEPS / 2)) \
-    --run.ckpt_every=$DS_STEPS --run.sample_every=$DS_STEPS --run.dir="$OUT/ds_run" \
-    > "$OUT/deepspeed.log" 2>&1 || { status=1; tail -30 "$OUT/deepspeed.log"; }
-$PY - "$OUT" <<'PY' | tee "$OUT/deepspeed.md"
+step "3. DeepSpeed ZeRO-2, one process, real training runs (bf16; fp16 on a GPU)"
+rm -f "$OUT/deepspeed.md"
+for precision in $PRECISIONS_DS; do
+    rm -rf "$OUT/ds_run_$precision"
+    timeout 240 $PY -m accelerate.commands.launch --config_file launch/deepspeed_zero2.yaml --num_processes 1 \
+        -m dist_gan.train configs/mnist_wgangp.yaml --data.format=memory --data.source=synthetic \
+        --train.mixed_precision=$precision --train.max_steps=$DS_STEPS --run.log_every=$((DS_STEPS / 2)) \
+        --run.ckpt_every=$DS_STEPS --run.sample_every=$DS_STEPS --run.dir="$OUT/ds_run_$precision" \
+        > "$OUT/deepspeed_$precision.log" 2>&1 || { status=1; tail -30 "$OUT/deepspeed_$precision.log"; }
+    $PY - "$OUT/ds_run_$precision" <<'PY' | tee -a "$OUT/deepspeed.md"
 import json, sys
 from pathlib import Path
-run = Path(sys.argv[1]) / "ds_run"
+run = Path(sys.argv[1])
 records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()] if run.exists() else []
 start = next((r for r in records if r.get("event") == "start"), {})
 logs = [r for r in records if "imgs_per_sec" in r]
 ok = any(r.get("event") == "end" for r in records)
 print(f"| DeepSpeed ZeRO-2 mnist_wgangp | {start.get('distributed_type', '?')} | "
       f"{start.get('mixed_precision', '?')} | {logs[-1]['imgs_per_sec']:,.0f} real img/s | "
-      f"{'finished, checkpointed' if ok else 'FAILED'} |" if logs else "| DeepSpeed ZeRO-2 | FAILED |")
+      f"{'finished, checkpointed' if ok else 'FAILED'} |" if logs else f"| DeepSpeed ZeRO-2 {run.name} | FAILED |")
 PY
+done
 
 step "4. speed switches on this device"
 $PY bench/speed_options.py --configs mnist_wgangp,dcgan64_rgb --batch $SPEED_BATCH --steps $STEPS \

@@ -24,5 +24,5 @@ def test_gpu_check_script_runs_every_step_on_cpu(tmp_path):
     for config in ("mnist_wgangp", "dcgan64_rgb"):
         assert f"| {config} | 8 | bf16 |" in summary
         assert f"| {config} | 8 | no | DDP 1 (DistributedType.MULTI_CPU) |" in summary
-    assert "DistributedType.DEEPSPEED | no |" in summary and "finished, checkpointed" in summary
+    assert "DistributedType.DEEPSPEED | bf16 |" in summary and "finished, checkpointed" in summary
     assert "| channels_last |" in summary
