@@ -1,4 +1,4 @@
-"""One job on two Slurm nodes on this machine, pre-emption and requeue included.
+"""Jobs on two Slurm nodes on this machine: DDP with pre-emption and requeue, and DeepSpeed.
 
 tests/slurm/cluster.sh start2 runs each node's slurmd in a network namespace of its own, so the two
 ranks of the job meet over a (virtual) network, at the first node's NodeAddr, as on a cluster.
@@ -7,6 +7,7 @@ Skips, saying why, without root, Slurm or network namespaces.
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -54,3 +55,23 @@ def test_two_node_job_trains_preempts_requeues_and_resumes(two_nodes, tmp_path, 
     saved = [r for r in records if r.get("event") == "checkpoint"]
     assert saved and all(r["replicas_identical"] == {"G": True, "D": True} for r in saved)
     assert [r for r in records if r.get("event") == "end"][-1]["step"] == 120
+
+
+def test_two_node_deepspeed_job(two_nodes, tmp_path, mnist_dir):
+    """DeepSpeed ZeRO-2 in bf16 across the two nodes: one optimizer partition written per node."""
+    env = dict(two_nodes, PROFILE="launch/deepspeed_zero2.yaml", DS_ACCELERATOR="cpu")
+    run = tmp_path / "run"
+    job, log = submit(env, tmp_path, run, mnist_dir, "--train.max_steps=6", "--run.ckpt_every=6",
+                      "--train.mixed_precision=bf16", sbatch_args=("--nodes=2",))
+    wait_for(lambda: squeue_state(env, job) == "", 400, f"job {job} to finish", interval=1)
+    text = log.read_text()
+    assert "2 node(s) x 1 process(es), launch/deepspeed_zero2.yaml" in text, text[-3000:]
+    assert "training finished with status 0" in text, text[-3000:]
+    start = [r for r in read_metrics(run) if r.get("event") == "start"][0]
+    assert start["distributed_type"] == "DistributedType.DEEPSPEED" and start["world_size"] == 2
+    assert start["mixed_precision"] == "bf16"
+    manifest = json.loads((run / "checkpoints" / "step_00000006" / "manifest.json").read_text())
+    for net in ("G", "D"):
+        for rank in (0, 1):
+            partition = f"{net}/pytorch_model/bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+            assert partition in manifest["files"]
