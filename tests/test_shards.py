@@ -222,3 +222,51 @@ def test_verify_command_checks_sha256(tmp_path):
     shard.write_bytes(bytes(data))
     proc = run_cli(["dist_gan.data", "verify", pattern], check=False)
     assert proc.returncode != 0 and "train-000001.tar" in proc.stderr and "train-000000" not in proc.stderr
+
+
+def make_cifar10(root, per_batch=3):
+    """A tiny CIFAR-10 in the distributed python format: 5 train batches, a test batch, the meta file."""
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train = []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, per_batch)]
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, f)
+        if name != "test_batch":
+            train += [(label, row.tobytes()) for label, row in zip(labels, data)]
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship",
+             b"truck"]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names, b"num_vis": 3072}, f)
+    return train
+
+
+def test_cifar10_source_to_shards_and_back_exactly(tmp_path):
+    from conftest import run_cli
+
+    train = make_cifar10(tmp_path / "cifar")  # 15 training images
+    run_cli(["dist_gan.data", "prepare", "--source=cifar10", f"--root={tmp_path / 'cifar'}",
+             f"--out={tmp_path / 'shards'}", "--shard_size=4"])
+    manifest = json.loads((tmp_path / "shards" / MANIFEST).read_text())
+    assert manifest["splits"]["train"]["total"] == 15 and manifest["class_names"][9] == "truck"
+    assert (manifest["resolution"], manifest["channels"]) == (32, 3)
+    s = stream(str(tmp_path / "shards" / "train-{000000..000003}.tar"), resolution=32, channels=3,
+               batch_size=1, workers=0, shuffle_buffer=0)
+    seen = []
+    for _ in range(15):
+        x, y = s.next_batch()
+        pixels = ((x[0] + 1) * 127.5).round().to(torch.uint8)
+        seen.append((int(y), pixels.numpy().tobytes()))
+    assert Counter(seen) == Counter(train)  # CHW order, as CIFAR-10 stores it
+
+    (tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_3").unlink()
+    proc = run_cli(["dist_gan.data", "prepare", "--source=cifar10", f"--root={tmp_path / 'cifar'}",
+                    f"--out={tmp_path / 'again'}"], check=False)
+    assert proc.returncode != 0 and "data_batch_3 is missing" in proc.stderr

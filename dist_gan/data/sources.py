@@ -1,4 +1,4 @@
-"""Datasets as indexable sets of uint8 images: MNIST IDX files, CIFAR-10 via torchvision, a folder.
+"""Datasets as indexable sets of uint8 images: MNIST IDX files, CIFAR-10's batches, a folder.
 
 A source is one function ``(DataConfig) -> ImageSet`` registered in ``DATA_SOURCES``. ``ImageSet``
 items are ``(uint8 tensor C x H x W at the configured resolution and channels, int label)``; label -1
@@ -8,6 +8,7 @@ means the dataset has no classes. The shard writer and the in-memory stream both
 from __future__ import annotations
 
 import gzip
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -128,14 +129,44 @@ def mnist_source(cfg: DataConfig, split: str = "train") -> TensorImageSet:
                           [str(d) for d in range(10)])
 
 
-def cifar10_source(cfg: DataConfig, split: str = "train") -> TensorImageSet:
-    """CIFAR-10 through torchvision from (or downloaded into) ``cfg.root``."""
-    from torchvision.datasets import CIFAR10
+CIFAR10_FOLDER = "cifar-10-batches-py"  # the python version of CIFAR-10, as distributed
+CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
-    dataset = CIFAR10(cfg.root, train=split == "train", download=True)
-    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
-    return TensorImageSet(fit_images(images, cfg.resolution, cfg.channels),
-                          torch.tensor(dataset.targets, dtype=torch.int64), list(dataset.classes))
+
+def _read_cifar10_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except FileNotFoundError as err:
+        raise DataError(f"CIFAR-10 file {path} is missing ({CIFAR10_FOLDER}/ must hold "
+                        f"{CIFAR10_FILES['train'] + CIFAR10_FILES['test'] + ['batches.meta']})") from err
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        raise DataError(f"cannot read CIFAR-10 file {path}: {err}") from err
+
+
+def cifar10_source(cfg: DataConfig, split: str = "train") -> TensorImageSet:
+    """CIFAR-10 from ``cfg.root``/cifar-10-batches-py (the python version, as distributed); when that
+    folder is absent, torchvision downloads and checks it there first."""
+    folder = Path(cfg.root) / CIFAR10_FOLDER
+    if not folder.is_dir():
+        from torchvision.datasets import CIFAR10
+
+        CIFAR10(cfg.root, train=True, download=True)
+    images, labels = [], []
+    for name in CIFAR10_FILES[split]:
+        batch = _read_cifar10_pickle(folder / name)
+        try:
+            pixels = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            labels += list(batch[b"labels"])
+        except (KeyError, ValueError) as err:
+            raise DataError(f"{folder / name} is not a CIFAR-10 batch (data: N x 3072 uint8, "
+                            f"labels): {err!r}") from err
+        if len(pixels) != len(batch[b"labels"]):
+            raise DataError(f"{folder / name}: {len(pixels)} images but {len(batch[b'labels'])} labels")
+        images.append(torch.from_numpy(pixels))
+    names = [n.decode() for n in _read_cifar10_pickle(folder / "batches.meta")[b"label_names"]]
+    return TensorImageSet(fit_images(torch.cat(images), cfg.resolution, cfg.channels),
+                          torch.tensor(labels, dtype=torch.int64), names)
 
 
 class FolderImageSet:
