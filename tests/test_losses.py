@@ -176,3 +176,24 @@ def test_conditional_models_reject_unlabelled_data():
                   num_classes=10)
     with pytest.raises(DataError, match="num_classes=10 needs a label"):
         build_loss(LossConfig(name="hinge")).discriminator_loss(view, torch.zeros(2, 2), torch.tensor([-1, -1]))
+
+
+def test_linear_schedule_decays_to_zero_at_max_steps():
+    from dist_gan.config import OptimConfig
+    from dist_gan.loop import build_schedule
+
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([weight], lr=1e-3)
+    schedule = build_schedule(optimizer, OptimConfig(lr_schedule="linear"), max_steps=10)
+    seen = []
+    for _ in range(10):
+        seen.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert seen == pytest.approx([1e-3 * (1 - s / 10) for s in range(10)])
+    assert schedule.get_last_lr()[0] == 0.0
+    optimizer = torch.optim.Adam([weight], lr=1e-3)
+    constant = build_schedule(optimizer, OptimConfig(), max_steps=10)
+    optimizer.step()
+    constant.step()
+    assert constant.get_last_lr()[0] == 1e-3
