@@ -17,10 +17,12 @@
 set -euo pipefail
 
 install() {
-    command -v slurmctld >/dev/null && command -v munged >/dev/null && return 0
+    # iproute2 (ip) for the two-node cluster's network namespaces; nsenter is in util-linux
+    command -v slurmctld >/dev/null && command -v munged >/dev/null && command -v ip >/dev/null && return 0
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q slurmctld slurmd slurm-client munge >/dev/null 2>&1 \
-        || { apt-get update -q >/dev/null && apt-get install -y -q slurmctld slurmd slurm-client munge >/dev/null; }
+    local packages="slurmctld slurmd slurm-client munge iproute2"
+    apt-get install -y -q $packages >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null && apt-get install -y -q $packages >/dev/null; }
 }
 
 start() {
@@ -109,7 +111,10 @@ BRIDGE_ADDR=$NET_PREFIX.254
 make_network() {
     # A bridge in this namespace and, per node, a namespace joined to it by a veth pair. Exits with
     # status 3 when this machine does not allow it (no CAP_NET_ADMIN, no bridge or veth support).
-    local dir=$1 i
+    local dir=$1 i tool
+    for tool in ip nsenter; do
+        command -v "$tool" >/dev/null || { echo "cannot make network namespaces here: no $tool" >&2; exit 3; }
+    done
     # what a run that was killed before its teardown left behind (these names are ours)
     ip netns del dgan-n1 2>/dev/null || true; ip netns del dgan-n2 2>/dev/null || true
     ip link del dgan-br 2>/dev/null || true
