@@ -335,7 +335,7 @@ def _generate_grid(generator: nn.Module, fixed_z: torch.Tensor, num_classes: int
         rows = torch.arange(len(fixed_z), device=fixed_z.device) // 8
         labels = rows % num_classes
     with torch.no_grad():
-        images = generator(fixed_z.to(next(generator.parameters()).dtype), labels)
+        images = generator(fixed_z, labels)  # any weight dtype: see models.layers.accept_fp32_io
     generator.train(was_training)
     return images
 
