@@ -10,20 +10,28 @@ Layout of RUN_DIR/checkpoints/step_00000040/:
   trainer_state.pt       step, schedulers, EMA weights, each rank's data-stream position
                          (plain tensors and numbers: loads with torch.load(weights_only=True))
   config.yaml            the resolved config the checkpoint was made with
-  manifest.json          written last: every file with its size, the step, world size, backend
+  manifest.json          written last: every file with its size and CRC-32, the step, world size,
+                         backend, and ``healthy`` (no skipped non-finite update since the previous
+                         checkpoint, every weight finite): only a healthy checkpoint is a rollback target
 
 Every rank writes into ``step_N.tmp``; after a barrier rank 0 adds the rest, fsyncs it all, writes
 the manifest and renames the folder into place. A kill at any moment leaves either the old set of
 checkpoints or the new one; a folder without a manifest, or whose files disagree with it, is never
-loaded. The folder must be on storage every rank sees (a shared filesystem on a cluster).
+loaded; nor is one whose files fail their checksum (``resume=auto`` then takes the newest one that
+verifies). Pruning keeps the newest ``run.keep_last`` and always the newest healthy one. A save that
+fails (a full disk) removes its staging folder on every rank and raises one CheckpointError, so the
+previous checkpoint stays the newest complete one. The folder must be on storage every rank sees (a
+shared filesystem on a cluster).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 import torch
@@ -41,6 +49,9 @@ MANIFEST_FORMAT = "dist_gan.checkpoint/1"
 TRAINER_STATE = "trainer_state.pt"
 GENERATOR_WEIGHTS = "generator.safetensors"
 ENCODER_WEIGHTS = "encoder.safetensors"
+# Below this much free space a failed write is reported as a full disk (torch.save says only
+# "unexpected pos" when the disk fills under it).
+DISK_FULL_BYTES = 1 << 20
 # The parts of a config that decide tensor shapes: a checkpoint only loads into the same ones.
 SHAPE_KEYS = ("model", "data.resolution", "data.channels")
 
@@ -77,13 +88,45 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
-    """The checkpoint to load for ``train.resume`` (None, "auto" or a path), or None to start fresh."""
+    """The checkpoint to load for ``train.resume`` (None, "auto" or a path), or None to start fresh.
+
+    "auto" takes the newest checkpoint that verifies (files, sizes, checksums), logging each newer
+    one it skipped and why. A path is loaded as given (and refused if it does not verify).
+    """
     if resume is None:
         return None
     if resume == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
+        found = newest_verified(list_checkpoints(run_dir))
+        if found is None:
+            log.info("train.resume=auto: no complete checkpoint in %s; starting fresh",
+                     checkpoint_root(run_dir))
+        return found
     return find_checkpoint(resume)
+
+
+def newest_verified(candidates: list[Path]) -> Path | None:
+    """The last of ``candidates`` (oldest first) that passes ``read_manifest``; warns about the rest."""
+    for path in reversed(candidates):
+        try:
+            read_manifest(path)
+            return path
+        except CheckpointError as err:
+            log.warning("skipping checkpoint %s: %s", path, err)
+    return None
+
+
+def is_healthy(path: Path) -> bool:
+    """Whether checkpoint ``path`` was written with no non-finite update since the one before it
+    (checkpoints from before this flag existed count as healthy)."""
+    try:
+        return bool(json.loads((path / MANIFEST).read_text()).get("healthy", True))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def last_healthy(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint that is healthy and verifies: where a divergence rollback goes."""
+    return newest_verified([p for p in list_checkpoints(run_dir) if is_healthy(p)])
 
 
 def remove_stale_staging(run_dir: str | Path) -> None:
@@ -95,26 +138,38 @@ def remove_stale_staging(run_dir: str | Path) -> None:
 
 def save_checkpoint(accelerators: dict[str, Accelerator], run_dir: str | Path, step: int,
                     shared_state: dict, rank_state: dict, weights: dict[str, nn.Module],
-                    config: Config) -> Path:
-    """Save everything needed to continue at ``step``; then keep only the newest ``run.keep_last``.
+                    config: Config, healthy: bool = True) -> Path:
+    """Save everything needed to continue at ``step``; then keep only the newest ``run.keep_last``
+    (and the newest healthy one).
 
     ``accelerators`` maps a folder name to the Accelerator whose models it holds; ``shared_state`` is
     the loop state (same on every rank), ``rank_state`` this rank's own part (its data position);
     ``weights`` the plain networks to write as ``<name>.safetensors`` for sampling (the generator, and
-    the encoder of a VAE-GAN). Every rank must call this.
+    the encoder of a VAE-GAN); ``healthy`` whether this checkpoint may be a rollback target. Every
+    rank must call this; if any rank fails to write (a full disk), every rank raises CheckpointError
+    and the staging folder is removed.
     """
     main = next(iter(accelerators.values()))
     final = checkpoint_root(run_dir) / f"step_{step:08d}"
     staging = final.with_name(final.name + ".tmp")
-    if main.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    main.wait_for_everyone()
-    for name, accelerator in accelerators.items():
-        accelerator.save_state(str(staging / name))
+
+    def make_staging() -> None:
+        if main.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+
+    def save_states() -> None:
+        for name, accelerator in accelerators.items():
+            accelerator.save_state(str(staging / name))
+
+    _on_every_rank(main, make_staging, staging)
+    _on_every_rank(main, save_states, staging)
     rank_states = gather_object([rank_state])
     main.wait_for_everyone()
-    if main.is_main_process:
+
+    def finish_on_main() -> None:
+        if not main.is_main_process:
+            return
         from safetensors.torch import save_file
 
         for name, module in weights.items():
@@ -124,11 +179,12 @@ def save_checkpoint(accelerators: dict[str, Accelerator], run_dir: str | Path, s
                    staging / TRAINER_STATE)
         save_config(config, staging / "config.yaml")
         _fsync_tree(staging)
+        files = sorted(f for f in staging.rglob("*") if f.is_file())
         manifest = {
             "format": MANIFEST_FORMAT, "step": step, "world_size": main.num_processes,
-            "distributed_type": str(main.distributed_type),
-            "files": {str(f.relative_to(staging)): f.stat().st_size
-                      for f in sorted(staging.rglob("*")) if f.is_file()},
+            "distributed_type": str(main.distributed_type), "healthy": healthy,
+            "files": {str(f.relative_to(staging)): f.stat().st_size for f in files},
+            "crc32": {str(f.relative_to(staging)): file_crc32(f) for f in files},
         }
         _write_synced(staging / MANIFEST, json.dumps(manifest, indent=1))
         _fsync_dir(staging)
@@ -136,17 +192,69 @@ def save_checkpoint(accelerators: dict[str, Accelerator], run_dir: str | Path, s
             shutil.rmtree(final)
         os.replace(staging, final)
         _fsync_dir(final.parent)
+
+    _on_every_rank(main, finish_on_main, staging)
+    if main.is_main_process:
         prune_checkpoints(run_dir, config.run.keep_last)
     main.wait_for_everyone()
     return final
 
 
+def _on_every_rank(main: Accelerator, work, staging: Path) -> None:
+    """Run ``work`` on this rank; if it failed with an OSError on any rank, remove ``staging`` and
+    raise the same CheckpointError everywhere (no rank is left waiting in a barrier)."""
+    failure = None
+    try:
+        work()
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        failure = err
+    failures = [f for f in gather_object([_describe_failure(failure, staging)]) if f]
+    if failures:
+        if main.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        newest = list_checkpoints(staging.parent.parent)
+        raise CheckpointError(f"{failures[0]}; {newest[-1] if newest else 'no checkpoint'} stays the "
+                              "newest complete checkpoint") from failure
+
+
+def _describe_failure(err: Exception | None, staging: Path) -> str | None:
+    if err is None:
+        return None
+    full = getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(staging.parent).free < DISK_FULL_BYTES
+    if full:
+        return f"no space left on {_mount_point(staging)} while writing checkpoint {staging.name[:-4]}"
+    if isinstance(err, RuntimeError) and not isinstance(err, OSError) and "write" not in str(err).lower():
+        raise err  # not a failed write: a bug, with its traceback
+    return f"cannot write checkpoint {staging.name[:-4]}: {err}"
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path.parent != path:
+        path = path.parent
+    return path
+
+
+def file_crc32(path: Path) -> str:
+    """CRC-32 of a file as 8 hex digits (about 2 GB/s; docs/scale.md has the measured cost)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` (>= 1) complete checkpoints; return what was deleted.
+    """Delete all but the newest ``keep_last`` (>= 1) complete checkpoints and the newest healthy
+    one; return what was deleted.
 
     Only complete checkpoints count and only they are deleted, so the newest complete one survives
-    whatever else lies there (interrupted saves are cleaned up by ``remove_stale_staging``)."""
-    doomed = list_checkpoints(run_dir)[: -max(keep_last, 1)]
+    whatever else lies there (interrupted saves are cleaned up by ``remove_stale_staging``); the
+    newest healthy one survives a streak of unhealthy ones, so a rollback always has a target."""
+    found = list_checkpoints(run_dir)
+    healthy = [p for p in found if is_healthy(p)]
+    keep = set(found[-max(keep_last, 1):]) | set(healthy[-1:])
+    doomed = [p for p in found if p not in keep]
     for old in doomed:
         shutil.rmtree(old, ignore_errors=True)
     return doomed
@@ -165,12 +273,15 @@ def read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{manifest_file}: unknown format {manifest.get('format')!r} "
                               f"(expected {MANIFEST_FORMAT})")
     damaged = []
+    checksums = manifest.get("crc32", {})  # absent in checkpoints written before checksums
     for name, size in manifest["files"].items():
         file = path / name
         if not file.is_file():
             damaged.append(f"  {name}: missing")
         elif file.stat().st_size != size:
             damaged.append(f"  {name}: {file.stat().st_size} bytes, manifest says {size}")
+        elif name in checksums and file_crc32(file) != checksums[name]:
+            damaged.append(f"  {name}: CRC-32 {file_crc32(file)}, manifest says {checksums[name]}")
     if damaged:
         raise CheckpointError(f"checkpoint {path} is damaged:\n" + "\n".join(damaged))
     return manifest

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import sys
+
 import fire
 
-from dist_gan import evaluate, sample, train
+USAGE = """usage: dist-gan COMMAND [ARGS]
+
+  train CONFIG.yaml [--section.key=value ...]   train (see README: Train)
+  sample RUN_OR_CHECKPOINT [--n=64 --out=...]     write samples from a trained generator
+  evaluate RUN_OR_CHECKPOINT [...]                FID / KID / IS of a checkpoint
+
+`dist-gan COMMAND --help` shows a command's options."""
 
 
 def main() -> None:
+    if len(sys.argv) < 2:
+        sys.exit(USAGE)  # status 1: a script that forgot the command must not pass
+    from dist_gan import evaluate, sample, train
+
     fire.Fire({"train": train.main, "sample": sample.main, "evaluate": evaluate.main})
 
 

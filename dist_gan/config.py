@@ -38,6 +38,8 @@ class RunConfig:
                 found.append((name, getattr(self, name), "must be >= 1"))
         if not self.dir:
             found.append(("dir", self.dir, "must name a directory"))
+        elif Path(self.dir).exists() and not Path(self.dir).is_dir():
+            found.append(("dir", self.dir, "names a file, not a directory"))
         return found
 
 
@@ -309,9 +311,12 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        if raw is None:
+            raise ConfigError(f"{path} is empty: name at least one section (run: ..., data: ...), or "
+                              "give no config file to train on all defaults")
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     if overrides:
@@ -391,6 +396,11 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             return value
         raise fail("an integer")
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; a number is meant
+            try:
+                return float(value)
+            except ValueError:
+                raise fail("a number") from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise fail("a number")

@@ -12,10 +12,10 @@ first's state and only keeps its own model list, grad scaler and checkpoint fold
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,10 +27,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from dist_gan.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from accelerate.utils import gather_object
+
+from dist_gan import runlock
+from dist_gan.checkpoint import last_healthy, load_checkpoint, resolve_resume, save_checkpoint
 from dist_gan.config import Config, ConfigError, OptimConfig, SpeedConfig, save_config
 from dist_gan.data import BatchStream, build_batch_stream
 from dist_gan.ema import EMA
+from dist_gan.stop import PREEMPTED_EXIT_CODE, StopRequest
 from dist_gan.losses import GANLoss, Models, build_loss, eager
 from dist_gan.models import build_discriminator, build_encoder, build_generator
 from dist_gan.tracking import RunLogger
@@ -38,10 +42,6 @@ from dist_gan.tracking import RunLogger
 log = logging.getLogger(__name__)
 
 SAMPLE_GRID_SIZE = 64
-# Exit status of a run stopped by SIGUSR1/SIGTERM after saving its checkpoint: "requeue me"
-# (EX_TEMPFAIL from sysexits.h). A scheduler wrapper resubmits with --train.resume=auto.
-PREEMPTED_EXIT_CODE = 75
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class TrainingDiverged(RuntimeError):
@@ -417,32 +417,6 @@ def make_accelerator(config: Config) -> Accelerator:
     return make_accelerators(config)[0]
 
 
-class StopRequest:
-    """Turns SIGUSR1/SIGTERM into a request the loop honours after its current step.
-
-    The handler only records the signal (a handler must not log or do I/O), so a second signal
-    during the checkpoint save changes nothing. Previous handlers come back on exit.
-    """
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum: int, frame) -> None:
-        self.received = self.received or signal.Signals(signum).name
-
-    def __enter__(self) -> "StopRequest":
-        try:
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
-        except ValueError:  # not the main thread (e.g. a notebook worker): no pre-emption support
-            log.warning("not in the main thread: SIGUSR1/SIGTERM will not checkpoint before exiting")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def _position_for_rank(state: dict, rank: int, world: int) -> dict:
     """This rank's data-stream position from a checkpoint; re-derived when the world size changed.
 
@@ -470,10 +444,44 @@ def _set_learning_rates(nets: Nets, config: Config, scale: float) -> None:
         scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
-def train(config: Config) -> RunResult:
-    """Train a GAN as ``config`` says; return where and why it stopped."""
-    set_backend_flags(config.speed)
-    acc_G, acc_D = make_accelerators(config)
+def _lock_run_dir(accelerator: Accelerator, run_dir: Path) -> Path | None:
+    """Rank 0 takes the run directory's lock; every rank raises RunDirInUse if it could not."""
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = runlock.acquire(run_dir)
+        except runlock.RunDirInUse as err:
+            refusal = str(err)
+    refusals = [r for r in gather_object([refusal]) if r]
+    if refusals:
+        raise runlock.RunDirInUse(refusals[0])
+    return lock
+
+
+@torch.no_grad()
+def _weights_finite(modules: list[nn.Module]) -> bool:
+    return bool(torch.stack([p.isfinite().all() for m in modules for p in m.parameters()]).all())
+
+
+def train(config: Config, stop_request: StopRequest | None = None) -> RunResult:
+    """Train a GAN as ``config`` says; return where and why it stopped.
+
+    ``stop_request``: a StopRequest the caller entered earlier (to catch signals during start-up);
+    otherwise one is installed for the run. The run directory is locked for the run's duration.
+    """
+    with contextlib.ExitStack() as cleanup:
+        stop_request = stop_request or cleanup.enter_context(StopRequest())
+        set_backend_flags(config.speed)
+        acc_G, acc_D = make_accelerators(config)
+        lock = _lock_run_dir(acc_G, Path(config.run.dir))
+        if lock is not None:
+            cleanup.callback(runlock.release, lock)
+        return _run(config, acc_G, acc_D, stop_request, cleanup)
+
+
+def _run(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: StopRequest,
+         cleanup: contextlib.ExitStack) -> RunResult:
+    """The run itself; ``cleanup`` closes the data stream and the logger however it ends."""
     accelerator = acc_G  # collectives, device and "am I rank 0" for the whole run
     accelerators = {"G": acc_G, "D": acc_D}
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -484,6 +492,7 @@ def train(config: Config) -> RunResult:
     with accelerator.main_process_first():  # rank 0 downloads, if a download is needed
         data = build_batch_stream(config.data, config.run.seed, rank, world, accelerator.device,
                                   may_prepare=accelerator.is_main_process)
+    cleanup.callback(data.close)
     evaluator = None
     if config.eval.every:
         from dist_gan.metrics import Evaluator
@@ -514,12 +523,13 @@ def train(config: Config) -> RunResult:
             set_seed(config.run.seed + int(state["step"]), device_specific=True)
         return int(state["step"])
 
-    def checkpoint(step: int) -> Path:
+    def checkpoint(step: int, healthy: bool) -> Path:
         shared = {"step": step, "lr_scale": lr_scale, "loss": loss.state_dict(),
                   "ema": ema.state_dict() if ema is not None else None,
                   **{name: s.state_dict() for name, s in nets.schedulers().items()}}
         weights = {"generator": nets.G_raw, **({"encoder": nets.E_raw} if nets.E_raw is not None else {})}
-        return save_checkpoint(accelerators, run_dir, step, shared, data.state_dict(), weights, config)
+        return save_checkpoint(accelerators, run_dir, step, shared, data.state_dict(), weights, config,
+                               healthy)
 
     if accelerator.is_main_process:
         from dist_gan.checkpoint import remove_stale_staging
@@ -534,6 +544,7 @@ def train(config: Config) -> RunResult:
         set_seed(config.run.seed, device_specific=True)  # different noise on each rank
 
     logger = RunLogger(run_dir, enabled=accelerator.is_main_process)
+    cleanup.callback(logger.close)
     if accelerator.is_main_process:
         save_config(config, run_dir / "config.yaml")
     logger.event(step, {"event": "start", "world_size": world, "resumed_from": str(resume_from or ""),
@@ -547,99 +558,113 @@ def train(config: Config) -> RunResult:
     window = StatsWindow()
     bar = tqdm(total=config.train.max_steps, initial=step, disable=not accelerator.is_main_process,
                unit="step", dynamic_ncols=True)
-    bad_in_row, skipped, rollbacks, last_bad = 0, 0, 0, {}
+    # bad_since_checkpoint: skipped updates since the last checkpoint; a checkpoint written after
+    # any is not healthy (never a rollback target). ckpt_pending: a checkpoint fell due during an
+    # open bad streak and waits for the first applied step.
+    bad_in_row, skipped, rollbacks, last_bad, bad_since_checkpoint = 0, 0, 0, {}, 0
+    ckpt_pending = False
     stopped_by = "max_steps"
     last_step = config.train.max_steps
     deadline = time.perf_counter() + config.train.time_limit_min * 60 if config.train.time_limit_min else None
-    with StopRequest() as stop_request:
-        while step < last_step:
-            measure = (step + 1) % config.run.log_every == 0 or step + 1 == last_step
-            stats, applied = train_step(nets, loss, data, config, measure)
-            step += 1
-            bar.update(1)
-            if applied:
-                bad_in_row = 0
-                window.add(stats)
-                if ema is not None:
-                    ema.update(nets.G_raw, step)
-            else:
-                bad_in_row, skipped = bad_in_row + 1, skipped + 1
-                last_bad = {k: float(v) for k, v in stats.items() if k.startswith("loss")}
-                log.warning("step %d: non-finite loss or gradient %s, update skipped (%d in a row)",
-                            step, last_bad, bad_in_row)
-                if bad_in_row >= config.train.max_bad_steps:
-                    message = (f"training diverged: {bad_in_row} steps in a row with a non-finite "
-                               f"loss or gradient, the last at step {step} ({last_bad})")
-                    good = resolve_resume("auto", run_dir)
-                    if (config.train.on_divergence == "stop" or good is None
-                            or rollbacks >= config.train.max_rollbacks):
-                        logger.event(step, {"event": "diverged", "message": message})
-                        logger.close()
-                        why = "" if config.train.on_divergence == "stop" else (
-                            "; no checkpoint to roll back to" if good is None
-                            else f"; {rollbacks} rollbacks (train.max_rollbacks) spent")
-                        raise TrainingDiverged(f"{message}{why}; last good checkpoint: {good}")
-                    rollbacks += 1
-                    step = restore(good)
-                    lr_scale *= config.train.rollback_lr_scale
-                    _set_learning_rates(nets, config, lr_scale)
-                    # a different noise stream, or the same steps would diverge the same way
-                    set_seed(config.run.seed + 7919 * rollbacks, device_specific=True)
-                    logger.event(step, {"event": "rollback", "message": message, "to": str(good),
-                                        "lr_scale": lr_scale, "rollbacks": rollbacks})
-                    log.warning("%s; rolled back to %s with learning rates x%s", message, good,
-                                config.train.rollback_lr_scale)
-                    bad_in_row = 0
-                    window.reset()
-                    bar.n = step
-                    continue
-
-            if measure and window.steps:
-                values = window.means(accelerator)
-                counters = data.counters()  # e.g. skipped bad samples: summed over ranks
-                if counters:
-                    totals = torch.tensor(list(counters.values()), device=accelerator.device)
-                    values.update(zip(counters, accelerator.reduce(totals, "sum").tolist()))
-                values.update(
-                    imgs_per_sec=imgs_per_step * window.steps / (time.perf_counter() - window.start),
-                    lr_G=nets.sched_G.get_last_lr()[0], lr_D=nets.sched_D.get_last_lr()[0],
-                    kimg=step * imgs_per_step / 1000, world_size=world, skipped_steps=skipped,
-                    rollbacks=rollbacks,
-                )
-                logger.scalars(step, values)
-                bar.set_postfix(loss_D=f"{values['loss_D']:.3f}", loss_G=f"{values['loss_G']:.3f}",
-                                img_s=f"{values['imgs_per_sec']:.0f}")
-                bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-                if bad:  # only reachable with train.skip_nonfinite=false
-                    logger.close()
-                    raise TrainingDiverged(f"non-finite values at step {step}: {bad}; last good "
-                                           f"checkpoint: {resolve_resume('auto', run_dir)}")
+    while step < last_step:
+        measure = (step + 1) % config.run.log_every == 0 or step + 1 == last_step
+        stats, applied = train_step(nets, loss, data, config, measure)
+        step += 1
+        bar.update(1)
+        if applied:
+            bad_in_row = 0
+            window.add(stats)
+            if ema is not None:
+                ema.update(nets.G_raw, step)
+        else:
+            bad_in_row, skipped = bad_in_row + 1, skipped + 1
+            bad_since_checkpoint += 1
+            last_bad = {k: float(v) for k, v in stats.items() if k.startswith("loss")}
+            log.warning("step %d: non-finite loss or gradient %s, update skipped (%d in a row)",
+                        step, last_bad, bad_in_row)
+            if bad_in_row >= config.train.max_bad_steps:
+                message = (f"training diverged: {bad_in_row} steps in a row with a non-finite "
+                           f"loss or gradient, the last at step {step} ({last_bad})")
+                good = last_healthy(run_dir)
+                if (config.train.on_divergence == "stop" or good is None
+                        or rollbacks >= config.train.max_rollbacks):
+                    logger.event(step, {"event": "diverged", "message": message})
+                    why = "" if config.train.on_divergence == "stop" else (
+                        "; no checkpoint to roll back to" if good is None
+                        else f"; {rollbacks} rollbacks (train.max_rollbacks) spent")
+                    raise TrainingDiverged(f"{message}{why}; last good checkpoint: {good}")
+                rollbacks += 1
+                step = restore(good)
+                lr_scale *= config.train.rollback_lr_scale
+                _set_learning_rates(nets, config, lr_scale)
+                # a different noise stream, or the same steps would diverge the same way
+                set_seed(config.run.seed + 7919 * rollbacks, device_specific=True)
+                logger.event(step, {"event": "rollback", "message": message, "to": str(good),
+                                    "lr_scale": lr_scale, "rollbacks": rollbacks})
+                log.warning("%s; rolled back to %s with learning rates x%s", message, good,
+                            config.train.rollback_lr_scale)
+                bad_in_row, bad_since_checkpoint, ckpt_pending = 0, 0, False
                 window.reset()
-                if deadline is not None and _any_rank(accelerator, time.perf_counter() > deadline):
-                    last_step, stopped_by = step, "time_limit"  # finish with the end-of-run work
-                    log.info("train.time_limit_min=%s reached at step %d", config.train.time_limit_min,
-                             step)
-            if _any_rank(accelerator, stop_request.received is not None):
-                last_step, stopped_by = step, stop_request.received or "SIGNAL"
-                log.warning("%s received: checkpointing at step %d and exiting with status %d",
-                            stopped_by, step, PREEMPTED_EXIT_CODE)
+                bar.n = step
+                continue
 
-            preempted = stopped_by.startswith("SIG")
-            if not preempted and (step % config.run.sample_every == 0 or step == last_step):
-                logger.images(step, "ema" if ema is not None else "G",
-                              _generate_grid(ema.model if ema is not None else nets.G_raw, fixed_z,
-                                             config.model.num_classes))
-            if evaluator and not preempted and (step % config.eval.every == 0 or step == last_step):
-                figures = evaluator(ema.model if ema is not None else nets.G_raw, accelerator)
-                logger.scalars(step, figures or {}, tb_prefix="eval/")
-            if step % config.run.ckpt_every == 0 or step == last_step:
-                path = checkpoint(step)
-                replicas = check_replicas(accelerator, {"G": nets.G_raw, "D": nets.D_raw, **(
-                    {"E": nets.E_raw} if nets.E_raw is not None else {})})
-                logger.event(step, {"event": "checkpoint", "path": str(path), "world_size": world,
-                                    "replicas_identical": replicas})
-                if not all(replicas.values()):
-                    raise RuntimeError(f"ranks disagree on weights at step {step}: {replicas}")
+        if measure and window.steps:
+            values = window.means(accelerator)
+            counters = data.counters()  # e.g. skipped bad samples: summed over ranks
+            if counters:
+                totals = torch.tensor(list(counters.values()), device=accelerator.device)
+                values.update(zip(counters, accelerator.reduce(totals, "sum").tolist()))
+            values.update(
+                imgs_per_sec=imgs_per_step * window.steps / (time.perf_counter() - window.start),
+                lr_G=nets.sched_G.get_last_lr()[0], lr_D=nets.sched_D.get_last_lr()[0],
+                kimg=step * imgs_per_step / 1000, world_size=world, skipped_steps=skipped,
+                rollbacks=rollbacks,
+            )
+            logger.scalars(step, values)
+            bar.set_postfix(loss_D=f"{values['loss_D']:.3f}", loss_G=f"{values['loss_G']:.3f}",
+                            img_s=f"{values['imgs_per_sec']:.0f}")
+            bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+            if bad:  # only reachable with train.skip_nonfinite=false
+                raise TrainingDiverged(f"non-finite values at step {step}: {bad}; last good "
+                                       f"checkpoint: {last_healthy(run_dir)}")
+            window.reset()
+            if deadline is not None and _any_rank(accelerator, time.perf_counter() > deadline):
+                last_step, stopped_by = step, "time_limit"  # finish with the end-of-run work
+                log.info("train.time_limit_min=%s reached at step %d", config.train.time_limit_min,
+                         step)
+        if _any_rank(accelerator, stop_request.received is not None):
+            last_step, stopped_by = step, stop_request.received or "SIGNAL"
+            log.warning("%s received: checkpointing at step %d and exiting with status %d",
+                        stopped_by, step, PREEMPTED_EXIT_CODE)
+
+        preempted = stopped_by.startswith("SIG")
+        if not preempted and (step % config.run.sample_every == 0 or step == last_step):
+            logger.images(step, "ema" if ema is not None else "G",
+                          _generate_grid(ema.model if ema is not None else nets.G_raw, fixed_z,
+                                         config.model.num_classes))
+        if evaluator and not preempted and (step % config.eval.every == 0 or step == last_step):
+            figures = evaluator(ema.model if ema is not None else nets.G_raw, accelerator)
+            logger.scalars(step, figures or {}, tb_prefix="eval/")
+        if step % config.run.ckpt_every == 0 or step == last_step or ckpt_pending:
+            if bad_in_row:  # never save weights in the middle of a bad streak
+                if not ckpt_pending:
+                    log.warning("step %d: checkpoint deferred until the divergence guard's bad "
+                                "streak ends", step)
+                ckpt_pending = True
+                if step == last_step:
+                    log.warning("stopping at step %d inside a bad streak: no checkpoint written; "
+                                "a resume continues from %s", step, resolve_resume("auto", run_dir))
+                continue
+            nets_now = [nets.G_raw, nets.D_raw] + ([nets.E_raw] if nets.E_raw is not None else [])
+            healthy = bad_since_checkpoint == 0 and _weights_finite(nets_now)
+            path = checkpoint(step, healthy)
+            bad_since_checkpoint, ckpt_pending = 0, False
+            replicas = check_replicas(accelerator, {"G": nets.G_raw, "D": nets.D_raw, **(
+                {"E": nets.E_raw} if nets.E_raw is not None else {})})
+            logger.event(step, {"event": "checkpoint", "path": str(path), "world_size": world,
+                                "healthy": healthy, "replicas_identical": replicas})
+            if not all(replicas.values()):
+                raise RuntimeError(f"ranks disagree on weights at step {step}: {replicas}")
 
     bar.close()
     logger.event(step, {"event": "preempted" if stopped_by.startswith("SIG") else "end",

@@ -123,6 +123,9 @@ def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, 
     reconstructions; --mnist_dir if the run's data.mnist_dir is not here).
     """
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    for name, value in (("n", n), ("per_class", per_class)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            sys.exit(f"dist_gan.sample: error: --{name}={value!r} must be a whole number >= 1")
     try:
         generator, source = load_generator(checkpoint, ema=not raw)
         if classes is not None:

@@ -55,6 +55,7 @@ class RunLogger:
         save_image(grid, self.run_dir / "samples" / f"{tag}_{step:08d}.png")
 
     def close(self) -> None:
-        if self.enabled:
+        """Flush and close; a second call does nothing."""
+        if self.enabled and not self.jsonl.closed:
             self.writer.close()
             self.jsonl.close()

@@ -8,9 +8,7 @@ import sys
 
 import fire
 
-from dist_gan.config import ConfigError, load_config
-from dist_gan.data import DataError
-from dist_gan.loop import PREEMPTED_EXIT_CODE, TrainingDiverged, train
+from dist_gan.stop import PREEMPTED_EXIT_CODE, StopRequest
 
 
 def setup_logging() -> None:
@@ -22,18 +20,26 @@ def setup_logging() -> None:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
 
 
-def main(config: str, **overrides) -> None:
+def main(config: str, debug: bool = False, **overrides) -> None:
     """Train from the YAML file ``config``; any ``--section.key=value`` overrides a config value.
 
-    Exit status: 0 done; 1 an error (message on stderr); 75 stopped by SIGUSR1/SIGTERM after saving
-    a checkpoint (resume with --train.resume=auto).
+    Exit status: 0 done; 1 an error (one line on stderr; --debug for the traceback); 75 stopped by
+    SIGUSR1/SIGTERM after saving a checkpoint, also when the signal came during start-up (resume
+    with --train.resume=auto).
     """
-    setup_logging()
-    try:
-        cfg = load_config(config, overrides)
-        result = train(cfg)
-    except (ConfigError, DataError, FileNotFoundError, TrainingDiverged) as err:
-        sys.exit(f"dist_gan.train: error: {err}")
+    # The stop signals are caught from here on; the slow imports (torch, accelerate) come after.
+    with StopRequest() as stop_request:
+        setup_logging()
+        from dist_gan.config import ConfigError, load_config
+        from dist_gan.data import DataError
+        from dist_gan.loop import TrainingDiverged, train
+
+        try:
+            result = train(load_config(config, overrides), stop_request)
+        except (ConfigError, DataError, FileNotFoundError, TrainingDiverged) as err:
+            if debug:
+                raise
+            sys.exit(f"dist_gan.train: error: {err}")
     if result.preempted:  # checkpoint saved; tell the scheduler to requeue
         sys.exit(PREEMPTED_EXIT_CODE)
 

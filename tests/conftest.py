@@ -40,6 +40,12 @@ def mnist_shards(mnist_dir, tmp_path_factory) -> str:
     return str(out / "train-{000000..000005}.tar")
 
 
+@pytest.fixture
+def shard_data(mnist_shards) -> list[str]:
+    """Training settings for the session's MNIST shards read by 2 loader workers, as users run."""
+    return [f"--data.shards={mnist_shards}", "--data.prepare_if_missing=false", "--data.workers=2"]
+
+
 @pytest.fixture(scope="session")
 def reference_classifier(mnist_dir, tmp_path_factory):
     """The reference MNIST classifier, trained once per session into a private cache directory.
@@ -74,14 +80,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def start_cli(args: list[str], launcher: list[str] | None = None, log: Path | None = None,
-              env: dict | None = None) -> subprocess.Popen:
-    """Start ``python -m <args>`` (or ``launcher + args``) in the background; output to ``log``."""
+              env: dict | None = None, new_session: bool = False) -> subprocess.Popen:
+    """Start ``python -m <args>`` (or ``launcher + args``) in the background; output to ``log``.
+    ``new_session``: in a process group of its own (as `setsid`), to signal the whole group."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1",
                     OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **(env or {}))
     cmd = (launcher or [sys.executable]) + ["-m"] + args
     out = open(log, "w") if log else subprocess.DEVNULL
     return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=new_session)
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None,

@@ -45,13 +45,13 @@ def squeue_state(env: dict, job: str) -> str:
     return out.stdout.strip()
 
 
-def submit(env: dict, tmp_path: Path, run_dir: Path, mnist_dir: Path, *overrides: str,
+def submit(env: dict, tmp_path: Path, run_dir: Path, data: list[str], *overrides: str,
            sbatch_args: tuple[str, ...] = ()) -> tuple[str, Path]:
-    """sbatch slurm/train.sbatch on configs/mnist_wgangp.yaml (small and fast); the job id and log."""
+    """sbatch slurm/train.sbatch on configs/mnist_wgangp.yaml (small and fast) reading ``data``
+    (the shard_data fixture: shards with loader workers, as users run); the job id and log."""
     out = subprocess.run(
         ["sbatch", "--parsable", f"--output={tmp_path / '%x-%j.log'}", *sbatch_args, "slurm/train.sbatch",
-         "configs/mnist_wgangp.yaml", "--data.format=memory", f"--data.mnist_dir={mnist_dir}",
-         *FAST, *overrides],
+         "configs/mnist_wgangp.yaml", *data, *FAST, *overrides],
         cwd=REPO, env=dict(env, RUN_DIR=str(run_dir)), capture_output=True, text=True, check=True)
     job = out.stdout.strip().split(";")[0]
     return job, tmp_path / f"dist_gan-{job}.log"

@@ -30,7 +30,7 @@ def test_shapes(arch, resolution, channels):
 def test_stage_plan():
     assert stage_plan(28, 64) == (7, [128, 64])
     assert stage_plan(64, 64) == (4, [512, 256, 128, 64])
-    with pytest.raises(ValueError, match="resolution 30"):
+    with pytest.raises(ValueError, match="resolution = 30"):
         stage_plan(30, 64)
 
 

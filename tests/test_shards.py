@@ -107,10 +107,12 @@ def test_bad_shards_are_skipped_and_counted(tmp_path, caplog):
         s = stream(pattern, workers=0, shuffle_buffer=0, batch_size=2)
         labels = labels_of(s, 16)  # past both shards: the epoch ends early, the next one begins
     assert "has 25276 bytes but manifest" in caplog.text
-    assert "ran out of good samples in epoch 0" in caplog.text
+    assert "ran out of samples in epoch 0" in caplog.text
     assert "unreadable shard" in caplog.text and "train-000000.tar" in caplog.text
-    assert "sample 'zz_bad': undecodable png" in caplog.text
-    assert "sample 'zz_noimg': no image" in caplog.text
+    assert "skipping sample 'zz_bad' of shard" in caplog.text and "undecodable png" in caplog.text
+    assert "skipping sample 'zz_noimg' of shard" in caplog.text and ": no image" in caplog.text
+    # two samples appended to a shard: it no longer holds what its manifest entry says
+    assert "train-000001.tar holds 26 samples but its manifest entry says 24" in caplog.text
     counters = s.counters()
     assert counters["data_bad_shards"] == 1 and counters["data_skipped_samples"] >= 2
     assert set(range(24, 48)) <= set(labels)  # the intact shard was read in full
@@ -118,7 +120,7 @@ def test_bad_shards_are_skipped_and_counted(tmp_path, caplog):
 
 @pytest.mark.parametrize("damage,pattern", [
     ("truncate", r"train-000000\.tar has 25276 bytes but manifest .* \(data\.strict=true\)"),
-    ("broken", r"shard .*train-000001\.tar: sample 'zz_bad': undecodable png"),
+    ("broken", r"sample 'zz_bad' of shard .*train-000001\.tar: undecodable png"),
 ])
 def test_strict_mode_names_shard_and_sample(tmp_path, damage, pattern):
     shards, _ = tiny_shards(tmp_path, n_shards=2, per_shard=24)
@@ -156,7 +158,7 @@ def test_wrong_size_or_mode_is_a_bad_sample(tmp_path, image, message):
     for entry in manifest["splits"]["train"]["shards"]:
         entry["bytes"] = (tmp_path / entry["name"]).stat().st_size
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match=f"sample 'zz_odd': {message}"):
+    with pytest.raises(DataError, match=f"sample 'zz_odd' of shard .*: {message}"):
         labels_of(stream(shards, workers=0, shuffle_buffer=0, batch_size=1, strict=True), 24)
 
 

@@ -23,9 +23,9 @@ def slurm(tmp_path_factory):
     yield from run_cluster(tmp_path_factory, "start")
 
 
-def test_sbatch_trains_on_two_cpu_processes(slurm, tmp_path, mnist_dir):
+def test_sbatch_trains_on_two_cpu_processes(slurm, tmp_path, shard_data):
     run = tmp_path / "run"
-    job, log = submit(slurm, tmp_path, run, mnist_dir, "--train.max_steps=10", "--run.ckpt_every=10")
+    job, log = submit(slurm, tmp_path, run, shard_data, "--train.max_steps=10", "--run.ckpt_every=10")
     wait_for(lambda: squeue_state(slurm, job) == "", 300, f"job {job} to finish", interval=1)
     text = log.read_text()
     assert "1 node(s) x 2 process(es), launch/cpu_ddp.yaml" in text
@@ -36,9 +36,9 @@ def test_sbatch_trains_on_two_cpu_processes(slurm, tmp_path, mnist_dir):
     assert list(run.glob("events.out.tfevents.*"))
 
 
-def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path, mnist_dir):
+def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path, shard_data):
     run = tmp_path / "run"
-    job, log = submit(slurm, tmp_path, run, mnist_dir, "--train.max_steps=150", "--run.ckpt_every=1000")
+    job, log = submit(slurm, tmp_path, run, shard_data, "--train.max_steps=150", "--run.ckpt_every=1000")
     wait_for(lambda: (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 3, 300,
              "the first log lines", interval=0.5)
     preempt_and_release(slurm, job)

@@ -25,9 +25,9 @@ def two_nodes(tmp_path_factory):
         yield dict(env, GLOO_SOCKET_IFNAME="gan0", CPU_PROCS_PER_NODE="1")
 
 
-def test_two_node_job_trains_preempts_requeues_and_resumes(two_nodes, tmp_path, mnist_dir):
+def test_two_node_job_trains_preempts_requeues_and_resumes(two_nodes, tmp_path, shard_data):
     env, run = two_nodes, tmp_path / "run"
-    job, log = submit(env, tmp_path, run, mnist_dir, "--train.max_steps=120", "--run.ckpt_every=1000",
+    job, log = submit(env, tmp_path, run, shard_data, "--train.max_steps=120", "--run.ckpt_every=1000",
                       sbatch_args=("--nodes=2",))
     wait_for(lambda: (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 3, 300,
              "the first log lines", interval=0.5)
@@ -57,11 +57,11 @@ def test_two_node_job_trains_preempts_requeues_and_resumes(two_nodes, tmp_path, 
     assert [r for r in records if r.get("event") == "end"][-1]["step"] == 120
 
 
-def test_two_node_deepspeed_job(two_nodes, tmp_path, mnist_dir):
+def test_two_node_deepspeed_job(two_nodes, tmp_path, shard_data):
     """DeepSpeed ZeRO-2 in bf16 across the two nodes: one optimizer partition written per node."""
     env = dict(two_nodes, PROFILE="launch/deepspeed_zero2.yaml", DS_ACCELERATOR="cpu")
     run = tmp_path / "run"
-    job, log = submit(env, tmp_path, run, mnist_dir, "--train.max_steps=6", "--run.ckpt_every=6",
+    job, log = submit(env, tmp_path, run, shard_data, "--train.max_steps=6", "--run.ckpt_every=6",
                       "--train.mixed_precision=bf16", sbatch_args=("--nodes=2",))
     wait_for(lambda: squeue_state(env, job) == "", 400, f"job {job} to finish", interval=1)
     text = log.read_text()

@@ -29,6 +29,7 @@ class BatchStream(Protocol):
     def counters(self) -> dict[str, int]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+    def close(self) -> None: ...
 
 
 def prepare_shards(cfg: DataConfig, out_dir: str | Path, split: str = "train",
@@ -36,7 +37,7 @@ def prepare_shards(cfg: DataConfig, out_dir: str | Path, split: str = "train",
     """Write ``cfg.source``'s ``split`` as shards of ``cfg.shard_size`` samples into ``out_dir``."""
     images = DATA_SOURCES[cfg.source](cfg, split)
     return write_shards(images, out_dir, split, cfg.shard_size, cfg.source, cfg.resolution,
-                        cfg.channels, progress)
+                        cfg.channels, progress, cfg.strict)
 
 
 def _prepare_if_missing(cfg: DataConfig) -> None:

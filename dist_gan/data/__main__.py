@@ -2,7 +2,7 @@
 
   python -m dist_gan.data prepare --source=mnist --mnist_dir=DIR --out=data/mnist --shard_size=10000
   python -m dist_gan.data prepare --source=cifar10 --root=DIR --out=data/cifar10 --resolution=32 --channels=3
-  python -m dist_gan.data prepare --source=folder --root=DIR --out=data/faces --resolution=64 --channels=3
+  python -m dist_gan.data prepare --source=folder --root=DIR --out=data/faces --resolution=64 --channels=3 [--strict]
   python -m dist_gan.data verify 'data/mnist/train-{000000..000005}.tar'
 """
 
@@ -20,11 +20,15 @@ from dist_gan.data.shards import verify_shards
 
 def prepare(source: str, out: str, split: str = "train", shard_size: int = 10000,
             resolution: int | None = None, channels: int | None = None, mnist_dir: str | None = None,
-            root: str = "data") -> None:
-    """Write ``source`` (mnist, cifar10, folder) as shards plus manifest.json into ``out``."""
+            root: str = "data", strict: bool = False) -> None:
+    """Write ``source`` (mnist, cifar10, folder) as shards plus manifest.json into ``out``.
+
+    Existing shards in ``out`` are replaced only once every image has been read. Unreadable images
+    are skipped and counted; ``--strict`` stops at the first one instead.
+    """
     natural = {"mnist": (28, 1), "cifar10": (32, 3)}.get(source, (64, 3))
     overrides = {"source": source, "mnist_dir": mnist_dir, "root": root, "shard_size": shard_size,
-                 "resolution": resolution or natural[0], "channels": channels or natural[1]}
+                 "resolution": resolution or natural[0], "channels": channels or natural[1], "strict": strict}
     try:
         cfg = load_config(None, {f"data.{k}": v for k, v in overrides.items()}).data
         prepare_shards(cfg, out, split)
@@ -33,13 +37,13 @@ def prepare(source: str, out: str, split: str = "train", shard_size: int = 10000
 
 
 def verify(shards: str, manifest: str | None = None) -> None:
-    """Check every local shard of the pattern ``shards`` against the sha256 in its manifest."""
+    """Check every local shard of the pattern ``shards`` against its manifest (sha256, sample count)."""
     try:
         bad = verify_shards(shards, manifest)
     except DataError as err:
         sys.exit(f"dist_gan.data verify: error: {err}")
     if bad:
-        sys.exit("dist_gan.data verify: sha256 differs from the manifest for: " + ", ".join(bad))
+        sys.exit("dist_gan.data verify: shards that disagree with their manifest:\n  " + "\n  ".join(bad))
     logging.getLogger(__name__).info("all shards of %s match their manifest", shards)
 
 

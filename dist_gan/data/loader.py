@@ -17,7 +17,10 @@ from __future__ import annotations
 import io
 import logging
 import multiprocessing
+import os
 import random
+import signal
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -31,6 +34,38 @@ from dist_gan.data.sources import DataError
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 MAX_WARNINGS_PER_WORKER = 5
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: leave the stop signals to the main process.
+
+    A scheduler signals every process of a job step; a worker killed by SIGTERM makes the main
+    process fail at its next batch ("DataLoader worker is killed by signal") before it can
+    checkpoint. So SIGUSR1 is ignored, and SIGTERM is taken by a thread that waits for it: sent by
+    the parent (multiprocessing terminating its children at exit) it ends the worker as before;
+    from anyone else it is dropped, and the worker serves until the main process has saved and shuts
+    the loader down (or dies: torch's watchdog then ends the worker).
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True,
+                     name="sigterm-from-parent").start()
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
+
+
+def worker_error(err: DataError) -> DataError:
+    """The one-line DataError a loader worker raised, without the worker traceback that the
+    DataLoader pastes into the message when it re-raises it in the main process."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return err
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return DataError(last.split(": ", 1)[1] if ": " in last else last)
 
 
 class BadSample(ValueError):
@@ -90,41 +125,60 @@ class ShardSamples(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
         if self.resampled:
-            urls = (self.shards[rng.randrange(len(self.shards))][0] for _ in iter(int, 1))
+            chosen = (self.shards[rng.randrange(len(self.shards))] for _ in iter(int, 1))
         else:
-            urls = (self.shards[i][0] for i in self.plan(self.epoch, self.rank, worker, workers))
-        samples = self._decoded(urls)
+            chosen = (self.shards[i] for i in self.plan(self.epoch, self.rank, worker, workers))
+        samples = self._decoded(chosen)
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
         return samples
 
-    def _decoded(self, urls: Iterator[str]) -> Iterator[tuple[torch.Tensor, int]]:
+    def _decoded(self, shards: Iterator[tuple[str, int]]) -> Iterator[tuple[torch.Tensor, int]]:
+        """Decoded samples of ``shards`` ((url, manifest count) pairs), bad ones skipped and counted.
+
+        A shard read to its end holding another number of samples than its manifest entry is
+        reported by name (an error under ``strict``): a wrong manifest would otherwise surface only
+        as an epoch that ends early.
+        """
         warned = 0
 
-        for url in urls:
+        def warn(message: str) -> None:
+            nonlocal warned
+            if warned < MAX_WARNINGS_PER_WORKER:
+                warned += 1
+                log.warning(message)
+
+        for url, expected in shards:
+            unreadable = False
+
             def on_error(exn: Exception, url: str = url) -> bool:
-                nonlocal warned
+                nonlocal unreadable
+                unreadable = True
                 if self.strict:
                     raise DataError(f"shard {url} is unreadable: {exn.args[0] if exn.args else exn}")
                 self._count(1)
-                if warned < MAX_WARNINGS_PER_WORKER:
-                    warned += 1
-                    log.warning("skipping the rest of unreadable shard %s: %s", url, exn.args[0] if exn.args else exn)
+                warn(f"skipping the rest of unreadable shard {url}: {exn.args[0] if exn.args else exn}")
                 return True
 
+            found = 0
             for sample in wds.tarfile_samples([{"url": url}], handler=on_error):
+                found += 1
                 try:
                     image, label = decode_sample(sample, self.resolution, self.channels)
                 except BadSample as bad:
-                    message = f"shard {url}: sample {sample.get('__key__')!r}: {bad}"
+                    message = f"sample {sample.get('__key__')!r} of shard {url}: {bad}"
                     if self.strict:
                         raise DataError(message + " (data.strict=true)") from None
                     self._count(0)
-                    if warned < MAX_WARNINGS_PER_WORKER:
-                        warned += 1
-                        log.warning("skipping %s", message)
+                    warn(f"skipping {message}")
                     continue
                 yield image, label
+            if not unreadable and found != expected:
+                message = (f"shard {url} holds {found} samples but its manifest entry says {expected}: "
+                           "re-run prepare, or `python -m dist_gan.data verify` the shards")
+                if self.strict:
+                    raise DataError(message + " (data.strict=true)")
+                warn(message)
 
 
 class ShardStream:
@@ -164,29 +218,36 @@ class ShardStream:
         loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
                             drop_last=True, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.workers > 0 else None,
-                            generator=seed)
+                            generator=seed, worker_init_fn=ignore_stop_signals)
         self._batches = iter(loader)
+
+    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return next(self._batches)
+        except DataError as err:
+            raise worker_error(err) from None
 
     def _next_raw(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._batches is None:  # first call, or after load_state_dict: replay to the position
             self._open_epoch()
             for _ in range(self.batch):
-                next(self._batches)
+                self._read()
         if self.batch == self.budget:
             self.epoch, self.batch = self.epoch + 1, 0
             self._open_epoch()
         try:
-            return next(self._batches)
+            return self._read()
         except StopIteration:
             if self.batch == 0:
                 raise DataError(f"epoch {self.epoch} produced no batch: every shard of this rank "
                                 "failed to read (see the warnings above)") from None
-            log.warning("rank %d ran out of good samples in epoch %d after %d of %d batches (bad "
-                        "samples skipped); starting epoch %d early", self.dataset.rank, self.epoch,
+            log.warning("rank %d ran out of samples in epoch %d after %d of %d batches (bad samples "
+                        "skipped, or shards shorter than their manifest entries: see the warnings "
+                        "above); starting epoch %d early", self.dataset.rank, self.epoch,
                         self.batch, self.budget, self.epoch + 1)
             self.epoch, self.batch = self.epoch + 1, 0
             self._open_epoch()
-            return next(self._batches)
+            return self._read()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self._next_raw()
@@ -201,6 +262,11 @@ class ShardStream:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch}
+
+    def close(self) -> None:
+        """Stop the loader workers now (dropping the iterator shuts them down through the
+        DataLoader's own protocol) rather than whenever the iterator is collected."""
+        self._batches = None
 
     def load_state_dict(self, state: dict) -> None:
         # min(): a position re-derived for another world size may lie past this rank's epoch end

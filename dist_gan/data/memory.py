@@ -54,6 +54,9 @@ class InMemoryBatches:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch}
 
+    def close(self) -> None:
+        """Nothing to release: no worker processes."""
+
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
         self.batch = min(int(state["batch"]), self.batches_per_epoch)  # see ShardStream

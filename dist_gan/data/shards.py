@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import braceexpand
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dist_gan.shards/1"
+MAX_SKIP_WARNINGS = 10  # unreadable images named in the log when preparing; the rest are counted
 _SHARD_NAME = re.compile(r"([^/\s]+\.tar)(?:\s|$)")
 
 
@@ -51,35 +53,75 @@ def sha256_of(path: Path) -> str:
 
 
 def write_shards(images: ImageSet, out_dir: str | Path, split: str, shard_size: int, source: str,
-                 resolution: int, channels: int, progress: bool = True) -> dict:
+                 resolution: int, channels: int, progress: bool = True, strict: bool = False) -> dict:
     """Write ``images`` as ``out_dir/<split>-NNNNNN.tar`` shards and record them in the manifest.
 
-    The manifest is written last (atomically), so an interrupted prepare leaves shards that the
-    loader refuses rather than a silently short dataset.
+    Nothing in ``out_dir`` changes until every image has been read: the shards are written into a
+    staging folder, checked, then moved over the old ones, and the manifest is replaced last
+    (atomically). A corrupt source or an incompatible manifest leaves the existing shards whole.
+    Unreadable images are skipped, counted and logged (``strict``: the first one is an error).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / MANIFEST
+    manifest = read_manifest(manifest_path) if manifest_path.is_file() else {}
+    if manifest and (manifest["resolution"], manifest["channels"]) != (resolution, channels):
+        raise DataError(f"{manifest_path} describes {manifest['resolution']}px x "
+                        f"{manifest['channels']} channels; refusing to add {resolution}px x {channels} "
+                        "(nothing was changed: write them to another directory)")
+    staging = out_dir / f".{split}-prepare.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        written, skipped = _write_tars(images, staging, split, shard_size, progress, strict)
+        if written == 0:
+            raise DataError(f"no readable image among the {len(images)} of {source}: no shards written")
+        new = sorted(staging.glob(f"{split}-*.tar"))
+        counts = [min(shard_size, written - i * shard_size) for i in range(len(new))]
+        entries = [{"name": p.name, "count": c, "bytes": p.stat().st_size, "sha256": sha256_of(p)}
+                   for p, c in zip(new, counts)]
+        for path in new:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    names = {p.name for p in new}
+    for path in new:
+        os.replace(path, out_dir / path.name)
     for stale in out_dir.glob(f"{split}-*.tar"):
-        stale.unlink()
+        if stale.name not in names:
+            stale.unlink()
+    staging.rmdir()
+    manifest.update(format=MANIFEST_FORMAT, source=source, resolution=resolution, channels=channels,
+                    class_names=list(images.class_names))
+    manifest.setdefault("splits", {})[split] = {"total": written, "skipped_unreadable": skipped,
+                                                "shards": entries}
+    write_json_atomically(manifest_path, manifest)
+    log.info("wrote %d %s samples in %d shards to %s%s", written, split, len(new), out_dir,
+             f" ({skipped} unreadable images skipped)" if skipped else "")
+    return manifest
+
+
+def _write_tars(images: ImageSet, out_dir: Path, split: str, shard_size: int, progress: bool,
+                strict: bool) -> tuple[int, int]:
+    """Write the readable ``images`` as shards into ``out_dir``; return (written, skipped)."""
+    written = skipped = 0
     with wds.ShardWriter(str(out_dir / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
         for index in tqdm(range(len(images)), desc=f"writing {split} shards", unit="img",
                           disable=not progress, mininterval=1.0):
-            image, label = images[index]
+            try:
+                image, label = images[index]
+            except DataError as err:
+                if strict:
+                    raise DataError(f"{err} (--strict: stopping; without it unreadable images are "
+                                    "skipped and counted)") from None
+                skipped += 1
+                if skipped <= MAX_SKIP_WARNINGS:
+                    log.warning("skipping %s", err)
+                continue
             sink.write({"__key__": f"{index:08d}", "png": encode_png(image), "cls": str(label).encode()})
-    paths = sorted(out_dir.glob(f"{split}-*.tar"))
-    counts = [min(shard_size, len(images) - i * shard_size) for i in range(len(paths))]
-    entries = [{"name": p.name, "count": c, "bytes": p.stat().st_size, "sha256": sha256_of(p)}
-               for p, c in zip(paths, counts)]
-    manifest = read_manifest(out_dir / MANIFEST) if (out_dir / MANIFEST).is_file() else {}
-    if manifest and (manifest["resolution"], manifest["channels"]) != (resolution, channels):
-        raise DataError(f"{out_dir / MANIFEST} describes {manifest['resolution']}px x "
-                        f"{manifest['channels']} channels; refusing to add {resolution}px x {channels}")
-    manifest.update(format=MANIFEST_FORMAT, source=source, resolution=resolution, channels=channels,
-                    class_names=list(images.class_names))
-    manifest.setdefault("splits", {})[split] = {"total": len(images), "shards": entries}
-    write_json_atomically(out_dir / MANIFEST, manifest)
-    log.info("wrote %d %s samples in %d shards to %s", len(images), split, len(paths), out_dir)
-    return manifest
+            written += 1
+    return written, skipped
 
 
 def write_json_atomically(path: Path, data: dict) -> None:
@@ -170,9 +212,31 @@ def resolve_shards(pattern: str, manifest_path: str | None, resolution: int, cha
     return shards, manifest
 
 
+def count_samples(path: Path) -> int:
+    """Samples in a shard: distinct keys (member names up to their first dot, as WebDataset groups)."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return len({Path(m.name).name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
+
+
 def verify_shards(pattern: str, manifest_path: str | None = None) -> list[str]:
-    """sha256 of every local shard against the manifest; returns the names that differ."""
+    """Check every local shard against its manifest entry (sha256, then sample count); return one
+    "<shard>: <what differs>" line per shard that disagrees."""
     path = Path(manifest_path) if manifest_path else default_manifest_path(pattern)
     listed = {e["name"]: e for split in read_manifest(path)["splits"].values() for e in split["shards"]}
-    return [url for url in expand_urls(pattern)
-            if (p := local_path(url)) is not None and sha256_of(p) != listed[shard_name(url)]["sha256"]]
+    problems = []
+    for url in expand_urls(pattern):
+        file = local_path(url)
+        if file is None:
+            continue
+        entry = listed.get(shard_name(url))
+        if entry is None:
+            problems.append(f"{url}: not listed in {path}")
+        elif not file.is_file():
+            problems.append(f"{url}: missing")
+        elif sha256_of(file) != entry["sha256"]:
+            problems.append(f"{url}: sha256 differs from the manifest")
+        elif (found := count_samples(file)) != entry["count"]:
+            problems.append(f"{url}: {found} samples, the manifest says {entry['count']}")
+    return problems

@@ -204,7 +204,7 @@ class FolderImageSet:
                 left, top = (image.width - self.resolution) // 2, (image.height - self.resolution) // 2
                 image = image.crop((left, top, left + self.resolution, top + self.resolution))
                 array = np.asarray(image, dtype=np.uint8)
-        except OSError as err:
+        except Exception as err:  # PIL raises OSError, ValueError, SyntaxError... for bad files
             raise DataError(f"cannot read image {path}: {err}") from err
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         return torch.from_numpy(array.copy()), label

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from dist_gan.config import NetConfig
+from dist_gan.config import ConfigError, NetConfig
 from dist_gan.models.base import ConditionalInput, Discriminator, DiscriminatorHead
 from dist_gan.models.layers import add_spectral_norm, dcgan_init, norm_2d
 
@@ -21,8 +21,8 @@ def stage_plan(resolution: int, width: int) -> tuple[int, list[int]]:
     while base > 7 and base % 2 == 0:
         base, stages = base // 2, stages + 1
     if not 4 <= base <= 7 or stages < 1:
-        raise ValueError(f"resolution {resolution} is not 2^k x (4..7) with k >= 1 "
-                         "(e.g. 28, 32, 64, 128); set data.resolution")
+        raise ConfigError(f"data.resolution = {resolution} is not 2^k x (4..7) with k >= 1 "
+                          "(e.g. 28, 32, 64, 128), as the dcgan networks need")
     channels = [min(width * 2 ** (stages - 1 - i), width * 8) for i in range(stages)]
     return base, channels
 

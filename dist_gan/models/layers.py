@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from dist_gan.config import ConfigError
+
 
 def norm_2d(kind: str, channels: int) -> nn.Module:
     """A normalisation layer for (N, C, H, W) features, chosen by name."""
@@ -20,7 +22,7 @@ def norm_2d(kind: str, channels: int) -> nn.Module:
         return nn.GroupNorm(channels, channels)  # per-sample, per-channel; affine like the others
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"unknown norm {kind!r}; expected batch, layer, instance or none")
+    raise ConfigError(f"unknown norm {kind!r}; expected batch, layer, instance or none")
 
 
 def norm_1d(kind: str, features: int) -> nn.Module:
@@ -31,7 +33,7 @@ def norm_1d(kind: str, features: int) -> nn.Module:
         return nn.LayerNorm(features)
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"norm {kind!r} is not available for fully connected layers; "
+    raise ConfigError(f"norm {kind!r} is not available for fully connected layers; "
                      "use batch, layer or none")
 
 

@@ -1,0 +1,328 @@
+"""Faults that used to lose work (issue 13), and errors that must be one line.
+
+Unit tests build tiny shards, fake checkpoints and lock files; the end-to-end ones run the real
+entry points on real MNIST shards with loader workers, as users run them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import FAST, REPO, read_metrics, run_cli, start_cli, wait_for
+from test_shards import labels_of, stream, tiny_shards
+
+from dist_gan import runlock
+from dist_gan.checkpoint import (MANIFEST_FORMAT, CheckpointError, file_crc32, last_healthy,
+                                 list_checkpoints, prune_checkpoints, read_manifest, resolve_resume)
+from dist_gan.config import ConfigError, load_config
+from dist_gan.data import DataError, prepare_shards
+from dist_gan.data.shards import sha256_of
+
+PREEMPTED = 75
+
+
+def fake_checkpoint(run, step, healthy=True, payload=b"0123456789" * 10):
+    folder = run / "checkpoints" / f"step_{step:08d}"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.pt").write_bytes(payload)
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "world_size": 1,
+                "distributed_type": "DistributedType.NO", "healthy": healthy,
+                "files": {"trainer_state.pt": len(payload)},
+                "crc32": {"trainer_state.pt": file_crc32(folder / "trainer_state.pt")}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def flip_byte(path: Path, offset: int = 5) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF  # same size: only the checksum can tell
+    path.write_bytes(bytes(data))
+
+
+# --- checkpoints: checksums, health, pruning ---------------------------------------------------------
+
+def test_a_same_size_corruption_is_caught_and_auto_resume_falls_back(tmp_path, caplog):
+    fake_checkpoint(tmp_path, 10)
+    newest = fake_checkpoint(tmp_path, 20)
+    flip_byte(newest / "trainer_state.pt")
+    with pytest.raises(CheckpointError, match=r"trainer_state.pt: CRC-32 [0-9a-f]{8}, manifest says"):
+        read_manifest(newest)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_resume("auto", tmp_path).name == "step_00000010"
+    assert "skipping checkpoint" in caplog.text and "step_00000020" in caplog.text
+    with pytest.raises(CheckpointError):  # a checkpoint named explicitly is refused, not replaced
+        from dist_gan.checkpoint import load_generator_state
+
+        load_generator_state(newest)
+
+
+def test_auto_resume_with_nothing_to_resume_says_it_starts_fresh(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        assert resolve_resume("auto", tmp_path) is None
+    assert "no complete checkpoint" in caplog.text and "starting fresh" in caplog.text
+
+
+def test_rollback_target_is_the_newest_healthy_checkpoint_and_pruning_keeps_it(tmp_path):
+    fake_checkpoint(tmp_path, 10)
+    good = fake_checkpoint(tmp_path, 20)
+    for step in (30, 40, 50):
+        fake_checkpoint(tmp_path, step, healthy=False)
+    assert last_healthy(tmp_path) == good
+    deleted = prune_checkpoints(tmp_path, keep_last=2)
+    assert [p.name for p in deleted] == ["step_00000010", "step_00000030"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000020", "step_00000040",
+                                                             "step_00000050"]
+    assert last_healthy(tmp_path) == good
+
+
+# --- the run directory lock -------------------------------------------------------------------------
+
+def write_lock(run: Path, **holder) -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    lock = run / runlock.LOCK_NAME
+    lock.write_text(json.dumps(holder))
+    return lock
+
+
+def test_a_live_lock_is_refused_naming_the_holder(tmp_path):
+    import socket
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_lock(tmp_path, host=socket.gethostname(), pid=other.pid, since="earlier")
+        with pytest.raises(runlock.RunDirInUse, match=f"in use by pid {other.pid} on {socket.gethostname()}"):
+            runlock.acquire(tmp_path)
+    finally:
+        other.kill()
+        other.wait()
+    lock = runlock.acquire(tmp_path)  # now its holder is gone: taken over
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    runlock.release(lock)
+    assert not lock.exists()
+
+
+def test_a_lock_from_another_host_is_refused_unless_it_is_this_slurm_job(tmp_path, monkeypatch):
+    write_lock(tmp_path, host="node-that-is-not-here", pid=1234, slurm_job_id="77")
+    with pytest.raises(runlock.RunDirInUse, match="node-that-is-not-here"):
+        runlock.acquire(tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, requeued onto this node
+    runlock.release(runlock.acquire(tmp_path))
+
+
+# --- prepare never destroys what is there -----------------------------------------------------------
+
+def test_a_failed_prepare_leaves_the_existing_shards_whole(tmp_path):
+    pattern, _ = tiny_shards(tmp_path, n_shards=2, per_shard=12)
+    before = {p.name: sha256_of(p) for p in tmp_path.glob("train-*.tar")}
+    manifest = (tmp_path / "manifest.json").read_text()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("L", (8, 8), color=i * 40).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    from dist_gan.config import DataConfig
+
+    # another resolution: refused before anything is read or deleted
+    with pytest.raises(DataError, match="refusing to add 16px"):
+        prepare_shards(DataConfig(source="folder", root=str(folder), resolution=16, channels=1),
+                       tmp_path, progress=False)
+    # an unreadable image under --strict: stops, and the old shards stay
+    with pytest.raises(DataError, match=r"cannot read image .*broken\.png.*--strict"):
+        prepare_shards(DataConfig(source="folder", root=str(folder), resolution=8, channels=1,
+                                  strict=True), tmp_path, progress=False)
+    assert {p.name: sha256_of(p) for p in tmp_path.glob("train-*.tar")} == before
+    assert (tmp_path / "manifest.json").read_text() == manifest
+    assert not list(tmp_path.glob(".*prepare.tmp"))
+    # without --strict the bad image is skipped and counted; the new shards replace the old
+    written = prepare_shards(DataConfig(source="folder", root=str(folder), resolution=8, channels=1,
+                                        shard_size=4), tmp_path, progress=False)
+    split = written["splits"]["train"]
+    assert split["total"] == 5 and split["skipped_unreadable"] == 1
+    assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
+    assert [e["count"] for e in split["shards"]] == [4, 1]
+    s = stream(str(tmp_path / "train-{000000..000001}.tar"), workers=0, batch_size=1, shuffle_buffer=0)
+    assert len(labels_of(s, 5)) == 5
+
+
+# --- one-line errors ----------------------------------------------------------------------------------
+
+def test_strict_errors_from_loader_workers_are_one_line(tmp_path):
+    from test_shards import add_broken_sample
+
+    pattern, _ = tiny_shards(tmp_path, n_shards=2, per_shard=12)
+    add_broken_sample(tmp_path / "train-000000.tar")
+    add_broken_sample(tmp_path / "train-000001.tar")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())  # sizes agree: only samples are bad
+    for entry in manifest["splits"]["train"]["shards"]:
+        entry["bytes"] = (tmp_path / entry["name"]).stat().st_size
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError) as err:
+        labels_of(stream(pattern, workers=2, batch_size=2, strict=True), 12)
+    message = str(err.value)
+    assert "sample 'zz_bad' of shard" in message and "(data.strict=true)" in message
+    assert "Traceback" not in message and "\n" not in message
+
+
+def test_config_values_people_write(tmp_path):
+    config = tmp_path / "lr.yaml"
+    config.write_text("optim:\n  g_lr: 1e-4\n  d_lr: 2E-4\nloss:\n  gp_weight: 1.0e+1\n")
+    loaded = load_config(config)
+    assert (loaded.optim.g_lr, loaded.optim.d_lr, loaded.loss.gp_weight) == (1e-4, 2e-4, 10.0)
+    config.write_text("optim:\n  g_lr: fast\n")
+    with pytest.raises(ConfigError, match="optim.g_lr = 'fast' is not a number"):
+        load_config(config)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="empty.yaml is empty"):
+        load_config(empty)
+    a_file = tmp_path / "not_a_dir"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match="run.dir = .*not_a_dir.*names a file, not a directory"):
+        load_config(None, {"run.dir": str(a_file)})
+
+
+@pytest.mark.parametrize("args,message", [
+    (["dist_gan.sample", "nowhere", "--n=0"], "--n=0 must be a whole number >= 1"),
+    (["dist_gan.sample", "nowhere", "--n=-1"], "--n=-1 must be a whole number >= 1"),
+    (["dist_gan"], "usage: dist-gan COMMAND"),
+    (["dist_gan.train", "configs/mnist_dcgan.yaml", "--data.format=memory", "--data.resolution=30",
+      "--data.source=synthetic", "--run.dir=RUN"], "data.resolution = 30 is not 2^k x (4..7)"),
+])
+def test_bad_commands_fail_in_one_line(tmp_path, args, message):
+    args = [a.replace("RUN", str(tmp_path / "run")) for a in args]
+    proc = run_cli(args, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+# --- end to end ---------------------------------------------------------------------------------------
+
+def train_args(run: Path, data: list[str], *extra: str) -> list[str]:
+    return ["dist_gan.train", "configs/mnist_wgangp.yaml", f"--run.dir={run}", *data, *FAST,
+            "--model.generator.width=8", "--model.discriminator.width=8", "--optim.n_critic=1", *extra]
+
+
+def events(run: Path, kind: str) -> list[dict]:
+    return [r for r in read_metrics(run) if r.get("event") == kind]
+
+
+def kill_group(proc: subprocess.Popen, sig: int) -> None:
+    os.killpg(os.getpgid(proc.pid), sig)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_exits_75(tmp_path, shard_data):
+    """What a Slurm time limit or `kill -TERM -- -PGID` does: every process, loader workers too."""
+    run = tmp_path / "run"
+    proc = start_cli(train_args(run, shard_data, "--train.max_steps=100000", "--run.ckpt_every=100000"),
+                     log=tmp_path / "run.log", new_session=True)
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 3, 300,
+             "a few log lines", proc)
+    kill_group(proc, signal.SIGTERM)
+    assert proc.wait(timeout=120) == PREEMPTED, (tmp_path / "run.log").read_text()[-3000:]
+    stop = events(run, "preempted")[0]
+    assert stop["stopped_by"] == "SIGTERM"
+    assert read_manifest(run / "checkpoints" / f"step_{stop['step']:08d}")["healthy"] is True
+    assert not (run / runlock.LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_a_signal_during_start_up_still_exits_75(tmp_path, shard_data):
+    run = tmp_path / "run"
+    proc = start_cli(train_args(run, shard_data, "--train.max_steps=100000"), log=tmp_path / "run.log")
+    # the lock is taken right after the process group forms, before the networks and data exist
+    wait_for(lambda: (run / runlock.LOCK_NAME).exists(), 120, "the run lock", proc, interval=0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == PREEMPTED, (tmp_path / "run.log").read_text()[-3000:]
+    assert events(run, "preempted")[0]["step"] == 1  # one step, then the checkpoint
+    assert list_checkpoints(run)[-1].name == "step_00000001"
+
+
+@pytest.mark.slow
+def test_a_second_run_in_the_same_directory_is_refused(tmp_path, shard_data):
+    run = tmp_path / "run"
+    first = start_cli(train_args(run, shard_data, "--train.max_steps=100000", "--run.ckpt_every=100000"),
+                      log=tmp_path / "first.log")
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 2, 300,
+             "the first run to train", first)
+    second = run_cli(train_args(run, shard_data, "--train.max_steps=10"), check=False)
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    assert f"is in use by pid {first.pid}" in second.stderr, second.stderr[-2000:]
+    first.send_signal(signal.SIGUSR1)
+    assert first.wait(timeout=120) == PREEMPTED
+    assert len(events(run, "start")) == 1  # the refused run wrote nothing into the directory
+
+
+@pytest.mark.slow
+def test_divergence_never_checkpoints_mid_streak_and_rolls_back_to_the_last_healthy(tmp_path, shard_data):
+    """The issue's reproduction: 6 good steps, then absurd learning rates with rollback."""
+    run = tmp_path / "run"
+    run_cli(train_args(run, shard_data, "--train.max_steps=6", "--run.ckpt_every=2"))
+    proc = run_cli(train_args(run, shard_data, "--train.resume=auto", "--optim.g_lr=1e6",
+                              "--optim.d_lr=1e6", "--train.on_divergence=rollback",
+                              "--train.max_steps=40", "--run.ckpt_every=2"), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "last good checkpoint: " + str(run / "checkpoints" / "step_00000006") in proc.stderr
+    rollbacks = events(run, "rollback")
+    assert len(rollbacks) == 3 and all(r["to"].endswith("step_00000006") for r in rollbacks)
+    step6 = run / "checkpoints" / "step_00000006"
+    assert read_manifest(step6)["healthy"] is True
+    # whatever was written after step 6 is not a rollback target, and step 6 was never pruned
+    later = [p for p in list_checkpoints(run) if p.name > step6.name]
+    assert all(read_manifest(p)["healthy"] is False for p in later)
+    assert last_healthy(run) == step6
+
+
+@pytest.mark.slow
+def test_a_corrupted_newest_checkpoint_is_skipped_on_resume(tmp_path, shard_data):
+    run = tmp_path / "run"
+    run_cli(train_args(run, shard_data, "--train.max_steps=4", "--run.ckpt_every=2"))
+    newest = run / "checkpoints" / "step_00000004"
+    flip_byte(newest / "trainer_state.pt", offset=100)
+    proc = run_cli(train_args(run, shard_data, "--train.resume=auto", "--train.max_steps=6"))
+    assert "skipping checkpoint" in proc.stderr and "CRC-32" in proc.stderr
+    assert events(run, "start")[-1]["resumed_from"].endswith("step_00000002")
+    assert events(run, "end")[-1]["step"] == 6
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 24 MiB tmpfs (root only); skipped where mounts are not allowed."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, shard_data, small_tmpfs):
+    run = small_tmpfs / "run"
+    run_cli(train_args(run, shard_data, "--train.max_steps=2", "--run.ckpt_every=2"))
+    size = sum(f.stat().st_size for f in (run / "checkpoints" / "step_00000002").rglob("*") if f.is_file())
+    stat = os.statvfs(small_tmpfs)
+    room = size // 2  # room for logs and samples, not for another checkpoint
+    with open(small_tmpfs / "ballast", "wb") as f:
+        f.write(b"\0" * (stat.f_bavail * stat.f_frsize - room))
+    proc = run_cli(train_args(run, shard_data, "--train.resume=auto", "--train.max_steps=4",
+                              "--run.ckpt_every=2", "--run.sample_every=1000"), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"no space left on {small_tmpfs} while writing checkpoint step_00000004" in proc.stderr
+    assert "step_00000002 stays the newest complete checkpoint" in proc.stderr
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002"]
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    read_manifest(run / "checkpoints" / "step_00000002")
