@@ -52,12 +52,17 @@ def main() -> int:
                           "--rootdir", str(REPO)], plugins=[table])
     lines = ["| case | expected | observed |", "|---|---|---|"]
     lines += [f"| {case} | {expected} | {observed} |" for case, expected, observed in table.rows]
+    summary = (f"{sum(r[2] == 'as expected' for r in table.rows)}/{len(table.rows)} cases as expected "
+               f"in {time.perf_counter() - start:.0f} s")
     text = "\n".join(lines)
-    print(text)
-    print(f"\n{sum(r[2] == 'as expected' for r in table.rows)}/{len(table.rows)} cases as expected "
-          f"in {time.perf_counter() - start:.0f} s")
+    print(text + "\n\n" + summary)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        Path(args.out).write_text(
+            "# Fault battery\n\nEvery fault case of `tests/test_faults.py` (the reproductions of issue 13 "
+            "and the one-line errors), run by\n`python bench/faults.py --out docs/faults.md` on "
+            f"{time.strftime('%Y-%m-%d')}. What each case guarantees, and what is not\nguaranteed: "
+            "[scale.md](scale.md#what-is-guaranteed-and-what-is-not).\n\n"
+            f"{text}\n\n{summary}.\n")
     return int(status)
 
 

@@ -53,6 +53,7 @@ def flip_byte(path: Path, offset: int = 5) -> None:
 # --- checkpoints: checksums, health, pruning ---------------------------------------------------------
 
 def test_a_same_size_corruption_is_caught_and_auto_resume_falls_back(tmp_path, caplog):
+    """A same-size corruption fails its CRC-32; resume=auto takes the older checkpoint, saying why."""
     fake_checkpoint(tmp_path, 10)
     newest = fake_checkpoint(tmp_path, 20)
     flip_byte(newest / "trainer_state.pt")
@@ -68,12 +69,14 @@ def test_a_same_size_corruption_is_caught_and_auto_resume_falls_back(tmp_path, c
 
 
 def test_auto_resume_with_nothing_to_resume_says_it_starts_fresh(tmp_path, caplog):
+    """resume=auto with no checkpoint logs that it starts fresh."""
     with caplog.at_level(logging.INFO):
         assert resolve_resume("auto", tmp_path) is None
     assert "no complete checkpoint" in caplog.text and "starting fresh" in caplog.text
 
 
 def test_rollback_target_is_the_newest_healthy_checkpoint_and_pruning_keeps_it(tmp_path):
+    """Unhealthy checkpoints are never the rollback target; keep_last never prunes the newest healthy one."""
     fake_checkpoint(tmp_path, 10)
     good = fake_checkpoint(tmp_path, 20)
     for step in (30, 40, 50):
@@ -96,6 +99,7 @@ def write_lock(run: Path, **holder) -> Path:
 
 
 def test_a_live_lock_is_refused_naming_the_holder(tmp_path):
+    """A run directory locked by a live process is refused naming host and pid; a dead holder's lock is taken over."""
     import socket
 
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -113,6 +117,7 @@ def test_a_live_lock_is_refused_naming_the_holder(tmp_path):
 
 
 def test_a_lock_from_another_host_is_refused_unless_it_is_this_slurm_job(tmp_path, monkeypatch):
+    """Another host's lock is refused, unless it is this (requeued) Slurm job's."""
     write_lock(tmp_path, host="node-that-is-not-here", pid=1234, slurm_job_id="77")
     with pytest.raises(runlock.RunDirInUse, match="node-that-is-not-here"):
         runlock.acquire(tmp_path)
@@ -123,6 +128,7 @@ def test_a_lock_from_another_host_is_refused_unless_it_is_this_slurm_job(tmp_pat
 # --- prepare never destroys what is there -----------------------------------------------------------
 
 def test_a_failed_prepare_leaves_the_existing_shards_whole(tmp_path):
+    """A failed prepare (other resolution, unreadable image with --strict) leaves the shards and manifest untouched; without --strict bad images are skipped and counted."""
     pattern, _ = tiny_shards(tmp_path, n_shards=2, per_shard=12)
     before = {p.name: sha256_of(p) for p in tmp_path.glob("train-*.tar")}
     manifest = (tmp_path / "manifest.json").read_text()
@@ -155,9 +161,26 @@ def test_a_failed_prepare_leaves_the_existing_shards_whole(tmp_path):
     assert len(labels_of(s, 5)) == 5
 
 
+def test_a_manifest_count_that_disagrees_with_its_shard_is_named(tmp_path, caplog):
+    """A manifest sample count that disagrees with its shard is named by the loader and by verify."""
+    from dist_gan.data.shards import verify_shards
+
+    pattern, _ = tiny_shards(tmp_path, n_shards=2, per_shard=12)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][1]["count"] = 20
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING):
+        labels_of(stream(pattern, workers=0, batch_size=1, shuffle_buffer=0), 24)
+    assert "train-000001.tar holds 12 samples but its manifest entry says 20" in caplog.text
+    assert verify_shards(pattern) == [f"{tmp_path}/train-000001.tar: 12 samples, the manifest says 20"]
+    with pytest.raises(DataError, match="holds 12 samples but its manifest entry says 20"):
+        labels_of(stream(pattern, workers=0, batch_size=1, shuffle_buffer=0, strict=True), 24)
+
+
 # --- one-line errors ----------------------------------------------------------------------------------
 
 def test_strict_errors_from_loader_workers_are_one_line(tmp_path):
+    """A strict-mode error raised in a loader worker is one line, without the worker's traceback."""
     from test_shards import add_broken_sample
 
     pattern, _ = tiny_shards(tmp_path, n_shards=2, per_shard=12)
@@ -175,6 +198,7 @@ def test_strict_errors_from_loader_workers_are_one_line(tmp_path):
 
 
 def test_config_values_people_write(tmp_path):
+    """YAML 1e-4 / 2E-4 are numbers; an empty YAML file and a run.dir naming a file are one-line errors."""
     config = tmp_path / "lr.yaml"
     config.write_text("optim:\n  g_lr: 1e-4\n  d_lr: 2E-4\nloss:\n  gp_weight: 1.0e+1\n")
     loaded = load_config(config)
@@ -200,6 +224,7 @@ def test_config_values_people_write(tmp_path):
       "--data.source=synthetic", "--run.dir=RUN"], "data.resolution = 30 is not 2^k x (4..7)"),
 ])
 def test_bad_commands_fail_in_one_line(tmp_path, args, message):
+    """sample --n=0 / --n=-1, dist-gan without a command, an impossible resolution: non-zero exit, one line."""
     args = [a.replace("RUN", str(tmp_path / "run")) for a in args]
     proc = run_cli(args, check=False)
     assert proc.returncode != 0
@@ -223,7 +248,9 @@ def kill_group(proc: subprocess.Popen, sig: int) -> None:
 
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_exits_75(tmp_path, shard_data):
-    """What a Slurm time limit or `kill -TERM -- -PGID` does: every process, loader workers too."""
+    """SIGTERM to the whole process group with 2 loader workers: checkpoint, exit 75, lock released.
+
+    What a Slurm time limit or `kill -TERM -- -PGID` does: every process, loader workers too."""
     run = tmp_path / "run"
     proc = start_cli(train_args(run, shard_data, "--train.max_steps=100000", "--run.ckpt_every=100000"),
                      log=tmp_path / "run.log", new_session=True)
@@ -239,6 +266,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_exits_
 
 @pytest.mark.slow
 def test_a_signal_during_start_up_still_exits_75(tmp_path, shard_data):
+    """SIGTERM during start-up: one step, a checkpoint, exit 75."""
     run = tmp_path / "run"
     proc = start_cli(train_args(run, shard_data, "--train.max_steps=100000"), log=tmp_path / "run.log")
     # the lock is taken right after the process group forms, before the networks and data exist
@@ -251,6 +279,7 @@ def test_a_signal_during_start_up_still_exits_75(tmp_path, shard_data):
 
 @pytest.mark.slow
 def test_a_second_run_in_the_same_directory_is_refused(tmp_path, shard_data):
+    """A second run in a busy run directory exits 1 naming the first's pid and writes nothing there."""
     run = tmp_path / "run"
     first = start_cli(train_args(run, shard_data, "--train.max_steps=100000", "--run.ckpt_every=100000"),
                       log=tmp_path / "first.log")
@@ -266,7 +295,9 @@ def test_a_second_run_in_the_same_directory_is_refused(tmp_path, shard_data):
 
 @pytest.mark.slow
 def test_divergence_never_checkpoints_mid_streak_and_rolls_back_to_the_last_healthy(tmp_path, shard_data):
-    """The issue's reproduction: 6 good steps, then absurd learning rates with rollback."""
+    """Divergence with rollback: no checkpoint mid-streak, every rollback to the last healthy one, which survives.
+
+    The issue's reproduction: 6 good steps, then absurd learning rates with rollback."""
     run = tmp_path / "run"
     run_cli(train_args(run, shard_data, "--train.max_steps=6", "--run.ckpt_every=2"))
     proc = run_cli(train_args(run, shard_data, "--train.resume=auto", "--optim.g_lr=1e6",
@@ -286,6 +317,7 @@ def test_divergence_never_checkpoints_mid_streak_and_rolls_back_to_the_last_heal
 
 @pytest.mark.slow
 def test_a_corrupted_newest_checkpoint_is_skipped_on_resume(tmp_path, shard_data):
+    """A corrupted newest checkpoint is skipped by resume=auto (named, with the checksum), the previous one resumes."""
     run = tmp_path / "run"
     run_cli(train_args(run, shard_data, "--train.max_steps=4", "--run.ckpt_every=2"))
     newest = run / "checkpoints" / "step_00000004"
@@ -311,6 +343,7 @@ def small_tmpfs(tmp_path):
 
 @pytest.mark.slow
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, shard_data, small_tmpfs):
+    """Disk full while checkpointing: one line naming the device, the previous checkpoint stays newest."""
     run = small_tmpfs / "run"
     run_cli(train_args(run, shard_data, "--train.max_steps=2", "--run.ckpt_every=2"))
     size = sum(f.stat().st_size for f in (run / "checkpoints" / "step_00000002").rglob("*") if f.is_file())
