@@ -2,7 +2,10 @@
 
 A config is a tree of dataclasses. ``load_config(path, {"train.max_steps": 200})`` reads the YAML,
 applies the overrides, converts every value to its field's type and checks ranges, so a bad value
-fails before any process group or network is built, with a message that names the key.
+fails before any process group or network is built, with a message that names the key. Names that
+registries define (losses, networks, data sources) are checked against ``names`` when given
+(``dist_gan.registry.registered_names()``, as the entry points do), and again by ``lookup`` where
+each registry is used. This module imports nothing of the package: it is the ground floor.
 """
 
 from __future__ import annotations
@@ -11,15 +14,31 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, TypeVar
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key and the value."""
+
+
+T = TypeVar("T")
+
+
+def _not_one_of(value: Any, names: Collection[str]) -> str:
+    close = difflib.get_close_matches(str(value), list(names), n=1, cutoff=0.5)
+    return f"is not one of {sorted(names)}" + (f"; did you mean {close[0]!r}?" if close else "")
+
+
+def lookup(registry: Mapping[str, T], key: str, value: str) -> T:
+    """``registry[value]``, or a ConfigError naming the config ``key`` and the known names."""
+    if value not in registry:
+        raise ConfigError(f"{key} = {value!r}: {_not_one_of(value, registry)}")
+    return registry[value]
 
 
 @dataclass
@@ -255,23 +274,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def problems(self) -> list[tuple[str, Any, str]]:
-        # Registries are imported here, not at module level, so the config stays the bottom layer.
-        from dist_gan.data import DATA_SOURCES
-        from dist_gan.losses import LOSSES
-        from dist_gan.models import DISCRIMINATORS, ENCODERS, GENERATORS
-
         found = []
-        for key, value, registry in (
-            ("data.source", self.data.source, DATA_SOURCES),
-            ("loss.name", self.loss.name, LOSSES),
-            ("model.generator.arch", self.model.generator.arch, GENERATORS),
-            ("model.discriminator.arch", self.model.discriminator.arch, DISCRIMINATORS),
-        ):
-            if value not in registry:
-                found.append((key, value, f"is not one of {sorted(registry)}"))
-        encoder = self.model.encoder.arch
-        if encoder != "none" and encoder not in ENCODERS:
-            found.append(("model.encoder.arch", encoder, f"is not none or one of {sorted(ENCODERS)}"))
         penalised = self.loss.name == "wgan_gp" or self.loss.r1_gamma > 0
         if penalised and self.model.discriminator.norm == "batch":
             found.append(
@@ -302,8 +305,12 @@ def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
-    """Load ``path`` (YAML; None means all defaults), apply dotted ``overrides`` and validate."""
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None,
+                names: Mapping[str, Collection[str]] | None = None) -> Config:
+    """Load ``path`` (YAML; None means all defaults), apply dotted ``overrides`` and validate.
+
+    ``names`` maps a dotted key to the values it may take (the registries'); each is checked too.
+    """
     raw: dict = {}
     source = str(path) if path is not None else "<defaults>"
     if path is not None:
@@ -325,9 +332,19 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         _set_dotted(raw, dotted, value)
     config = _build(Config, raw, prefix="", source=source)
     problems = _collect_problems(config, prefix="")
+    for dotted, allowed in (names or {}).items():
+        value = _get_dotted(config, dotted)
+        if value not in allowed:
+            problems.append((dotted, value, _not_one_of(value, allowed)))
     if problems:
         lines = [f"  {key} = {value!r}: {reason}" for key, value, reason in problems]
         raise ConfigError(f"invalid config ({source}):\n" + "\n".join(lines))
+    return config
+
+
+def _get_dotted(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
     return config
 
 

@@ -37,6 +37,7 @@ from dist_gan.ema import EMA
 from dist_gan.stop import PREEMPTED_EXIT_CODE, StopRequest
 from dist_gan.losses import GANLoss, Models, build_loss, eager
 from dist_gan.models import build_discriminator, build_encoder, build_generator
+from dist_gan.sample import decode
 from dist_gan.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -328,16 +329,8 @@ def check_replicas(accelerator: Accelerator, modules: dict[str, nn.Module]) -> d
 
 def _generate_grid(generator: nn.Module, fixed_z: torch.Tensor, num_classes: int) -> torch.Tensor:
     """The sample grid: fixed latents; for a conditional model row r (of 8) shows class r."""
-    was_training = generator.training
-    generator.eval()
-    labels = None
-    if num_classes:
-        rows = torch.arange(len(fixed_z), device=fixed_z.device) // 8
-        labels = rows % num_classes
-    with torch.no_grad():
-        images = generator(fixed_z, labels)  # any weight dtype: see models.layers.accept_fp32_io
-    generator.train(was_training)
-    return images
+    labels = torch.arange(len(fixed_z), device=fixed_z.device) // 8 % num_classes if num_classes else None
+    return decode(generator, fixed_z, len(fixed_z), fixed_z.device, labels)
 
 
 def _deepspeed_plugins(config: Config) -> dict:

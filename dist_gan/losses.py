@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dist_gan.config import LossConfig
+from dist_gan.config import LossConfig, lookup
 from dist_gan.data import DataError
 
 Stats = dict[str, torch.Tensor]
@@ -327,4 +327,4 @@ LOSSES: dict[str, type[GANLoss]] = {
 
 
 def build_loss(cfg: LossConfig, autocast: Callable[[], ContextManager] = nullcontext) -> GANLoss:
-    return LOSSES[cfg.name](cfg, autocast)
+    return lookup(LOSSES, "loss.name", cfg.name)(cfg, autocast)

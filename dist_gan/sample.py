@@ -15,6 +15,7 @@ from torchvision.utils import save_image
 from dist_gan.checkpoint import find_checkpoint, load_encoder_state, load_generator_state
 from dist_gan.config import ConfigError, load_config
 from dist_gan.data import DATA_SOURCES, DataError
+from dist_gan.data.sources import to_model_range
 from dist_gan.models import build_encoder, build_generator
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def generate(generator: nn.Module, n: int, seed: int = 0, batch_size: int = 256,
     classes = num_classes(generator)
     if classes and labels is None:
         labels = torch.randint(0, classes, (n,), generator=rng)
-    return _decode(generator, z, batch_size, device, labels)
+    return decode(generator, z, batch_size, device, labels)
 
 
 def latent_walk(generator: nn.Module, steps: int, seed: int = 0) -> torch.Tensor:
@@ -60,7 +61,7 @@ def latent_walk(generator: nn.Module, steps: int, seed: int = 0) -> torch.Tensor
     t = torch.linspace(0, 1, steps).unsqueeze(1)
     z = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
     labels = torch.zeros(steps, dtype=torch.long) if num_classes(generator) else None
-    return _decode(generator, z, steps, "cpu", labels)
+    return decode(generator, z, steps, "cpu", labels)
 
 
 def by_class(generator: nn.Module, classes: list[int], per_class: int, seed: int = 0) -> torch.Tensor:
@@ -72,7 +73,7 @@ def by_class(generator: nn.Module, classes: list[int], per_class: int, seed: int
         raise ConfigError(f"--classes {bad}: this model knows classes 0..{num_classes(generator) - 1}")
     z = torch.randn(per_class, generator.z_dim, generator=torch.Generator().manual_seed(seed))
     labels = torch.tensor(classes).repeat_interleave(per_class)
-    return _decode(generator, z.repeat(len(classes), 1), 256, "cpu", labels)
+    return decode(generator, z.repeat(len(classes), 1), 256, "cpu", labels)
 
 
 @torch.no_grad()
@@ -89,16 +90,18 @@ def reconstructions(checkpoint: Path, generator: nn.Module, n: int,
     if mnist_dir:
         config.data.mnist_dir = mnist_dir
     images = DATA_SOURCES[config.data.source](config.data, "test")
-    real = torch.stack([images[i][0] for i in range(n)]).float().div(127.5).sub(1.0)
+    real = to_model_range(torch.stack([images[i][0] for i in range(n)]))
     labels = torch.tensor([images[i][1] for i in range(n)]) if num_classes(generator) else None
-    recon = _decode(generator, encoder(real)[0], 256, "cpu", labels)
+    recon = decode(generator, encoder(real)[0], 256, "cpu", labels)
     rows = [t for i in range(0, n, 8) for t in (real[i:i + 8], recon[i:i + 8])]
     return torch.cat(rows)
 
 
 @torch.no_grad()
-def _decode(generator: nn.Module, z: torch.Tensor, batch_size: int, device: torch.device | str,
-            labels: torch.Tensor | None = None) -> torch.Tensor:
+def decode(generator: nn.Module, z: torch.Tensor, batch_size: int, device: torch.device | str,
+           labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Images (fp32, on the CPU) of latents ``z`` (and ``labels``) in batches, the generator in eval
+    mode meanwhile (BatchNorm uses its running statistics); any weight dtype."""
     was_training = generator.training
     generator.eval()
     label_chunks = labels.split(batch_size) if labels is not None else [None] * len(z.split(batch_size))

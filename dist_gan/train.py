@@ -33,9 +33,10 @@ def main(config: str, debug: bool = False, **overrides) -> None:
         from dist_gan.config import ConfigError, load_config
         from dist_gan.data import DataError
         from dist_gan.loop import TrainingDiverged, train
+        from dist_gan.registry import registered_names
 
         try:
-            result = train(load_config(config, overrides), stop_request)
+            result = train(load_config(config, overrides, registered_names()), stop_request)
         except (ConfigError, DataError, FileNotFoundError, TrainingDiverged) as err:
             if debug:
                 raise

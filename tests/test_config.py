@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from dist_gan.config import Config, ConfigError, load_config, save_config
+from dist_gan.registry import registered_names
 
 REPO = Path(__file__).resolve().parents[1]
 WGANGP = REPO / "configs" / "mnist_wgangp.yaml"
@@ -59,7 +60,7 @@ def test_unknown_section_suggests():
 ])
 def test_bad_values_name_key_and_value(key, value, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        load_config(WGANGP, {key: value})
+        load_config(WGANGP, {key: value}, registered_names())
 
 
 def test_batchnorm_critic_with_gradient_penalty_is_refused():

@@ -14,7 +14,7 @@ from PIL import Image
 
 from dist_gan.config import DataConfig
 from dist_gan.data import DataError, build_batch_stream, load_mnist_idx, prepare_shards
-from dist_gan.data.shards import MANIFEST, write_shards
+from dist_gan.data.shards import SHARD_MANIFEST, write_shards
 from dist_gan.data.sources import TensorImageSet
 
 
@@ -50,7 +50,7 @@ def test_mnist_round_trip_is_exact(mnist_dir, mnist_shards):
     images, labels = load_mnist_idx(mnist_dir)
     expected = [(int(label), row.numpy().tobytes()) for label, row in zip(labels, images.view(60000, -1))]
     assert Counter(seen) == Counter(expected)
-    manifest = json.loads(open(mnist_shards.rsplit("/", 1)[0] + "/" + MANIFEST).read())
+    manifest = json.loads(open(mnist_shards.rsplit("/", 1)[0] + "/" + SHARD_MANIFEST).read())
     assert manifest["splits"]["train"]["total"] == 60000 and manifest["class_names"][3] == "3"
     assert all(len(e["sha256"]) == 64 and e["count"] == 10000 for e in manifest["splits"]["train"]["shards"])
 
@@ -154,10 +154,10 @@ def test_wrong_size_or_mode_is_a_bad_sample(tmp_path, image, message):
     s = stream(shards, workers=0, shuffle_buffer=0, batch_size=1)
     assert sorted(labels_of(s, 24)) == list(range(24))  # every good sample, none of the odd ones
     assert s.counters()["data_skipped_samples"] >= 1
-    manifest = json.loads((tmp_path / MANIFEST).read_text())  # sizes match again: only the sample is odd
+    manifest = json.loads((tmp_path / SHARD_MANIFEST).read_text())  # sizes match again: only the sample is odd
     for entry in manifest["splits"]["train"]["shards"]:
         entry["bytes"] = (tmp_path / entry["name"]).stat().st_size
-    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / SHARD_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=f"sample 'zz_odd' of shard .*: {message}"):
         labels_of(stream(shards, workers=0, shuffle_buffer=0, batch_size=1, strict=True), 24)
 
@@ -173,7 +173,7 @@ def test_pattern_and_manifest_errors_name_the_path(tmp_path):
         stream(str(tmp_path / "extra-000000.tar"))
     with pytest.raises(DataError, match=r"describes 8px x 1 channel images but data\.resolution=8, data\.channels=3"):
         stream(pattern, channels=3)
-    (tmp_path / MANIFEST).unlink()
+    (tmp_path / SHARD_MANIFEST).unlink()
     with pytest.raises(DataError, match=r"shard manifest not found: .*manifest\.json"):
         stream(pattern)
 
@@ -181,7 +181,7 @@ def test_pattern_and_manifest_errors_name_the_path(tmp_path):
 def test_pipe_urls_stream_from_a_command(tmp_path):
     pattern, _ = tiny_shards(tmp_path, n_shards=2)
     piped = "::".join(f"pipe:cat {tmp_path}/train-00000{i}.tar" for i in range(2))
-    s = stream(piped, manifest=str(tmp_path / MANIFEST), workers=0)
+    s = stream(piped, manifest=str(tmp_path / SHARD_MANIFEST), workers=0)
     assert sorted(labels_of(s, s.budget)) == list(range(48))
 
 
@@ -256,7 +256,7 @@ def test_cifar10_source_to_shards_and_back_exactly(tmp_path):
     train = make_cifar10(tmp_path / "cifar")  # 15 training images
     run_cli(["dist_gan.data", "prepare", "--source=cifar10", f"--root={tmp_path / 'cifar'}",
              f"--out={tmp_path / 'shards'}", "--shard_size=4"])
-    manifest = json.loads((tmp_path / "shards" / MANIFEST).read_text())
+    manifest = json.loads((tmp_path / "shards" / SHARD_MANIFEST).read_text())
     assert manifest["splits"]["train"]["total"] == 15 and manifest["class_names"][9] == "truck"
     assert (manifest["resolution"], manifest["channels"]) == (32, 3)
     s = stream(str(tmp_path / "shards" / "train-{000000..000003}.tar"), resolution=32, channels=3,

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from dist_gan.config import DataConfig
+from dist_gan.config import DataConfig, lookup
 from dist_gan.data.loader import ShardSamples, ShardStream
 from dist_gan.data.memory import InMemoryBatches
 from dist_gan.data.shards import expand_urls, local_path, resolve_shards, write_shards
@@ -35,7 +35,7 @@ class BatchStream(Protocol):
 def prepare_shards(cfg: DataConfig, out_dir: str | Path, split: str = "train",
                    progress: bool = True) -> dict:
     """Write ``cfg.source``'s ``split`` as shards of ``cfg.shard_size`` samples into ``out_dir``."""
-    images = DATA_SOURCES[cfg.source](cfg, split)
+    images = lookup(DATA_SOURCES, "data.source", cfg.source)(cfg, split)
     return write_shards(images, out_dir, split, cfg.shard_size, cfg.source, cfg.resolution,
                         cfg.channels, progress, cfg.strict)
 
@@ -59,7 +59,7 @@ def build_batch_stream(cfg: DataConfig, seed: int, rank: int, world_size: int,
                        device: torch.device | str, may_prepare: bool = False) -> BatchStream:
     """This rank's stream of batches as ``cfg`` says (``may_prepare``: this process may write shards)."""
     if cfg.format == "memory":
-        images = DATA_SOURCES[cfg.source](cfg)
+        images = lookup(DATA_SOURCES, "data.source", cfg.source)(cfg)
         log.info("data: %s in memory, %d images", cfg.source, len(images))
         return InMemoryBatches.from_image_set(images, batch_size=cfg.batch_size, seed=seed, rank=rank,
                                               world_size=world_size, device=device)

@@ -14,7 +14,7 @@ import sys
 import fire
 
 from dist_gan.config import ConfigError, DataConfig, load_config
-from dist_gan.data import DataError, prepare_shards
+from dist_gan.data import DATA_SOURCES, DataError, prepare_shards
 from dist_gan.data.shards import verify_shards
 
 
@@ -30,7 +30,8 @@ def prepare(source: str, out: str, split: str = "train", shard_size: int = 10000
     overrides = {"source": source, "mnist_dir": mnist_dir, "root": root, "shard_size": shard_size,
                  "resolution": resolution or natural[0], "channels": channels or natural[1], "strict": strict}
     try:
-        cfg = load_config(None, {f"data.{k}": v for k, v in overrides.items()}).data
+        cfg = load_config(None, {f"data.{k}": v for k, v in overrides.items()},
+                          {"data.source": DATA_SOURCES}).data
         prepare_shards(cfg, out, split)
     except (ConfigError, DataError) as err:
         sys.exit(f"dist_gan.data prepare: error: {err}")

@@ -29,7 +29,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dist_gan.data.sources import DataError
+from dist_gan.data.sources import DataError, to_model_range
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -252,7 +252,7 @@ class ShardStream:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self._next_raw()
         self.batch += 1
-        images = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        images = to_model_range(images.to(self.device, non_blocking=True))
         return images, labels.to(self.device, non_blocking=True)
 
     def counters(self) -> dict[str, int]:

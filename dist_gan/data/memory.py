@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dist_gan.data.sources import DataError, ImageSet
+from dist_gan.data.sources import DataError, ImageSet, to_model_range
 
 
 class InMemoryBatches:
@@ -46,7 +46,7 @@ class InMemoryBatches:
         self.batch += 1
         images = self.images[index].to(self.device, non_blocking=True)
         labels = self.labels[index].to(self.device, non_blocking=True)
-        return images.float().div_(127.5).sub_(1.0), labels
+        return to_model_range(images), labels
 
     def counters(self) -> dict[str, int]:
         return {}

@@ -28,8 +28,8 @@ from dist_gan.data.sources import DataError, ImageSet
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "dist_gan.shards/1"
+SHARD_MANIFEST = "manifest.json"
+SHARD_MANIFEST_FORMAT = "dist_gan.shards/1"
 MAX_SKIP_WARNINGS = 10  # unreadable images named in the log when preparing; the rest are counted
 _SHARD_NAME = re.compile(r"([^/\s]+\.tar)(?:\s|$)")
 
@@ -62,8 +62,8 @@ def write_shards(images: ImageSet, out_dir: str | Path, split: str, shard_size: 
     Unreadable images are skipped, counted and logged (``strict``: the first one is an error).
     """
     out_dir = Path(out_dir)
-    manifest_path = out_dir / MANIFEST
-    manifest = read_manifest(manifest_path) if manifest_path.is_file() else {}
+    manifest_path = out_dir / SHARD_MANIFEST
+    manifest = read_shard_manifest(manifest_path) if manifest_path.is_file() else {}
     if manifest and (manifest["resolution"], manifest["channels"]) != (resolution, channels):
         raise DataError(f"{manifest_path} describes {manifest['resolution']}px x "
                         f"{manifest['channels']} channels; refusing to add {resolution}px x {channels} "
@@ -92,7 +92,7 @@ def write_shards(images: ImageSet, out_dir: str | Path, split: str, shard_size: 
         if stale.name not in names:
             stale.unlink()
     staging.rmdir()
-    manifest.update(format=MANIFEST_FORMAT, source=source, resolution=resolution, channels=channels,
+    manifest.update(format=SHARD_MANIFEST_FORMAT, source=source, resolution=resolution, channels=channels,
                     class_names=list(images.class_names))
     manifest.setdefault("splits", {})[split] = {"total": written, "skipped_unreadable": skipped,
                                                 "shards": entries}
@@ -133,7 +133,7 @@ def write_json_atomically(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(path: str | Path) -> dict:
+def read_shard_manifest(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"shard manifest not found: {path} (write shards with `python -m dist_gan.data "
@@ -142,7 +142,7 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DataError(f"shard manifest {path} is not valid JSON: {err}") from err
-    if manifest.get("format") != MANIFEST_FORMAT:
+    if manifest.get("format") != SHARD_MANIFEST_FORMAT:
         raise DataError(f"{path} is not a dist_gan shard manifest (format {manifest.get('format')!r})")
     return manifest
 
@@ -171,7 +171,7 @@ def shard_name(url: str) -> str:
 
 def default_manifest_path(pattern: str) -> Path | None:
     first = local_path(expand_urls(pattern)[0])
-    return first.parent / MANIFEST if first is not None else None
+    return first.parent / SHARD_MANIFEST if first is not None else None
 
 
 def resolve_shards(pattern: str, manifest_path: str | None, resolution: int, channels: int,
@@ -192,7 +192,7 @@ def resolve_shards(pattern: str, manifest_path: str | None, resolution: int, cha
     path = Path(manifest_path) if manifest_path else default_manifest_path(pattern)
     if path is None:
         raise DataError(f"data.manifest must be set for remote shards ({urls[0]})")
-    manifest = read_manifest(path)
+    manifest = read_shard_manifest(path)
     if (manifest["resolution"], manifest["channels"]) != (resolution, channels):
         raise DataError(f"{path} describes {manifest['resolution']}px x {manifest['channels']} channel "
                         f"images but data.resolution={resolution}, data.channels={channels}")
@@ -224,7 +224,7 @@ def verify_shards(pattern: str, manifest_path: str | None = None) -> list[str]:
     """Check every local shard against its manifest entry (sha256, then sample count); return one
     "<shard>: <what differs>" line per shard that disagrees."""
     path = Path(manifest_path) if manifest_path else default_manifest_path(pattern)
-    listed = {e["name"]: e for split in read_manifest(path)["splits"].values() for e in split["shards"]}
+    listed = {e["name"]: e for split in read_shard_manifest(path)["splits"].values() for e in split["shards"]}
     problems = []
     for url in expand_urls(pattern):
         file = local_path(url)

@@ -97,6 +97,13 @@ def load_mnist_idx(directory: str | Path, split: str = "train") -> tuple[torch.T
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels in [0, 255] -> float in [-1, 1], the range every network takes and gives."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 pixels, got {images.dtype}")
+    return images.float().div_(127.5).sub_(1.0)  # .float() copied: in place is safe
+
+
 def to_grey(images: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) RGB -> (N, 1, H, W) luma (ITU-R BT.601 weights), as float."""
     weights = torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)

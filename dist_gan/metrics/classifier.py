@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dist_gan.data.sources import load_mnist_idx, to_grey
+from dist_gan.data.sources import load_mnist_idx, to_grey, to_model_range
 
 log = logging.getLogger(__name__)
 FEATURES = 128
@@ -59,7 +59,7 @@ class MnistClassifier(nn.Module):
 
 
 def _as_input(images: torch.Tensor) -> torch.Tensor:
-    return images.float().div(127.5).sub(1.0).unsqueeze(1) if images.dtype == torch.uint8 else images
+    return to_model_range(images).unsqueeze(1) if images.dtype == torch.uint8 else images
 
 
 @torch.no_grad()

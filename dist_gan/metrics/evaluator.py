@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from dist_gan.config import Config, DataConfig, load_config
-from dist_gan.data.sources import DATA_SOURCES
+from dist_gan.data.sources import DATA_SOURCES, to_model_range
 from dist_gan.metrics.classifier import cache_dir, fingerprint
 from dist_gan.metrics.networks import build_feature_net
 from dist_gan.metrics.quality import Embedder, quality
@@ -27,7 +27,7 @@ def real_embeddings(data: DataConfig, split: str, embed: Embedder) -> tuple[torc
         cached = torch.load(path, weights_only=True)
         return cached["features"], cached["logits"]
     images = DATA_SOURCES[data.source](data, split)
-    pixels = torch.stack([images[i][0] for i in range(len(images))]).float().div(127.5).sub(1.0)
+    pixels = to_model_range(torch.stack([images[i][0] for i in range(len(images))]))
     feats, logits = embed(pixels)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

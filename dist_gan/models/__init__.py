@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from dist_gan.config import Config, NetConfig
+from dist_gan.config import Config, NetConfig, lookup
 from dist_gan.models.dcgan import DCGANDiscriminator, DCGANEncoder, DCGANGenerator
 from dist_gan.models.layers import accept_fp32_io
 from dist_gan.models.mlp import MLPDiscriminator, MLPGenerator
@@ -18,22 +18,22 @@ DISCRIMINATORS: dict[str, type[nn.Module]] = {"dcgan": DCGANDiscriminator, "mlp"
 ENCODERS: dict[str, type[nn.Module]] = {"dcgan": DCGANEncoder}  # model.encoder.arch "none": no encoder
 
 
-def _build(registry: dict, net: NetConfig, config: Config) -> nn.Module:
-    network = registry[net.arch](net, config.model.z_dim, config.data.resolution, config.data.channels,
-                                 config.model.num_classes)
+def _build(registry: dict, key: str, net: NetConfig, config: Config) -> nn.Module:
+    network = lookup(registry, key, net.arch)(net, config.model.z_dim, config.data.resolution,
+                                              config.data.channels, config.model.num_classes)
     return accept_fp32_io(network)
 
 
 def build_generator(config: Config) -> nn.Module:
-    return _build(GENERATORS, config.model.generator, config)
+    return _build(GENERATORS, "model.generator.arch", config.model.generator, config)
 
 
 def build_discriminator(config: Config) -> nn.Module:
-    return _build(DISCRIMINATORS, config.model.discriminator, config)
+    return _build(DISCRIMINATORS, "model.discriminator.arch", config.model.discriminator, config)
 
 
 def build_encoder(config: Config) -> nn.Module | None:
     """The VAE-GAN encoder, or None when ``model.encoder.arch`` is "none"."""
     if config.model.encoder.arch == "none":
         return None
-    return _build(ENCODERS, config.model.encoder, config)
+    return _build(ENCODERS, "model.encoder.arch", config.model.encoder, config)
