@@ -100,7 +100,8 @@ class PlainLoop:
 class Toolkit:
     def __init__(self, config, accelerator=None):
         from dist_gan.losses import build_loss
-        from dist_gan.loop import build_nets, make_accelerator, set_backend_flags
+        from dist_gan.backend import make_accelerator, set_backend_flags
+        from dist_gan.loop import build_nets
 
         self.config = config
         set_backend_flags(config.speed)

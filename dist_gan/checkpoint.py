@@ -40,6 +40,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from dist_gan.backend import check_resumable
 from dist_gan.config import Config, ConfigError, save_config, to_dict
 
 log = logging.getLogger(__name__)
@@ -292,15 +293,7 @@ def load_checkpoint(accelerators: dict[str, Accelerator], path: Path, config: Co
     main = next(iter(accelerators.values()))
     manifest = read_manifest(path)
     check_compatible(path, config)
-    deepspeed = "DEEPSPEED" in manifest["distributed_type"] or "DEEPSPEED" in str(main.distributed_type)
-    if deepspeed and manifest["world_size"] != main.num_processes:
-        raise CheckpointError(
-            f"checkpoint {path} was written by {manifest['world_size']} DeepSpeed processes and this "
-            f"run has {main.num_processes}: ZeRO optimizer partitions are per rank; resume with "
-            f"{manifest['world_size']} processes")
-    if deepspeed and manifest["distributed_type"] != str(main.distributed_type):
-        raise CheckpointError(f"checkpoint {path} was written under {manifest['distributed_type']} "
-                              f"and this run is {main.distributed_type}: resume under the same one")
+    check_resumable(path, manifest, main)
     for name, accelerator in accelerators.items():
         accelerator.load_state(str(path / name))
     return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)

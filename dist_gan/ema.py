@@ -13,7 +13,7 @@ class EMA:
 
     The decay ramps up as min(decay, (1 + step) / (10 + step)) so early averages are not dominated
     by the random initialisation; buffers (BatchNorm statistics, spectral-norm vectors) are copied.
-    The average is kept in fp32 even when the live weights are bf16/fp16 (DeepSpeed's mixed
+    The average is kept in fp32 even when the live weights are bf16/fp16 (an engine's mixed
     precision): in bf16 a step of (1 - decay) x the difference rounds away.
     """
 

@@ -1,4 +1,4 @@
-"""``python -m dist_gan.evaluate RUN_DIR_OR_CHECKPOINT --n=10000 [--json=PATH]``: quality figures.
+"""``python -m dist_gan.evaluate RUN_DIR_OR_CHECKPOINT --n=10000 [--json_out=PATH]``: quality figures.
 
 Prints FID, KID, classifier Inception Score, precision, recall and class coverage of the checkpoint's
 generator (EMA weights unless --raw) against real MNIST train, beside the same figures for real test

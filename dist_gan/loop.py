@@ -1,13 +1,9 @@
 """The adversarial training loop, written once over Hugging Face Accelerate.
 
 It builds the networks, loss and data by name from the config and knows none of them: the same code
-runs in one CPU process, under DDP on gloo or NCCL, under DeepSpeed ZeRO 1/2, and in mixed precision.
-Read ``train`` top to bottom for the run; ``train_step`` is one generator step with its ``n_critic``
-discriminator steps.
-
-Each network has its own ``Accelerator``: under DeepSpeed each holds its network's engine
-(Accelerate's multi-model DeepSpeed support: one plugin per model); otherwise the second shares the
-first's state and only keeps its own model list, grad scaler and checkpoint folder.
+runs in one process, under DDP on gloo or NCCL, under ZeRO 1/2, and in mixed precision; what differs
+between those is decided in ``backend``. Read ``train`` top to bottom for the run; ``train_step`` is
+one generator step with its ``n_critic`` discriminator steps.
 """
 
 from __future__ import annotations
@@ -15,29 +11,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from accelerate.utils import gather_object
-
-from dist_gan import runlock
+from dist_gan import backend, runlock
 from dist_gan.checkpoint import last_healthy, load_checkpoint, resolve_resume, save_checkpoint
-from dist_gan.config import Config, ConfigError, OptimConfig, SpeedConfig, save_config
+from dist_gan.config import Config, OptimConfig, save_config
 from dist_gan.data import BatchStream, build_batch_stream
 from dist_gan.ema import EMA
-from dist_gan.stop import PREEMPTED_EXIT_CODE, StopRequest
-from dist_gan.losses import GANLoss, Models, build_loss, eager
+from dist_gan.losses import GANLoss, Models, build_loss
 from dist_gan.models import build_discriminator, build_encoder, build_generator
 from dist_gan.sample import decode
+from dist_gan.stop import PREEMPTED_EXIT_CODE, StopRequest
 from dist_gan.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -50,47 +42,50 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass
-class Nets:
-    """The networks as the loop uses them.
+class Net:
+    """One network as the loop uses it.
 
-    ``G``/``D`` are the prepared (DDP- or DeepSpeed-wrapped, maybe compiled) modules used for training
-    forwards; ``G_raw``/``D_raw`` the plain modules for sampling, EMA and the generator step's frozen
-    D; ``D_penalty`` is what penalties differentiate twice through (eager, and raw under DeepSpeed,
-    whose engine hooks cannot run inside ``autograd.grad``). ``E`` (VAE-GAN's encoder, else None) is
-    trained with G, by G's accelerator, in the generator step.
+    ``wrapped``: what training forwards and backward go through (DDP-wrapped or an engine,
+    maybe compiled). ``plain``: the network itself, for sampling, the EMA, checkpoint weights, and
+    reading D in the generator step (its weights frozen there, so no wrapper should see them).
     """
 
-    G: nn.Module
-    D: nn.Module
-    G_raw: nn.Module
-    D_raw: nn.Module
-    D_penalty: nn.Module
-    opt_G: torch.optim.Optimizer
-    opt_D: torch.optim.Optimizer
-    sched_G: torch.optim.lr_scheduler.LRScheduler
-    sched_D: torch.optim.lr_scheduler.LRScheduler
-    acc_G: Accelerator
-    acc_D: Accelerator
+    wrapped: nn.Module
+    plain: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    accelerator: Accelerator
+
+
+@dataclass
+class Nets:
+    """G, D and (VAE-GAN only) the encoder E, trained with G by G's accelerator in the generator
+    step; ``D_for_penalty``: what penalties differentiate twice through (backend.penalty_view)."""
+
+    G: Net
+    D: Net
+    D_for_penalty: nn.Module
     num_classes: int = 0
-    E: nn.Module | None = None
-    E_raw: nn.Module | None = None
-    opt_E: torch.optim.Optimizer | None = None
-    sched_E: torch.optim.lr_scheduler.LRScheduler | None = None
+    E: Net | None = None
 
     def models(self, z_dim: int) -> Models:
         """The view a loss gets."""
-        return Models(self.G, self.D, self.D_raw, self.D_penalty, self.E, z_dim, self.num_classes)
+        return Models(self.G.wrapped, self.D.wrapped, self.D.plain, self.D_for_penalty,
+                      self.E.wrapped if self.E is not None else None, z_dim, self.num_classes)
 
-    def generator_side(self) -> tuple[list[nn.Module], list[torch.optim.Optimizer]]:
-        """The networks the generator step updates, and their optimisers."""
-        if self.E is None:
-            return [self.G], [self.opt_G]
-        return [self.G, self.E], [self.opt_G, self.opt_E]
+    def generator_side(self) -> list[Net]:
+        """The networks the generator step updates."""
+        return [self.G] if self.E is None else [self.G, self.E]
+
+    def plain(self) -> dict[str, nn.Module]:
+        """The plain networks by name (replica checks, finiteness)."""
+        return {"G": self.G.plain, "D": self.D.plain, **({"E": self.E.plain} if self.E else {})}
 
     def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
-        found = {"sched_G": self.sched_G, "sched_D": self.sched_D}
-        if self.sched_E is not None:
-            found["sched_E"] = self.sched_E
+        """Named as their entries in the loop state of a checkpoint."""
+        found = {"sched_G": self.G.scheduler, "sched_D": self.D.scheduler}
+        if self.E is not None:
+            found["sched_E"] = self.E.scheduler
         return found
 
 
@@ -103,17 +98,6 @@ class RunResult:
     @property
     def preempted(self) -> bool:
         return self.stopped_by.startswith("SIG")
-
-
-def uses_deepspeed(accelerator: Accelerator) -> bool:
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def set_backend_flags(speed: SpeedConfig) -> None:
-    """Process-wide numerics switches for CUDA (TF32, cuDNN autotuning); no effect on CPU."""
-    torch.backends.cuda.matmul.allow_tf32 = speed.tf32
-    torch.backends.cudnn.allow_tf32 = speed.tf32
-    torch.backends.cudnn.benchmark = speed.cudnn_benchmark
 
 
 def build_adam(params, lr: float, betas: tuple[float, float], impl: str) -> torch.optim.Adam:
@@ -131,73 +115,35 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
 
 
 def build_nets(config: Config, acc_G: Accelerator, acc_D: Accelerator | None = None) -> Nets:
-    """Build G and D by name, with optimisers and schedules, prepared by their accelerators.
+    """Build G and D (and E) by name, with optimisers and schedules, prepared by their accelerators.
 
     Schedulers are built on the unwrapped optimisers and stepped by the loop once per generator
-    step (DeepSpeed would otherwise step D's once per critic step); they are saved with the loop state.
+    step (an engine would otherwise step D's once per critic step); they are saved with the loop state.
     """
     acc_D = acc_D or acc_G
     set_seed(config.run.seed)  # the same initial weights on every rank
-    G, D = build_generator(config), build_discriminator(config)
-    deepspeed = uses_deepspeed(acc_G)
-    # DeepSpeed flattens parameters through views that need the standard contiguous layout.
-    if config.speed.channels_last and not deepspeed:
+    G, D, E = build_generator(config), build_discriminator(config), build_encoder(config)
+    if backend.use_channels_last(config, acc_G):
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-        # A conv weight with one input or output channel (grey images) has two valid stride patterns
-        # for the same memory; DDP warns when grad and bucket pick different ones. Nothing is wrong.
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    opt, impl = config.optim, config.speed.adam_impl
+    opt, impl, steps = config.optim, config.speed.adam_impl, config.train.max_steps
     opt_G = build_adam(G.parameters(), opt.g_lr, opt.betas, impl)
     opt_D = build_adam(D.parameters(), opt.d_lr, opt.betas, impl)
-    sched_G = build_schedule(opt_G, opt, config.train.max_steps)
-    sched_D = build_schedule(opt_D, opt, config.train.max_steps)
-    E = build_encoder(config)
     opt_E = build_adam(E.parameters(), opt.g_lr, opt.betas, impl) if E is not None else None
-    sched_E = build_schedule(opt_E, opt, config.train.max_steps) if E is not None else None
-    if deepspeed:
-        acc_G.state.select_deepspeed_plugin("G")
     if E is not None:  # G first: its weights keep the name model.safetensors
-        G, E, opt_G, opt_E = acc_G.prepare(G, E, opt_G, opt_E)
+        G_w, E_w, opt_G_w, opt_E_w = backend.prepare(acc_G, "G", G, E, opt_G, opt_E)
     else:
-        G, opt_G = acc_G.prepare(G, opt_G)
-    if deepspeed:
-        acc_G.state.select_deepspeed_plugin("D")
-    D, opt_D = acc_D.prepare(D, opt_D)
-    # prepare() wraps each forward in autocast; take that off so precision is decided where the loss
-    # says (penalties must run in fp32) rather than forced on every call.
-    G_raw = acc_G.unwrap_model(G, keep_fp32_wrapper=False)
-    D_raw = acc_D.unwrap_model(D, keep_fp32_wrapper=False)
-    if config.speed.compile:
-        # The wrapped modules are compiled; the penalties use the uncompiled one (eager()), as
-        # torch.compile does not support their double backward.
-        G, D = torch.compile(G), torch.compile(D)
-    D_penalty = D_raw if deepspeed else eager(D)
-    E_raw = acc_G.unwrap_model(E, keep_fp32_wrapper=False) if E is not None else None
-    return Nets(G, D, G_raw, D_raw, D_penalty, opt_G, opt_D, sched_G, sched_D, acc_G, acc_D,
-                config.model.num_classes, E, E_raw, opt_E, sched_E)
-
-
-def _grad_norm(accelerator: Accelerator, model: nn.Module, max_norm: float,
-               measure: bool) -> torch.Tensor | None:
-    """Clip to ``max_norm`` when it is set; return the pre-clip norm when clipping or measuring.
-
-    Under DeepSpeed the engine clips (``gradient_clipping``) and steps inside ``backward``; this then
-    reads the norm it computed. Without clipping or a grad scaler the norm is read directly (no
-    clip pass over the gradients, which costs as much again).
-    """
-    if uses_deepspeed(accelerator):
-        if not measure:
-            return None
-        norm = accelerator.clip_grad_norm_(model.parameters(), math.inf)
-        return torch.as_tensor(float("nan") if norm is None else float(norm))
-    if max_norm > 0 or (measure and accelerator.scaler is not None):  # the scaler must unscale first
-        return accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
-    if measure:
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=accelerator.device)
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    return None
+        G_w, opt_G_w = backend.prepare(acc_G, "G", G, opt_G)
+    D_w, opt_D_w = backend.prepare(acc_D, "D", D, opt_D)
+    G_plain, D_plain = backend.plain(acc_G, G_w), backend.plain(acc_D, D_w)
+    D_for_penalty = backend.penalty_view(acc_D, D_w, D_plain)
+    if config.speed.compile:  # penalties keep the eager module: compile has no double backward
+        G_w, D_w = torch.compile(G_w), torch.compile(D_w)
+    nets = Nets(Net(G_w, G_plain, opt_G_w, build_schedule(opt_G, opt, steps), acc_G),
+                Net(D_w, D_plain, opt_D_w, build_schedule(opt_D, opt, steps), acc_D),
+                D_for_penalty, config.model.num_classes)
+    if E is not None:
+        nets.E = Net(E_w, backend.plain(acc_G, E_w), opt_E_w, build_schedule(opt_E, opt, steps), acc_G)
+    return nets
 
 
 def _update(accelerator: Accelerator, models: list[nn.Module], optimizers: list[torch.optim.Optimizer],
@@ -207,18 +153,18 @@ def _update(accelerator: Accelerator, models: list[nn.Module], optimizers: list[
 
     With ``train.skip_nonfinite`` the update is skipped when the all-reduced gradient norm is NaN/inf:
     every rank sees the same norm (a NaN loss on one rank makes every rank's gradients NaN), so
-    every rank skips alike without a collective of its own. Where that cannot work (DeepSpeed steps
+    every rank skips alike without a collective of its own. Where that cannot work (an engine steps
     inside ``backward``; an fp16 scaler skips inf/NaN gradients itself, routinely) the loss is checked
     on all ranks before backward instead.
     """
     guard = config.train.skip_nonfinite
-    check_grads = guard and accelerator.scaler is None and not uses_deepspeed(accelerator)
+    check_grads = guard and backend.grads_inspectable(accelerator)
     if guard and not check_grads and _any_rank(accelerator, not bool(torch.isfinite(loss.detach()))):
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         return False, None
     accelerator.backward(loss)
-    norms = [_grad_norm(accelerator, model, config.optim.grad_clip, measure or check_grads)
+    norms = [backend.grad_norm(accelerator, model, config.optim.grad_clip, measure or check_grads)
              for model in models]
     if check_grads and not all(bool(torch.isfinite(norm)) for norm in norms):
         for optimizer in optimizers:
@@ -243,11 +189,12 @@ def train_step(nets: Nets, loss: GANLoss, data: BatchStream, config: Config,
     for _ in range(config.optim.n_critic):
         real, labels = data.next_batch()
         d_loss, d_stats = loss.discriminator_loss(models, real, labels)
-        nets.opt_D.zero_grad(set_to_none=set_to_none)
-        ok, d_norm = _update(nets.acc_D, [nets.D], [nets.opt_D], d_loss, config, measure)
+        nets.D.optimizer.zero_grad(set_to_none=set_to_none)
+        ok, d_norm = _update(nets.D.accelerator, [nets.D.wrapped], [nets.D.optimizer], d_loss, config,
+                             measure)
         applied &= ok
         if ok:
-            loss.after_discriminator_step(nets.D_raw)
+            loss.after_discriminator_step(nets.D.plain)
         for name, value in d_stats.items():
             d_totals[name] = d_totals.get(name, 0.0) + value
     stats = {name: total / config.optim.n_critic for name, total in d_totals.items()}
@@ -255,16 +202,17 @@ def train_step(nets: Nets, loss: GANLoss, data: BatchStream, config: Config,
     # D is used raw and frozen here: its weights get no gradient, its DDP reducer is not left waiting
     # for gradients that never come, and ZeRO-2 does not see D's gradients computed twice. The
     # generator step reuses the last critic batch (VAE-GAN encodes it, feature matching reads it).
-    nets.D_raw.requires_grad_(False)
+    nets.D.plain.requires_grad_(False)
     g_loss, g_stats = loss.generator_loss(models, real, labels)
-    g_modules, g_optimizers = nets.generator_side()
-    for optimizer in g_optimizers:
-        optimizer.zero_grad(set_to_none=set_to_none)
-    ok, g_norm = _update(nets.acc_G, g_modules, g_optimizers, g_loss, config, measure)
+    g_side = nets.generator_side()
+    for net in g_side:
+        net.optimizer.zero_grad(set_to_none=set_to_none)
+    ok, g_norm = _update(nets.G.accelerator, [n.wrapped for n in g_side], [n.optimizer for n in g_side],
+                         g_loss, config, measure)
     applied &= ok
     if ok:
-        loss.after_generator_step(nets.G_raw)
-    nets.D_raw.requires_grad_(True)
+        loss.after_generator_step(nets.G.plain)
+    nets.D.plain.requires_grad_(True)
     for scheduler in nets.schedulers().values():
         scheduler.step()
 
@@ -333,83 +281,6 @@ def _generate_grid(generator: nn.Module, fixed_z: torch.Tensor, num_classes: int
     return decode(generator, fixed_z, len(fixed_z), fixed_z.device, labels)
 
 
-def _deepspeed_plugins(config: Config) -> dict:
-    """One DeepSpeed plugin per network from the launcher's settings (``accelerate launch
-    --config_file launch/deepspeed_zero2.yaml``), with what a run without a prepared DataLoader must
-    fix itself: the micro batch, no accumulation, the clipping threshold."""
-    from accelerate.utils import DeepSpeedPlugin
-
-    plugins = {}
-    for name in ("G", "D"):
-        plugin = DeepSpeedPlugin()
-        ds = plugin.deepspeed_config
-        stage = ds.get("zero_optimization", {}).get("stage", 0)
-        if stage not in (0, 1, 2):
-            raise ConfigError(f"DeepSpeed ZeRO stage {stage} is not supported for GANs (stages 0-2; "
-                              "stage 3 partitions D's weights, which the gradient penalty needs whole)")
-        ds["train_micro_batch_size_per_gpu"] = config.data.batch_size
-        ds["gradient_accumulation_steps"] = 1
-        ds["gradient_clipping"] = config.optim.grad_clip
-        ds.pop("train_batch_size", None)
-        half = _deepspeed_half_precision(ds, config.train.mixed_precision
-                                         or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
-        if half:
-            # DeepSpeed casts only the parameters to bf16/fp16; BatchNorm's running statistics and
-            # spectral norm's vectors must follow, or every such layer meets mixed dtypes.
-            ds.setdefault("data_types", {}).setdefault("buffer_dtype", half)
-        plugins[name] = plugin
-    return plugins
-
-
-def _deepspeed_half_precision(ds: dict, mixed_precision: str) -> str | None:
-    """"bf16" or "fp16" when this DeepSpeed config trains in it, else None ("auto" follows the run)."""
-    for key in ("bf16", "fp16"):
-        enabled = ds.get(key, {}).get("enabled", False)
-        if enabled is True or (enabled == "auto" and mixed_precision == key):
-            return key
-    return None
-
-
-def make_accelerators(config: Config) -> tuple[Accelerator, Accelerator]:
-    """The generator's and the discriminator's Accelerator for this run.
-
-    Refuses a launch that silently lost its other processes, and a loss DeepSpeed cannot run.
-    """
-    common = dict(mixed_precision=config.train.mixed_precision, step_scheduler_with_optimizer=False)
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        if config.loss.name == "wgan":
-            raise ConfigError("loss.name=wgan clips D's weights in place, which ZeRO's own fp32 copy "
-                              "undoes: use wgan_gp under DeepSpeed")
-        if config.model.encoder.arch != "none":
-            raise ConfigError("model.encoder (VAE-GAN) trains a third network with G, and one "
-                              "DeepSpeed engine holds one model: use DDP for VAE-GAN")
-        from accelerate.utils import InitProcessGroupKwargs
-
-        # On a GPU-less host Accelerate finds no backend for DeepSpeed and every rank would think
-        # it is alone; DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) speaks gloo.
-        handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
-        acc_G = Accelerator(deepspeed_plugins=_deepspeed_plugins(config), kwargs_handlers=handlers,
-                            **common)
-    else:
-        # cpu=True on a GPU-less host: Accelerate otherwise ignores the launcher's WORLD_SIZE there and
-        # every process trains alone (accelerate launch --config_file with use_cpu, torchrun).
-        acc_G = Accelerator(cpu=not torch.cuda.is_available(), **common)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != acc_G.num_processes:
-        raise RuntimeError(
-            f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate formed a group "
-            f"of {acc_G.num_processes} ({acc_G.distributed_type}); on CPU launch with "
-            "--config_file launch/cpu_ddp.yaml (`--cpu --num_processes N` starts one process)")
-    acc_D = Accelerator(**common) if uses_deepspeed(acc_G) else Accelerator(
-        cpu=not torch.cuda.is_available(), **common)
-    return acc_G, acc_D
-
-
-def make_accelerator(config: Config) -> Accelerator:
-    """One Accelerator for both networks (benchmarks, tools): enough where nothing is checkpointed."""
-    return make_accelerators(config)[0]
-
-
 def _position_for_rank(state: dict, rank: int, world: int) -> dict:
     """This rank's data-stream position from a checkpoint; re-derived when the world size changed.
 
@@ -464,8 +335,8 @@ def train(config: Config, stop_request: StopRequest | None = None) -> RunResult:
     """
     with contextlib.ExitStack() as cleanup:
         stop_request = stop_request or cleanup.enter_context(StopRequest())
-        set_backend_flags(config.speed)
-        acc_G, acc_D = make_accelerators(config)
+        backend.set_backend_flags(config.speed)
+        acc_G, acc_D = backend.make_accelerators(config)
         lock = _lock_run_dir(acc_G, Path(config.run.dir))
         if lock is not None:
             cleanup.callback(runlock.release, lock)
@@ -480,7 +351,7 @@ def _run(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: S
     rank, world = accelerator.process_index, accelerator.num_processes
     run_dir = Path(config.run.dir)
     nets = build_nets(config, acc_G, acc_D)
-    ema = EMA(nets.G_raw, config.train.ema_decay) if config.train.ema_decay > 0 else None
+    ema = EMA(nets.G.plain, config.train.ema_decay) if config.train.ema_decay > 0 else None
     loss = build_loss(config.loss, accelerator.autocast)
     with accelerator.main_process_first():  # rank 0 downloads, if a download is needed
         data = build_batch_stream(config.data, config.run.seed, rank, world, accelerator.device,
@@ -520,7 +391,7 @@ def _run(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: S
         shared = {"step": step, "lr_scale": lr_scale, "loss": loss.state_dict(),
                   "ema": ema.state_dict() if ema is not None else None,
                   **{name: s.state_dict() for name, s in nets.schedulers().items()}}
-        weights = {"generator": nets.G_raw, **({"encoder": nets.E_raw} if nets.E_raw is not None else {})}
+        weights = {"generator": nets.G.plain, **({"encoder": nets.E.plain} if nets.E is not None else {})}
         return save_checkpoint(accelerators, run_dir, step, shared, data.state_dict(), weights, config,
                                healthy)
 
@@ -568,7 +439,7 @@ def _run(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: S
             bad_in_row = 0
             window.add(stats)
             if ema is not None:
-                ema.update(nets.G_raw, step)
+                ema.update(nets.G.plain, step)
         else:
             bad_in_row, skipped = bad_in_row + 1, skipped + 1
             bad_since_checkpoint += 1
@@ -609,7 +480,7 @@ def _run(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: S
                 values.update(zip(counters, accelerator.reduce(totals, "sum").tolist()))
             values.update(
                 imgs_per_sec=imgs_per_step * window.steps / (time.perf_counter() - window.start),
-                lr_G=nets.sched_G.get_last_lr()[0], lr_D=nets.sched_D.get_last_lr()[0],
+                lr_G=nets.G.scheduler.get_last_lr()[0], lr_D=nets.D.scheduler.get_last_lr()[0],
                 kimg=step * imgs_per_step / 1000, world_size=world, skipped_steps=skipped,
                 rollbacks=rollbacks,
             )
@@ -633,10 +504,10 @@ def _run(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: S
         preempted = stopped_by.startswith("SIG")
         if not preempted and (step % config.run.sample_every == 0 or step == last_step):
             logger.images(step, "ema" if ema is not None else "G",
-                          _generate_grid(ema.model if ema is not None else nets.G_raw, fixed_z,
+                          _generate_grid(ema.model if ema is not None else nets.G.plain, fixed_z,
                                          config.model.num_classes))
         if evaluator and not preempted and (step % config.eval.every == 0 or step == last_step):
-            figures = evaluator(ema.model if ema is not None else nets.G_raw, accelerator)
+            figures = evaluator(ema.model if ema is not None else nets.G.plain, accelerator)
             logger.scalars(step, figures or {}, tb_prefix="eval/")
         if step % config.run.ckpt_every == 0 or step == last_step or ckpt_pending:
             if bad_in_row:  # never save weights in the middle of a bad streak
@@ -648,12 +519,10 @@ def _run(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: S
                     log.warning("stopping at step %d inside a bad streak: no checkpoint written; "
                                 "a resume continues from %s", step, resolve_resume("auto", run_dir))
                 continue
-            nets_now = [nets.G_raw, nets.D_raw] + ([nets.E_raw] if nets.E_raw is not None else [])
-            healthy = bad_since_checkpoint == 0 and _weights_finite(nets_now)
+            healthy = bad_since_checkpoint == 0 and _weights_finite(list(nets.plain().values()))
             path = checkpoint(step, healthy)
             bad_since_checkpoint, ckpt_pending = 0, False
-            replicas = check_replicas(accelerator, {"G": nets.G_raw, "D": nets.D_raw, **(
-                {"E": nets.E_raw} if nets.E_raw is not None else {})})
+            replicas = check_replicas(accelerator, nets.plain())
             logger.event(step, {"event": "checkpoint", "path": str(path), "world_size": world,
                                 "healthy": healthy, "replicas_identical": replicas})
             if not all(replicas.values()):

@@ -10,9 +10,8 @@ line to ``LOSSES``. The Improved-GAN terms (one-sided label smoothing, feature m
 averaging) and the VAE-GAN terms (KL prior, reconstruction in D's feature space) live in the base
 class and apply to every loss as the config asks.
 
-Penalties that differentiate through D (WGAN-GP, R1) run their D forward in fp32 with autocast off,
-whatever the run's mixed precision: the gradient norm of a half-precision forward is too coarse and
-its square overflows fp16.
+Penalties that differentiate through D (WGAN-GP, R1) run their D forward in fp32 with autocast off
+(``backend.full_precision``), whatever the run's mixed precision.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dist_gan.backend import eager, full_precision
 from dist_gan.config import LossConfig, lookup
 from dist_gan.data import DataError
 
@@ -35,27 +35,18 @@ Stats = dict[str, torch.Tensor]
 class Models:
     """The networks as a loss uses them.
 
-    ``G``, ``D``, ``E``: the prepared (DDP/DeepSpeed-wrapped) modules for training forwards.
-    ``D_frozen``: the plain D, whose parameters the loop freezes during the generator step (G's
-    objective reads D through it). ``D_penalty``: what penalties differentiate twice through.
+    ``G``, ``D``, ``E``: the wrapped modules for training forwards. ``D_plain``: D itself, read in the
+    generator step (the loop freezes its parameters there) and by historical averaging.
+    ``D_penalty``: what penalties differentiate twice through.
     """
 
     G: nn.Module
     D: nn.Module
-    D_frozen: nn.Module
+    D_plain: nn.Module
     D_penalty: nn.Module
     E: nn.Module | None
     z_dim: int
     num_classes: int
-
-
-def eager(module: nn.Module) -> nn.Module:
-    """The uncompiled module behind a ``torch.compile`` wrapper (double backward needs eager mode)."""
-    return getattr(module, "_orig_mod", module)
-
-
-def _fp32(device: torch.device) -> ContextManager:
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _judge(discriminator: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -73,7 +64,7 @@ def gradient_penalty(discriminator: nn.Module, real: torch.Tensor, fake: torch.T
     """
     real, fake = real.detach().float(), fake.detach().float()
     alpha = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device)
-    with _fp32(real.device):
+    with full_precision(real.device):
         x_hat = torch.lerp(fake, real, alpha).requires_grad_(True)
         scores = _judge(discriminator, x_hat, labels)
         (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
@@ -84,7 +75,7 @@ def r1_penalty(discriminator: nn.Module, real: torch.Tensor,
                labels: torch.Tensor | None = None) -> torch.Tensor:
     """Mescheder et al.'s R1: mean over the batch of ||grad_x D(x)||^2 at real samples (unweighted)."""
     x = real.detach().float().requires_grad_(True)
-    with _fp32(real.device):
+    with full_precision(real.device):
         scores = _judge(discriminator, x, labels)
         (grad,) = torch.autograd.grad(scores.sum(), x, create_graph=True)
         return grad.flatten(1).pow(2).sum(1).mean()
@@ -187,7 +178,7 @@ class GANLoss:
             loss = self.d_real(real_logits) + 0.5 * (self.d_fake(fake_logits) + self.d_fake(recon_logits))
         penalties = self.penalties(m.D_penalty, real, fake, labels)
         if self.cfg.historical_averaging > 0:
-            penalties["hist_avg"] = self.cfg.historical_averaging * self.history["D"].penalty(m.D_frozen)
+            penalties["hist_avg"] = self.cfg.historical_averaging * self.history["D"].penalty(m.D_plain)
         for value in penalties.values():
             loss = loss + value
         d_real, d_fake = real_logits.mean().detach(), fake_logits.mean().detach()
@@ -205,13 +196,13 @@ class GANLoss:
         cfg = self.cfg
         with self.autocast():
             fake = m.G(z, fake_labels)
-            fake_logits, fake_features = m.D_frozen(fake, fake_labels, return_features=True)
+            fake_logits, fake_features = m.D_plain(fake, fake_labels, return_features=True)
         loss = self.g_objective(fake_logits.float())
         stats: Stats = {}
         real_features = None
         if cfg.feature_matching > 0 or m.E is not None:
             with torch.no_grad(), self.autocast():
-                real_features = m.D_frozen(real, labels, return_features=True)[1].float()
+                real_features = m.D_plain(real, labels, return_features=True)[1].float()
         if cfg.feature_matching > 0:
             matching = (real_features.mean(0) - fake_features.float().mean(0)).pow(2).sum()
             loss = loss + cfg.feature_matching * matching
@@ -221,9 +212,9 @@ class GANLoss:
             # per image, summed over latent dimensions and features as in Larsen et al.
             kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1).mean()
             with self.autocast():
-                recon_features = m.D_frozen(m.G(z_post, labels), labels, return_features=True)[1]
+                recon_features = m.D_plain(m.G(z_post, labels), labels, return_features=True)[1]
                 # the reconstruction also plays the game, for G only (no GAN gradient into E)
-                recon_logits = m.D_frozen(m.G(z_post.detach(), labels), labels)
+                recon_logits = m.D_plain(m.G(z_post.detach(), labels), labels)
             recon = 0.5 * (recon_features.float() - real_features).pow(2).sum(1).mean()
             loss = (loss + 0.5 * self.g_objective(recon_logits.float()) + cfg.kl_weight * kl
                     + cfg.recon_weight * recon)

@@ -36,7 +36,7 @@ class Constant(nn.Module):
 
 
 def models(d, fake, encoder=None):
-    return Models(G=Constant(fake), D=d, D_frozen=d, D_penalty=d, E=encoder, z_dim=3, num_classes=0)
+    return Models(G=Constant(fake), D=d, D_plain=d, D_penalty=d, E=encoder, z_dim=3, num_classes=0)
 
 
 def test_gradient_penalty_by_hand():
@@ -158,7 +158,7 @@ def test_vae_terms_train_the_encoder_through_the_generator_loss():
 
     torch.manual_seed(0)
     d, encoder, decoder = Linear([1.0, -1.0]), Encoder(), Decoder()
-    view = Models(G=decoder, D=d, D_frozen=d, D_penalty=d, E=encoder, z_dim=3, num_classes=0)
+    view = Models(G=decoder, D=d, D_plain=d, D_penalty=d, E=encoder, z_dim=3, num_classes=0)
     loss = build_loss(LossConfig(name="ns", kl_weight=1.0, recon_weight=1.0))
     total, stats = loss.generator_loss(view, torch.randn(8, 2), torch.zeros(8))
     assert stats["kl"].item() > 0 and stats["recon"].item() > 0
@@ -172,7 +172,7 @@ def test_conditional_models_reject_unlabelled_data():
     from dist_gan.data import DataError
 
     d = Linear([1.0, 1.0])
-    view = Models(G=Constant(torch.zeros(2, 2)), D=d, D_frozen=d, D_penalty=d, E=None, z_dim=3,
+    view = Models(G=Constant(torch.zeros(2, 2)), D=d, D_plain=d, D_penalty=d, E=None, z_dim=3,
                   num_classes=10)
     with pytest.raises(DataError, match="num_classes=10 needs a label"):
         build_loss(LossConfig(name="hinge")).discriminator_loss(view, torch.zeros(2, 2), torch.tensor([-1, -1]))

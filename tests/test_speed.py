@@ -31,7 +31,7 @@ def weights_after_steps(overrides: dict, steps: int = 3) -> list[torch.Tensor]:
     set_seed(0)
     for _ in range(steps):
         train_step(nets, loss, data, config, measure=True)
-    return [p.detach().clone() for p in [*nets.G_raw.parameters(), *nets.D_raw.parameters()]]
+    return [p.detach().clone() for p in [*nets.G.plain.parameters(), *nets.D.plain.parameters()]]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""Building blocks shared by the networks: normalisation by name, spectral norm, DCGAN init, and
-running with half-precision weights."""
+"""Building blocks shared by the networks: normalisation by name, spectral norm, DCGAN init.
+(Running with half-precision weights is the backend's: ``backend.accept_fp32_io``.)"""
 
 from __future__ import annotations
 
@@ -57,39 +57,3 @@ def dcgan_init(module: nn.Module) -> None:
             if child.weight is not None:
                 nn.init.normal_(child.weight, 1.0, 0.02)
                 nn.init.zeros_(child.bias)
-
-
-def _weight_dtype(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
-
-
-def _cast(value: Any, dtype: torch.dtype) -> Any:
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.to(dtype)
-    if isinstance(value, tuple):
-        return tuple(_cast(v, dtype) for v in value)
-    return value
-
-
-def _inputs_to_weight_dtype(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    dtype = _weight_dtype(module)
-    if dtype == torch.float32:
-        return None
-    return _cast(args, dtype), {key: _cast(value, dtype) for key, value in kwargs.items()}
-
-
-def _outputs_to_fp32(module: nn.Module, args: tuple, output: Any) -> Any:
-    return None if _weight_dtype(module) == torch.float32 else _cast(output, torch.float32)
-
-
-def accept_fp32_io(module: nn.Module) -> nn.Module:
-    """Let ``module`` take and give fp32 tensors whatever its weights' dtype, in place.
-
-    DeepSpeed's bf16/fp16 modes cast the weights themselves (autocast does not); then floating
-    inputs (z, images, the penalty's interpolates) are cast to the weights' dtype on the way in, and
-    floating outputs to fp32 on the way out, so losses, penalties and metrics stay in fp32. With fp32
-    weights (every other mode) both hooks do nothing.
-    """
-    module.register_forward_pre_hook(_inputs_to_weight_dtype, with_kwargs=True)
-    module.register_forward_hook(_outputs_to_fp32)
-    return module

@@ -1,0 +1,244 @@
+"""The backend: one process, DDP or DeepSpeed; the precision each part runs in; how the networks are
+prepared for it. Every rule that depends on the launch lives here, and this is the only module that
+names DeepSpeed.
+
+- **Accelerators**: one per network (``make_accelerators``). Under DeepSpeed each holds its network's
+  engine (Accelerate's multi-model support: one plugin per model); otherwise the second shares the
+  first's process group and keeps its own model list, grad scaler and checkpoint folder.
+- **Preparing a network** (``prepare``, ``plain``, ``penalty_view``, ``use_channels_last``):
+  the wrapped module for training forwards, the plain one behind it (sampling, EMA, checkpoints,
+  frozen reads), and the one penalties differentiate twice through.
+- **Precision**: training forwards run under the Accelerator's autocast; penalties in fp32
+  (``full_precision``); a network whose weights were cast to bf16/fp16 (DeepSpeed's modes) still
+  takes and gives fp32 (``accept_fp32_io``); gradients are read or clipped as the backend allows
+  (``grad_norm``, ``grads_inspectable``).
+- **Checkpoints**: whether a checkpoint written under one backend resumes under this one
+  (``check_resumable``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from dist_gan.config import Config, ConfigError, SpeedConfig
+
+
+def _deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def set_backend_flags(speed: SpeedConfig) -> None:
+    """Process-wide numerics switches for CUDA (TF32, cuDNN autotuning); no effect on CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = speed.tf32
+    torch.backends.cudnn.allow_tf32 = speed.tf32
+    torch.backends.cudnn.benchmark = speed.cudnn_benchmark
+
+
+def _deepspeed_plugins(config: Config) -> dict:
+    """One DeepSpeed plugin per network from the launcher's settings (``accelerate launch
+    --config_file launch/deepspeed_zero2.yaml``), with what a run without a prepared DataLoader must
+    fix itself: the micro batch, no accumulation, the clipping threshold."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugins = {}
+    for name in ("G", "D"):
+        plugin = DeepSpeedPlugin()
+        ds = plugin.deepspeed_config
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (0, 1, 2):
+            raise ConfigError(f"DeepSpeed ZeRO stage {stage} is not supported for GANs (stages 0-2; "
+                              "stage 3 partitions D's weights, which the gradient penalty needs whole)")
+        ds["train_micro_batch_size_per_gpu"] = config.data.batch_size
+        ds["gradient_accumulation_steps"] = 1
+        ds["gradient_clipping"] = config.optim.grad_clip
+        ds.pop("train_batch_size", None)
+        half = _deepspeed_half_precision(ds, config.train.mixed_precision
+                                         or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+        if half:
+            # DeepSpeed casts only the parameters to bf16/fp16; BatchNorm's running statistics and
+            # spectral norm's vectors must follow, or every such layer meets mixed dtypes.
+            ds.setdefault("data_types", {}).setdefault("buffer_dtype", half)
+        plugins[name] = plugin
+    return plugins
+
+
+def _deepspeed_half_precision(ds: dict, mixed_precision: str) -> str | None:
+    """"bf16" or "fp16" when this DeepSpeed config trains in it, else None ("auto" follows the run)."""
+    for key in ("bf16", "fp16"):
+        enabled = ds.get(key, {}).get("enabled", False)
+        if enabled is True or (enabled == "auto" and mixed_precision == key):
+            return key
+    return None
+
+
+def make_accelerators(config: Config) -> tuple[Accelerator, Accelerator]:
+    """The generator's and the discriminator's Accelerator for this run.
+
+    Refuses a launch that silently lost its other processes, and a loss DeepSpeed cannot run.
+    """
+    common = dict(mixed_precision=config.train.mixed_precision, step_scheduler_with_optimizer=False)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if config.loss.name == "wgan":
+            raise ConfigError("loss.name=wgan clips D's weights in place, which ZeRO's own fp32 copy "
+                              "undoes: use wgan_gp under DeepSpeed")
+        if config.model.encoder.arch != "none":
+            raise ConfigError("model.encoder (VAE-GAN) trains a third network with G, and one "
+                              "DeepSpeed engine holds one model: use DDP for VAE-GAN")
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # On a GPU-less host Accelerate finds no backend for DeepSpeed and every rank would think
+        # it is alone; DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) speaks gloo.
+        handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+        acc_G = Accelerator(deepspeed_plugins=_deepspeed_plugins(config), kwargs_handlers=handlers,
+                            **common)
+    else:
+        # cpu=True on a GPU-less host: Accelerate otherwise ignores the launcher's WORLD_SIZE there and
+        # every process trains alone (accelerate launch --config_file with use_cpu, torchrun).
+        acc_G = Accelerator(cpu=not torch.cuda.is_available(), **common)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc_G.num_processes:
+        raise RuntimeError(
+            f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate formed a group "
+            f"of {acc_G.num_processes} ({acc_G.distributed_type}); on CPU launch with "
+            "--config_file launch/cpu_ddp.yaml (`--cpu --num_processes N` starts one process)")
+    acc_D = Accelerator(**common) if _deepspeed(acc_G) else Accelerator(
+        cpu=not torch.cuda.is_available(), **common)
+    return acc_G, acc_D
+
+
+def make_accelerator(config: Config) -> Accelerator:
+    """One Accelerator for both networks (benchmarks, tools): enough where nothing is checkpointed."""
+    return make_accelerators(config)[0]
+
+
+def use_channels_last(config: Config, accelerator: Accelerator) -> bool:
+    """NHWC memory for the conv nets when asked, but never under DeepSpeed, which flattens
+    parameters through views that need the standard contiguous layout."""
+    if not config.speed.channels_last or _deepspeed(accelerator):
+        return False
+    # A conv weight with one input or output channel (grey images) has two valid stride patterns for
+    # the same memory; DDP warns when grad and bucket pick different ones. Nothing is wrong.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return True
+
+
+def prepare(accelerator: Accelerator, name: str, *objects: Any) -> tuple:
+    """``accelerator.prepare(*objects)`` for network ``name`` ("G" or "D"), whose DeepSpeed plugin is
+    selected first when there is one."""
+    if _deepspeed(accelerator):
+        accelerator.state.select_deepspeed_plugin(name)
+    prepared = accelerator.prepare(*objects)
+    return prepared if isinstance(prepared, tuple) else (prepared,)
+
+
+def plain(accelerator: Accelerator, module: nn.Module) -> nn.Module:
+    """The network behind its DDP/DeepSpeed wrapper, without the autocast wrapper ``prepare`` adds to
+    every forward: precision is decided where the loss says (penalties run in fp32)."""
+    return accelerator.unwrap_model(module, keep_fp32_wrapper=False)
+
+
+def eager(module: nn.Module) -> nn.Module:
+    """The uncompiled module behind a ``torch.compile`` wrapper (double backward needs eager mode)."""
+    return getattr(module, "_orig_mod", module)
+
+
+def penalty_view(accelerator: Accelerator, wrapped: nn.Module, plain_module: nn.Module) -> nn.Module:
+    """What a penalty differentiates twice through: the eager wrapped module (DDP then sees the
+    penalty's gradient), or under DeepSpeed the plain one, as an engine's hooks cannot run inside
+    ``autograd.grad``."""
+    return plain_module if _deepspeed(accelerator) else eager(wrapped)
+
+
+def full_precision(device: torch.device) -> AbstractContextManager:
+    """Autocast off: penalties that differentiate through D run in fp32 whatever the run's mixed
+    precision (a half-precision gradient norm is too coarse, and its square overflows fp16)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def grads_inspectable(accelerator: Accelerator) -> bool:
+    """Whether gradients can be checked between backward and the optimiser step: not under
+    DeepSpeed (the engine steps inside ``backward``) nor with an fp16 grad scaler (which skips
+    inf/NaN gradients itself, routinely)."""
+    return accelerator.scaler is None and not _deepspeed(accelerator)
+
+
+def grad_norm(accelerator: Accelerator, model: nn.Module, max_norm: float,
+               measure: bool) -> torch.Tensor | None:
+    """Clip to ``max_norm`` when it is set; return the pre-clip norm when clipping or measuring.
+
+    Under DeepSpeed the engine clips (``gradient_clipping``) and steps inside ``backward``; this then
+    reads the norm it computed. Without clipping or a grad scaler the norm is read directly (no
+    clip pass over the gradients, which costs as much again).
+    """
+    if _deepspeed(accelerator):
+        if not measure:
+            return None
+        norm = accelerator.clip_grad_norm_(model.parameters(), math.inf)
+        return torch.as_tensor(float("nan") if norm is None else float(norm))
+    if max_norm > 0 or (measure and accelerator.scaler is not None):  # the scaler must unscale first
+        return accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    if measure:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=accelerator.device)
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    return None
+
+
+def check_resumable(path: Any, manifest: dict, accelerator: Accelerator) -> None:
+    """Refuse a checkpoint whose optimizer state this launch cannot read: ZeRO partitions are per
+    rank and per DeepSpeed launch."""
+    deepspeed = "DEEPSPEED" in manifest["distributed_type"] or _deepspeed(accelerator)
+    if deepspeed and manifest["world_size"] != accelerator.num_processes:
+        raise ConfigError(
+            f"checkpoint {path} was written by {manifest['world_size']} DeepSpeed processes and this "
+            f"run has {accelerator.num_processes}: ZeRO optimizer partitions are per rank; resume with "
+            f"{manifest['world_size']} processes")
+    if deepspeed and manifest["distributed_type"] != str(accelerator.distributed_type):
+        raise ConfigError(f"checkpoint {path} was written under {manifest['distributed_type']} "
+                          f"and this run is {accelerator.distributed_type}: resume under the same one")
+
+
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, tuple):
+        return tuple(_cast(v, dtype) for v in value)
+    return value
+
+
+def _inputs_to_weight_dtype(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    dtype = _weight_dtype(module)
+    if dtype == torch.float32:
+        return None
+    return _cast(args, dtype), {key: _cast(value, dtype) for key, value in kwargs.items()}
+
+
+def _outputs_to_fp32(module: nn.Module, args: tuple, output: Any) -> Any:
+    return None if _weight_dtype(module) == torch.float32 else _cast(output, torch.float32)
+
+
+def accept_fp32_io(module: nn.Module) -> nn.Module:
+    """Let ``module`` take and give fp32 tensors whatever its weights' dtype, in place.
+
+    DeepSpeed's bf16/fp16 modes cast the weights themselves (autocast does not); then floating
+    inputs (z, images, the penalty's interpolates) are cast to the weights' dtype on the way in, and
+    floating outputs to fp32 on the way out, so losses, penalties and metrics stay in fp32. With fp32
+    weights (every other mode) both hooks do nothing.
+    """
+    module.register_forward_pre_hook(_inputs_to_weight_dtype, with_kwargs=True)
+    module.register_forward_hook(_outputs_to_fp32)
+    return module
