@@ -22,14 +22,17 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from dist_gan import backend, runlock
-from dist_gan.checkpoint import last_healthy, load_checkpoint, resolve_resume, save_checkpoint
+from dist_gan.checkpoint import (last_healthy, load_checkpoint, remove_stale_staging, resolve_resume,
+                                 save_checkpoint)
 from dist_gan.config import Config, OptimConfig, save_config
 from dist_gan.data import BatchStream, build_batch_stream
 from dist_gan.ema import EMA
+from dist_gan.guard import GO_ON, STOP, DivergenceGuard
 from dist_gan.losses import GANLoss, Models, build_loss
 from dist_gan.models import build_discriminator, build_encoder, build_generator
 from dist_gan.sample import decode
-from dist_gan.stop import PREEMPTED_EXIT_CODE, StopRequest
+from dist_gan.seeds import derive
+from dist_gan.stop import StopPolicy, StopRequest, is_preemption
 from dist_gan.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -97,7 +100,7 @@ class RunResult:
 
     @property
     def preempted(self) -> bool:
-        return self.stopped_by.startswith("SIG")
+        return is_preemption(self.stopped_by)
 
 
 def build_adam(params, lr: float, betas: tuple[float, float], impl: str) -> torch.optim.Adam:
@@ -121,7 +124,7 @@ def build_nets(config: Config, acc_G: Accelerator, acc_D: Accelerator | None = N
     step (an engine would otherwise step D's once per critic step); they are saved with the loop state.
     """
     acc_D = acc_D or acc_G
-    set_seed(config.run.seed)  # the same initial weights on every rank
+    set_seed(derive(config.run.seed, "weights"))  # the same initial weights on every rank
     G, D, E = build_generator(config), build_discriminator(config), build_encoder(config)
     if backend.use_channels_last(config, acc_G):
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
@@ -343,195 +346,193 @@ def train(config: Config, stop_request: StopRequest | None = None) -> RunResult:
         return _run(config, acc_G, acc_D, stop_request, cleanup)
 
 
-def _run(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: StopRequest,
-         cleanup: contextlib.ExitStack) -> RunResult:
-    """The run itself; ``cleanup`` closes the data stream and the logger however it ends."""
-    accelerator = acc_G  # collectives, device and "am I rank 0" for the whole run
-    accelerators = {"G": acc_G, "D": acc_D}
-    rank, world = accelerator.process_index, accelerator.num_processes
-    run_dir = Path(config.run.dir)
-    nets = build_nets(config, acc_G, acc_D)
-    ema = EMA(nets.G.plain, config.train.ema_decay) if config.train.ema_decay > 0 else None
-    loss = build_loss(config.loss, accelerator.autocast)
-    with accelerator.main_process_first():  # rank 0 downloads, if a download is needed
-        data = build_batch_stream(config.data, config.run.seed, rank, world, accelerator.device,
-                                  may_prepare=accelerator.is_main_process)
-    cleanup.callback(data.close)
-    evaluator = None
-    if config.eval.every:
-        from dist_gan.metrics import Evaluator
+class Trainer:
+    """What one run holds besides the step: the networks, EMA, loss, data, logger and guard, and
+    what the loop does around each step (resume, log, sample, evaluate, checkpoint, roll back)."""
 
-        with accelerator.main_process_first():  # rank 0 trains/caches the reference network once
-            evaluator = Evaluator(config)
-    fixed_z = torch.randn(SAMPLE_GRID_SIZE, config.model.z_dim,
-                          generator=torch.Generator().manual_seed(config.run.seed)).to(accelerator.device)
+    def __init__(self, config: Config, acc_G: Accelerator, acc_D: Accelerator,
+                 cleanup: contextlib.ExitStack) -> None:
+        self.config, self.accelerators = config, {"G": acc_G, "D": acc_D}
+        self.accelerator = acc = acc_G  # collectives, device and "am I rank 0" for the whole run
+        self.rank, self.world, self.run_dir = acc.process_index, acc.num_processes, Path(config.run.dir)
+        self.nets = build_nets(config, acc_G, acc_D)
+        self.ema = EMA(self.nets.G.plain, config.train.ema_decay) if config.train.ema_decay > 0 else None
+        self.loss = build_loss(config.loss, acc.autocast)
+        with acc.main_process_first():  # rank 0 downloads or prepares, if needed
+            self.data = build_batch_stream(config.data, config.run.seed, self.rank, self.world,
+                                           acc.device, may_prepare=acc.is_main_process)
+        cleanup.callback(self.data.close)
+        self.evaluator = None
+        if config.eval.every:
+            from dist_gan.metrics import Evaluator
 
-    lr_scale = 1.0
+            with acc.main_process_first():  # rank 0 trains/caches the reference network once
+                self.evaluator = Evaluator(config)
+        self.fixed_z = torch.randn(SAMPLE_GRID_SIZE, config.model.z_dim,
+                                   generator=torch.Generator().manual_seed(config.run.seed)).to(acc.device)
+        self.lr_scale = 1.0
+        self.guard = DivergenceGuard(config.train)
+        self.window = StatsWindow()
+        self.logger = RunLogger(self.run_dir, enabled=acc.is_main_process)
+        cleanup.callback(self.logger.close)
+        self.imgs_per_step = config.data.batch_size * config.optim.n_critic * self.world
 
-    def restore(path: Path) -> int:
-        """Load checkpoint ``path`` into everything the loop holds; return its step."""
-        nonlocal lr_scale
-        state = load_checkpoint(accelerators, path, config)  # restores RNG states too
-        for name, scheduler in nets.schedulers().items():
+    def any_rank(self, flag: bool) -> bool:
+        return _any_rank(self.accelerator, flag)
+
+    @property
+    def sampler(self) -> nn.Module:
+        """What samples and evaluations come from: the EMA generator, else G itself."""
+        return self.ema.model if self.ema is not None else self.nets.G.plain
+
+    def start(self) -> int:
+        """Clean up, resume if asked, record the start; return the step to continue from."""
+        config, acc = self.config, self.accelerator
+        if acc.is_main_process:
+            remove_stale_staging(self.run_dir)
+        resume_from = resolve_resume(config.train.resume, self.run_dir)
+        step = self.restore(resume_from) if resume_from is not None else 0
+        if resume_from is None:
+            set_seed(derive(config.run.seed, "noise", self.rank))  # different noise on each rank
+        if acc.is_main_process:
+            save_config(config, self.run_dir / "config.yaml")
+        self.logger.event(step, {"event": "start", "world_size": self.world,
+                                 "resumed_from": str(resume_from or ""), "device": str(acc.device),
+                                 "distributed_type": str(acc.distributed_type),
+                                 "mixed_precision": acc.mixed_precision})
+        log.info("training %s -> step %d on %d process(es), %s, %s, run dir %s", config.loss.name,
+                 config.train.max_steps, self.world, acc.device, acc.distributed_type, self.run_dir)
+        return step
+
+    def restore(self, path: Path) -> int:
+        """Load checkpoint ``path`` into everything the run holds; return its step."""
+        state = load_checkpoint(self.accelerators, path, self.config)  # restores RNG states too
+        for name, scheduler in self.nets.schedulers().items():
             scheduler.load_state_dict(state[name])
-        loss.load_state_dict(state["loss"])
-        lr_scale = float(state["lr_scale"])
-        _set_learning_rates(nets, config, lr_scale)
-        data.load_state_dict(_position_for_rank(state, rank, world))
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        if int(state["world_size"]) != world:
+        self.loss.load_state_dict(state["loss"])
+        self.lr_scale = float(state["lr_scale"])
+        _set_learning_rates(self.nets, self.config, self.lr_scale)
+        self.data.load_state_dict(_position_for_rank(state, self.rank, self.world))
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        if int(state["world_size"]) != self.world:
             log.warning("checkpoint %s was written by %d process(es), this run has %d: weights, "
                         "optimizers, EMA and step restored; data order and noise re-derived",
-                        path, state["world_size"], world)
-            set_seed(config.run.seed + int(state["step"]), device_specific=True)
+                        path, state["world_size"], self.world)
+            set_seed(derive(self.config.run.seed, "noise/resume", self.rank, int(state["step"])))
+        log.info("resumed from %s at step %d", path, int(state["step"]))
         return int(state["step"])
 
-    def checkpoint(step: int, healthy: bool) -> Path:
-        shared = {"step": step, "lr_scale": lr_scale, "loss": loss.state_dict(),
-                  "ema": ema.state_dict() if ema is not None else None,
+    def after_step(self, step: int, stats: dict[str, torch.Tensor], applied: bool) -> tuple[int, bool]:
+        """Count the step with the guard; return the step to go on from and whether it rolled back."""
+        bad = {} if applied else {k: float(v) for k, v in stats.items() if k.startswith("loss")}
+        verdict = self.guard.record(step, applied, bad)
+        if applied:
+            self.window.add(stats)
+            if self.ema is not None:
+                self.ema.update(self.nets.G.plain, step)
+        if verdict == GO_ON:
+            return step, False
+        target = last_healthy(self.run_dir)
+        message = self.guard.message(step)
+        if verdict == STOP or target is None:
+            self.logger.event(step, {"event": "diverged", "message": message})
+            raise TrainingDiverged(f"{message}{self.guard.why_stopped(target)}; last good checkpoint: "
+                                   f"{target}")
+        self.guard.rolled_back()
+        step = self.restore(target)
+        self.lr_scale *= self.config.train.rollback_lr_scale
+        _set_learning_rates(self.nets, self.config, self.lr_scale)
+        # a different noise stream, or the same steps would diverge the same way
+        set_seed(derive(self.config.run.seed, "noise/rollback", self.rank, self.guard.rollbacks))
+        self.logger.event(step, {"event": "rollback", "message": message, "to": str(target),
+                                 "lr_scale": self.lr_scale, "rollbacks": self.guard.rollbacks})
+        log.warning("%s; rolled back to %s with learning rates x%s", message, target,
+                    self.config.train.rollback_lr_scale)
+        self.window.reset()
+        return step, True
+
+    def log_window(self, step: int) -> dict[str, float]:
+        """Average the window over steps and ranks, log it, and stop on a non-finite value."""
+        values = self.window.means(self.accelerator)
+        counters = self.data.counters()  # e.g. skipped bad samples: summed over ranks
+        if counters:
+            totals = torch.tensor(list(counters.values()), device=self.accelerator.device)
+            values.update(zip(counters, self.accelerator.reduce(totals, "sum").tolist()))
+        values.update(
+            imgs_per_sec=self.imgs_per_step * self.window.steps / (time.perf_counter() - self.window.start),
+            lr_G=self.nets.G.scheduler.get_last_lr()[0], lr_D=self.nets.D.scheduler.get_last_lr()[0],
+            kimg=step * self.imgs_per_step / 1000, world_size=self.world,
+            skipped_steps=self.guard.skipped, rollbacks=self.guard.rollbacks)
+        self.logger.scalars(step, values)
+        self.window.reset()
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad:  # only reachable with train.skip_nonfinite=false
+            raise TrainingDiverged(f"non-finite values at step {step}: {bad}; last good "
+                                   f"checkpoint: {last_healthy(self.run_dir)}")
+        return values
+
+    def sample_and_evaluate(self, step: int, last: bool) -> None:
+        config = self.config
+        if step % config.run.sample_every == 0 or last:
+            self.logger.images(step, "ema" if self.ema is not None else "G",
+                               _generate_grid(self.sampler, self.fixed_z, config.model.num_classes))
+        if self.evaluator and (step % config.eval.every == 0 or last):
+            figures = self.evaluator(self.sampler, self.accelerator)
+            self.logger.scalars(step, figures or {}, tb_prefix="eval/")
+
+    def checkpoint(self, step: int, last: bool) -> bool:
+        """Save at ``step`` unless a bad streak is open; return whether a save is still owed."""
+        if self.guard.streak_open:  # never save weights in the middle of a bad streak
+            log.warning("step %d: checkpoint deferred until the divergence guard's bad streak ends%s",
+                        step, "; stopping without one" if last else "")
+            return True
+        healthy = self.guard.checkpointed() and _weights_finite(list(self.nets.plain().values()))
+        nets = self.nets
+        shared = {"step": step, "lr_scale": self.lr_scale, "loss": self.loss.state_dict(),
+                  "ema": self.ema.state_dict() if self.ema is not None else None,
                   **{name: s.state_dict() for name, s in nets.schedulers().items()}}
         weights = {"generator": nets.G.plain, **({"encoder": nets.E.plain} if nets.E is not None else {})}
-        return save_checkpoint(accelerators, run_dir, step, shared, data.state_dict(), weights, config,
-                               healthy)
+        path = save_checkpoint(self.accelerators, self.run_dir, step, shared, self.data.state_dict(),
+                               weights, self.config, healthy)
+        replicas = check_replicas(self.accelerator, nets.plain())
+        self.logger.event(step, {"event": "checkpoint", "path": str(path), "world_size": self.world,
+                                 "healthy": healthy, "replicas_identical": replicas})
+        if not all(replicas.values()):
+            raise RuntimeError(f"ranks disagree on weights at step {step}: {replicas}")
+        return False
 
-    if accelerator.is_main_process:
-        from dist_gan.checkpoint import remove_stale_staging
 
-        remove_stale_staging(run_dir)
-    step = 0
-    resume_from = resolve_resume(config.train.resume, run_dir)
-    if resume_from is not None:
-        step = restore(resume_from)
-        log.info("resumed from %s at step %d", resume_from, step)
-    else:
-        set_seed(config.run.seed, device_specific=True)  # different noise on each rank
-
-    logger = RunLogger(run_dir, enabled=accelerator.is_main_process)
-    cleanup.callback(logger.close)
-    if accelerator.is_main_process:
-        save_config(config, run_dir / "config.yaml")
-    logger.event(step, {"event": "start", "world_size": world, "resumed_from": str(resume_from or ""),
-                        "device": str(accelerator.device),
-                        "distributed_type": str(accelerator.distributed_type),
-                        "mixed_precision": accelerator.mixed_precision})
-    log.info("training %s -> step %d on %d process(es), %s, %s, run dir %s", config.loss.name,
-             config.train.max_steps, world, accelerator.device, accelerator.distributed_type, run_dir)
-
-    imgs_per_step = config.data.batch_size * config.optim.n_critic * world  # real images seen by D
-    window = StatsWindow()
-    bar = tqdm(total=config.train.max_steps, initial=step, disable=not accelerator.is_main_process,
+def _run(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: StopRequest,
+         cleanup: contextlib.ExitStack) -> RunResult:
+    """Build -> resume -> loop -> finish; ``cleanup`` closes the data stream and the logger."""
+    run = Trainer(config, acc_G, acc_D, cleanup)
+    step = run.start()
+    stop = StopPolicy(config.train.max_steps, config.train.time_limit_min, stop_request, run.any_rank)
+    bar = tqdm(total=config.train.max_steps, initial=step, disable=not acc_G.is_main_process,
                unit="step", dynamic_ncols=True)
-    # bad_since_checkpoint: skipped updates since the last checkpoint; a checkpoint written after
-    # any is not healthy (never a rollback target). ckpt_pending: a checkpoint fell due during an
-    # open bad streak and waits for the first applied step.
-    bad_in_row, skipped, rollbacks, last_bad, bad_since_checkpoint = 0, 0, 0, {}, 0
-    ckpt_pending = False
-    stopped_by = "max_steps"
-    last_step = config.train.max_steps
-    deadline = time.perf_counter() + config.train.time_limit_min * 60 if config.train.time_limit_min else None
-    while step < last_step:
-        measure = (step + 1) % config.run.log_every == 0 or step + 1 == last_step
-        stats, applied = train_step(nets, loss, data, config, measure)
-        step += 1
+    checkpoint_owed = False  # one fell due during a bad streak
+    while step < stop.last_step:
+        measure = (step + 1) % config.run.log_every == 0 or step + 1 == stop.last_step
+        stats, applied = train_step(run.nets, run.loss, run.data, config, measure)
+        step, rolled_back = run.after_step(step + 1, stats, applied)
+        if rolled_back:
+            bar.n, checkpoint_owed = step, False
+            continue
         bar.update(1)
-        if applied:
-            bad_in_row = 0
-            window.add(stats)
-            if ema is not None:
-                ema.update(nets.G.plain, step)
-        else:
-            bad_in_row, skipped = bad_in_row + 1, skipped + 1
-            bad_since_checkpoint += 1
-            last_bad = {k: float(v) for k, v in stats.items() if k.startswith("loss")}
-            log.warning("step %d: non-finite loss or gradient %s, update skipped (%d in a row)",
-                        step, last_bad, bad_in_row)
-            if bad_in_row >= config.train.max_bad_steps:
-                message = (f"training diverged: {bad_in_row} steps in a row with a non-finite "
-                           f"loss or gradient, the last at step {step} ({last_bad})")
-                good = last_healthy(run_dir)
-                if (config.train.on_divergence == "stop" or good is None
-                        or rollbacks >= config.train.max_rollbacks):
-                    logger.event(step, {"event": "diverged", "message": message})
-                    why = "" if config.train.on_divergence == "stop" else (
-                        "; no checkpoint to roll back to" if good is None
-                        else f"; {rollbacks} rollbacks (train.max_rollbacks) spent")
-                    raise TrainingDiverged(f"{message}{why}; last good checkpoint: {good}")
-                rollbacks += 1
-                step = restore(good)
-                lr_scale *= config.train.rollback_lr_scale
-                _set_learning_rates(nets, config, lr_scale)
-                # a different noise stream, or the same steps would diverge the same way
-                set_seed(config.run.seed + 7919 * rollbacks, device_specific=True)
-                logger.event(step, {"event": "rollback", "message": message, "to": str(good),
-                                    "lr_scale": lr_scale, "rollbacks": rollbacks})
-                log.warning("%s; rolled back to %s with learning rates x%s", message, good,
-                            config.train.rollback_lr_scale)
-                bad_in_row, bad_since_checkpoint, ckpt_pending = 0, 0, False
-                window.reset()
-                bar.n = step
-                continue
-
-        if measure and window.steps:
-            values = window.means(accelerator)
-            counters = data.counters()  # e.g. skipped bad samples: summed over ranks
-            if counters:
-                totals = torch.tensor(list(counters.values()), device=accelerator.device)
-                values.update(zip(counters, accelerator.reduce(totals, "sum").tolist()))
-            values.update(
-                imgs_per_sec=imgs_per_step * window.steps / (time.perf_counter() - window.start),
-                lr_G=nets.G.scheduler.get_last_lr()[0], lr_D=nets.D.scheduler.get_last_lr()[0],
-                kimg=step * imgs_per_step / 1000, world_size=world, skipped_steps=skipped,
-                rollbacks=rollbacks,
-            )
-            logger.scalars(step, values)
+        if measure and run.window.steps:
+            values = run.log_window(step)
             bar.set_postfix(loss_D=f"{values['loss_D']:.3f}", loss_G=f"{values['loss_G']:.3f}",
                             img_s=f"{values['imgs_per_sec']:.0f}")
-            bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-            if bad:  # only reachable with train.skip_nonfinite=false
-                raise TrainingDiverged(f"non-finite values at step {step}: {bad}; last good "
-                                       f"checkpoint: {last_healthy(run_dir)}")
-            window.reset()
-            if deadline is not None and _any_rank(accelerator, time.perf_counter() > deadline):
-                last_step, stopped_by = step, "time_limit"  # finish with the end-of-run work
-                log.info("train.time_limit_min=%s reached at step %d", config.train.time_limit_min,
-                         step)
-        if _any_rank(accelerator, stop_request.received is not None):
-            last_step, stopped_by = step, stop_request.received or "SIGNAL"
-            log.warning("%s received: checkpointing at step %d and exiting with status %d",
-                        stopped_by, step, PREEMPTED_EXIT_CODE)
-
-        preempted = stopped_by.startswith("SIG")
-        if not preempted and (step % config.run.sample_every == 0 or step == last_step):
-            logger.images(step, "ema" if ema is not None else "G",
-                          _generate_grid(ema.model if ema is not None else nets.G.plain, fixed_z,
-                                         config.model.num_classes))
-        if evaluator and not preempted and (step % config.eval.every == 0 or step == last_step):
-            figures = evaluator(ema.model if ema is not None else nets.G.plain, accelerator)
-            logger.scalars(step, figures or {}, tb_prefix="eval/")
-        if step % config.run.ckpt_every == 0 or step == last_step or ckpt_pending:
-            if bad_in_row:  # never save weights in the middle of a bad streak
-                if not ckpt_pending:
-                    log.warning("step %d: checkpoint deferred until the divergence guard's bad "
-                                "streak ends", step)
-                ckpt_pending = True
-                if step == last_step:
-                    log.warning("stopping at step %d inside a bad streak: no checkpoint written; "
-                                "a resume continues from %s", step, resolve_resume("auto", run_dir))
-                continue
-            healthy = bad_since_checkpoint == 0 and _weights_finite(list(nets.plain().values()))
-            path = checkpoint(step, healthy)
-            bad_since_checkpoint, ckpt_pending = 0, False
-            replicas = check_replicas(accelerator, nets.plain())
-            logger.event(step, {"event": "checkpoint", "path": str(path), "world_size": world,
-                                "healthy": healthy, "replicas_identical": replicas})
-            if not all(replicas.values()):
-                raise RuntimeError(f"ranks disagree on weights at step {step}: {replicas}")
-
+        stop.after_step(step, measure)
+        last = step == stop.last_step
+        if not stop.preempted:
+            run.sample_and_evaluate(step, last)
+        if step % config.run.ckpt_every == 0 or last or checkpoint_owed:
+            checkpoint_owed = run.checkpoint(step, last)
     bar.close()
-    logger.event(step, {"event": "preempted" if stopped_by.startswith("SIG") else "end",
-                        "stopped_by": stopped_by, "world_size": world, "skipped_steps": skipped,
-                        "rollbacks": rollbacks})
-    logger.close()
-    accelerator.end_training()
-    return RunResult(run_dir, step, stopped_by)
+    run.logger.event(step, {"event": "preempted" if stop.preempted else "end", "stopped_by": stop.reason,
+                            "world_size": run.world, "skipped_steps": run.guard.skipped,
+                            "rollbacks": run.guard.rollbacks})
+    acc_G.end_training()
+    return RunResult(run.run_dir, step, stop.reason)

@@ -1,4 +1,5 @@
-"""Pre-emption signals: SIGUSR1/SIGTERM become "checkpoint after this step and exit 75".
+"""Pre-emption signals: SIGUSR1/SIGTERM become "checkpoint after this step and exit 75"; the
+stop policy (max steps, time limit, signal) that decides the run's last step.
 
 Standard library only, so ``dist_gan.train`` can install the handler before the slow imports and
 the config load: a signal at any moment of start-up still ends in a checkpoint and status 75.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +48,40 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+# What a run stopped by a signal reports as its reason: the signal's name, or SIGNAL on a rank that
+# learnt of another rank's signal through the agreement.
+PREEMPTION_REASONS = frozenset({sig.name for sig in STOP_SIGNALS} | {"SIGNAL"})
+
+
+def is_preemption(reason: str) -> bool:
+    """Whether a run that stopped for ``reason`` was pre-empted (checkpoint, then exit 75)."""
+    return reason in PREEMPTION_REASONS
+
+
+class StopPolicy:
+    """When the run ends, and why: at ``max_steps``; at the first log step past ``time_limit_min``
+    minutes; or after the step in which any rank received a stop signal. ``any_rank(flag)`` is
+    the loop's agreement (true on every rank if true on one), so all ranks stop at the same step.
+    """
+
+    def __init__(self, max_steps: int, time_limit_min: float, request: StopRequest, any_rank) -> None:
+        self.last_step, self.reason = max_steps, "max_steps"
+        self.request, self.any_rank = request, any_rank
+        self.time_limit_min = time_limit_min
+        self.deadline = time.perf_counter() + time_limit_min * 60 if time_limit_min else None
+
+    @property
+    def preempted(self) -> bool:
+        return is_preemption(self.reason)
+
+    def after_step(self, step: int, log_step: bool) -> None:
+        """Move the last step here if the time is up (checked on log steps) or a signal came."""
+        if log_step and self.deadline is not None and self.any_rank(time.perf_counter() > self.deadline):
+            self.last_step, self.reason = step, "time_limit"
+            log.info("train.time_limit_min=%s reached at step %d", self.time_limit_min, step)
+        if self.any_rank(self.request.received is not None):
+            self.last_step, self.reason = step, self.request.received or "SIGNAL"
+            log.warning("%s received: checkpointing at step %d and exiting with status %d",
+                        self.reason, step, PREEMPTED_EXIT_CODE)

@@ -169,12 +169,12 @@ def test_a_manifest_count_that_disagrees_with_its_shard_is_named(tmp_path, caplo
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["splits"]["train"]["shards"][1]["count"] = 20
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with caplog.at_level(logging.WARNING):
-        labels_of(stream(pattern, workers=0, batch_size=1, shuffle_buffer=0), 24)
+    with caplog.at_level(logging.WARNING):  # one past the 24 samples: both shards read to their end
+        labels_of(stream(pattern, workers=0, batch_size=1, shuffle_buffer=0), 25)
     assert "train-000001.tar holds 12 samples but its manifest entry says 20" in caplog.text
     assert verify_shards(pattern) == [f"{tmp_path}/train-000001.tar: 12 samples, the manifest says 20"]
     with pytest.raises(DataError, match="holds 12 samples but its manifest entry says 20"):
-        labels_of(stream(pattern, workers=0, batch_size=1, shuffle_buffer=0, strict=True), 24)
+        labels_of(stream(pattern, workers=0, batch_size=1, shuffle_buffer=0, strict=True), 25)
 
 
 # --- one-line errors ----------------------------------------------------------------------------------

@@ -120,13 +120,14 @@ def test_bad_shards_are_skipped_and_counted(tmp_path, caplog):
 
 @pytest.mark.parametrize("damage,pattern", [
     ("truncate", r"train-000000\.tar has 25276 bytes but manifest .* \(data\.strict=true\)"),
-    ("broken", r"sample 'zz_bad' of shard .*train-000001\.tar: undecodable png"),
+    ("broken", r"sample 'zz_bad' of shard .*train-00000[01]\.tar: undecodable png"),
 ])
 def test_strict_mode_names_shard_and_sample(tmp_path, damage, pattern):
     shards, _ = tiny_shards(tmp_path, n_shards=2, per_shard=24)
     if damage == "truncate":
         truncate(tmp_path / "train-000000.tar", 24 * 1024 + 700)
-    else:
+    else:  # both shards: whichever is read first, its bad tail comes before the epoch's end
+        add_broken_sample(tmp_path / "train-000000.tar")
         add_broken_sample(tmp_path / "train-000001.tar")
     with pytest.raises(DataError, match=pattern):
         s = stream(shards, workers=0, shuffle_buffer=0, batch_size=2, strict=True)

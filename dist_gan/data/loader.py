@@ -30,6 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_gan.data.sources import DataError, to_model_range
+from dist_gan.seeds import derive
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -117,13 +118,13 @@ class ShardSamples(IterableDataset):
     def plan(self, epoch: int, rank: int, worker: int, workers: int) -> list[int]:
         """Indices of the shards that (rank, worker) reads in ``epoch`` (epoch mode)."""
         order = list(range(len(self.shards)))
-        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        random.Random(derive(self.seed, "shard_order", epoch)).shuffle(order)
         return order[rank :: self.world_size][worker::workers]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
+        rng = random.Random(derive(self.seed, "shard_shuffle", self.epoch, self.rank, worker))
         if self.resampled:
             chosen = (self.shards[rng.randrange(len(self.shards))] for _ in iter(int, 1))
         else:
@@ -214,7 +215,7 @@ class ShardStream:
         self.dataset.epoch = self.epoch
         # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG each
         # time an iterator opens, which would shift the training noise after a resume.
-        seed = torch.Generator().manual_seed(self.dataset.seed * 1_000_003 + self.epoch)
+        seed = torch.Generator().manual_seed(derive(self.dataset.seed, "loader", self.epoch))
         loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
                             drop_last=True, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.workers > 0 else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from dist_gan.data.sources import DataError, ImageSet, to_model_range
+from dist_gan.seeds import derive
 
 
 class InMemoryBatches:
@@ -34,7 +35,7 @@ class InMemoryBatches:
         return cls(torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs]), **kwargs)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(derive(self.seed, "memory_order", epoch))
         return torch.randperm(len(self.images), generator=generator)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

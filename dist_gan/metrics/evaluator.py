@@ -12,6 +12,7 @@ import torch.nn as nn
 from dist_gan.config import Config, DataConfig, load_config
 from dist_gan.data.sources import DATA_SOURCES, to_model_range
 from dist_gan.metrics.classifier import cache_dir, fingerprint
+from dist_gan.seeds import derive
 from dist_gan.metrics.networks import build_feature_net
 from dist_gan.metrics.quality import Embedder, quality
 from dist_gan.sample import generate, load_generator
@@ -50,7 +51,7 @@ class Evaluator:
         cfg = self.config.eval
         share = math.ceil(cfg.n_samples / accelerator.num_processes)
         # The same latents at every evaluation (per rank), so the curve shows the generator changing.
-        seed = self.config.run.seed * 7919 + accelerator.process_index + 1
+        seed = derive(self.config.run.seed, "eval", accelerator.process_index)
         images = generate(generator, share, seed, cfg.batch_size, accelerator.device)
         feats, logits = self.embed(images)
         feats = accelerator.gather(feats.to(accelerator.device))[: cfg.n_samples].cpu()

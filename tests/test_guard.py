@@ -1,0 +1,63 @@
+"""The divergence guard and the stop policy on their own (the loop's use of them: test_scale.py,
+test_faults.py)."""
+
+from __future__ import annotations
+
+import signal
+
+from dist_gan.config import TrainConfig
+from dist_gan.guard import GO_ON, ROLL_BACK, STOP, DivergenceGuard
+from dist_gan.stop import StopPolicy, StopRequest, is_preemption
+
+BAD = {"loss_D": float("inf")}
+
+
+def test_stop_after_max_bad_steps_in_a_row_and_a_good_step_resets_the_count():
+    guard = DivergenceGuard(TrainConfig(max_bad_steps=3))
+    assert [guard.record(s, False, BAD) for s in (1, 2)] == [GO_ON, GO_ON]
+    assert guard.record(3, True, {}) == GO_ON and not guard.streak_open
+    assert [guard.record(s, False, BAD) for s in (4, 5, 6)] == [GO_ON, GO_ON, STOP]
+    assert guard.skipped == 5 and guard.streak_open
+    assert "3 steps in a row" in guard.message(6) and "at step 6" in guard.message(6)
+    assert guard.why_stopped(None) == ""
+
+
+def test_roll_back_until_the_budget_is_spent():
+    guard = DivergenceGuard(TrainConfig(max_bad_steps=1, on_divergence="rollback", max_rollbacks=2))
+    for _ in range(2):
+        assert guard.record(1, False, BAD) == ROLL_BACK
+        guard.rolled_back()
+        assert not guard.streak_open
+    assert guard.record(1, False, BAD) == STOP
+    assert guard.why_stopped("ckpt") == "; 2 rollbacks (train.max_rollbacks) spent"
+    assert guard.why_stopped(None) == "; no checkpoint to roll back to"
+
+
+def test_a_checkpoint_after_skipped_updates_is_not_healthy_and_the_next_clean_one_is():
+    guard = DivergenceGuard(TrainConfig())
+    assert guard.checkpointed() is True
+    guard.record(1, False, BAD)
+    guard.record(2, True, {})
+    assert guard.checkpointed() is False
+    guard.record(3, True, {})
+    assert guard.checkpointed() is True
+
+
+def test_stop_policy_time_limit_on_log_steps_and_signals_at_once():
+    request = StopRequest()
+    policy = StopPolicy(100, time_limit_min=1e-9, request=request, any_rank=lambda flag: flag)
+    policy.after_step(3, log_step=False)  # the time is only checked on log steps
+    assert (policy.last_step, policy.reason) == (100, "max_steps")
+    policy.after_step(4, log_step=True)
+    assert (policy.last_step, policy.reason, policy.preempted) == (4, "time_limit", False)
+    with request:
+        signal.raise_signal(signal.SIGUSR1)
+        policy.after_step(5, log_step=False)
+    assert (policy.last_step, policy.reason, policy.preempted) == (5, "SIGUSR1", True)
+
+
+def test_a_rank_that_learns_of_another_ranks_signal_stops_too():
+    policy = StopPolicy(100, 0, StopRequest(), any_rank=lambda flag: True)
+    policy.after_step(7, log_step=True)
+    assert (policy.last_step, policy.reason) == (7, "SIGNAL") and is_preemption(policy.reason)
+    assert not is_preemption("time_limit") and not is_preemption("SIGHUP")
