@@ -66,11 +66,15 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoints of a run that have a manifest (were completely written), oldest first."""
+    """Checkpoints of a run that have a manifest (were completely written), oldest first.
+
+    A staging folder (``step_N.tmp``) never counts, even with its manifest: a save killed between
+    the manifest and the rename leaves one, and ranks may list before rank 0 removes it."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).is_file()]
+    found = [p for p in root.glob("step_*")
+             if p.is_dir() and p.suffix != ".tmp" and (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 

@@ -133,6 +133,7 @@ class LossConfig:
     name: str = "wgan_gp"
     gp_weight: float = 10.0  # wgan_gp only
     r1_gamma: float = 0.0  # R1 penalty on real data, any loss; 0 disables
+    r1_every: int = 1  # lazy R1: computed every this many D updates, weighted by it (StyleGAN2: 16)
     clip_value: float = 0.01  # wgan (weight clipping) only
     # Improved-GAN techniques (Salimans et al. 2016), usable with any family:
     label_smoothing: float = 0.0  # one-sided: D's target for real images is 1 - this (ns loss only)
@@ -151,6 +152,8 @@ class LossConfig:
                 found.append((name, getattr(self, name), "must be >= 0"))
         if self.clip_value <= 0:
             found.append(("clip_value", self.clip_value, "must be > 0"))
+        if self.r1_every < 1:
+            found.append(("r1_every", self.r1_every, "must be >= 1"))
         if not 0.0 <= self.label_smoothing < 1.0:
             found.append(("label_smoothing", self.label_smoothing, "must be in [0, 1)"))
         elif self.label_smoothing > 0 and self.name != "ns":

@@ -1,15 +1,19 @@
-"""Adversarial losses, regularisers and the extra terms of the model families, by name.
+"""Adversarial losses: an objective on D's logits, plus the terms the config adds.
 
 A loss is handed the networks (a ``Models`` view, built by the loop) and a real batch with its labels,
 and does every forward of its game: it draws the noise (and, for a class-conditional model, the fake
 labels), so the loop knows nothing of latents, labels or encoders. ``discriminator_loss`` and
 ``generator_loss`` return the scalar to minimise and a dict of detached statistics for logging.
 
-Adding a loss: subclass ``GANLoss``, define ``d_real``, ``d_fake`` and ``g_objective`` on logits, add one
-line to ``LOSSES``. The Improved-GAN terms (one-sided label smoothing, feature matching, historical
-averaging) and the VAE-GAN terms (KL prior, reconstruction in D's feature space) live in the base
-class and apply to every loss as the config asks.
+- **Objectives** (``OBJECTIVES``: ns, wasserstein, hinge) are three functions of logits each.
+- **Terms** (``TERMS``) are regularisers and constraints the config switches on: the gradient
+  penalty, R1, weight clipping, historical averaging, feature matching, and the VAE-GAN family's
+  terms. A term may add to D's loss, to G's loss, and act after either update; with ``every`` > 1 it
+  is computed only on that interval of its side's updates and weighted by it (lazy regularisation).
+- **Losses** (``LOSSES``, the config's ``loss.name``) are an objective and the terms that define
+  them: wgan is the Wasserstein objective with weight clipping, wgan_gp the same with the penalty.
 
+Adding a loss: one line in ``LOSSES``. Adding a term: one ``Term`` subclass and one line in ``TERMS``.
 Penalties that differentiate through D (WGAN-GP, R1) run their D forward in fp32 with autocast off
 (``backend.full_precision``), whatever the run's mixed precision.
 """
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 
 from dist_gan.backend import eager, full_precision
 from dist_gan.config import LossConfig, lookup
-from dist_gan.data import DataError
+from dist_gan.data.sources import DataError
 
 Stats = dict[str, torch.Tensor]
 
@@ -48,6 +52,72 @@ class Models:
     z_dim: int
     num_classes: int
 
+
+# --- objectives -------------------------------------------------------------------------------------
+
+class Objective:
+    """The game on D's logits: D's loss on real and on fake logits, and G's loss."""
+
+    def __init__(self, cfg: LossConfig):
+        self.cfg = cfg
+
+    def d_real(self, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def d_fake(self, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def g_objective(self, fake_logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class NonSaturating(Objective):
+    """Goodfellow et al.'s loss with the non-saturating generator objective (the seed's), with
+    optional one-sided label smoothing (real target 1 - loss.label_smoothing)."""
+
+    def d_real(self, logits):
+        if self.cfg.label_smoothing > 0:
+            target = torch.full_like(logits, 1.0 - self.cfg.label_smoothing)
+            return F.binary_cross_entropy_with_logits(logits, target)
+        return F.softplus(-logits).mean()
+
+    def d_fake(self, logits):
+        return F.softplus(logits).mean()
+
+    def g_objective(self, fake_logits):
+        return F.softplus(-fake_logits).mean()
+
+
+class Wasserstein(Objective):
+    """Arjovsky et al.'s critic: D maximises D(real) - D(fake); Lipschitz by a term (clip or gp)."""
+
+    def d_real(self, logits):
+        return -logits.mean()
+
+    def d_fake(self, logits):
+        return logits.mean()
+
+    def g_objective(self, fake_logits):
+        return -fake_logits.mean()
+
+
+class Hinge(Objective):
+    """The hinge loss of Lim & Ye / Miyato et al. (SN-GAN, BigGAN)."""
+
+    def d_real(self, logits):
+        return F.relu(1.0 - logits).mean()
+
+    def d_fake(self, logits):
+        return F.relu(1.0 + logits).mean()
+
+    def g_objective(self, fake_logits):
+        return -fake_logits.mean()
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"ns": NonSaturating, "wasserstein": Wasserstein, "hinge": Hinge}
+
+
+# --- penalties --------------------------------------------------------------------------------------
 
 def _judge(discriminator: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     """D's logits in fp32; labels only for a conditional D (any plain module works unconditionally)."""
@@ -111,32 +181,238 @@ class HistoricalAverage:
         self.mean, self.count = state["mean"], int(state["count"])
 
 
-class GANLoss:
-    """Base of every loss: subclasses define the objectives on D's logits."""
+# --- terms ------------------------------------------------------------------------------------------
 
-    def __init__(self, cfg: LossConfig, autocast: Callable[[], ContextManager] = nullcontext):
+@dataclass
+class DiscriminatorStep:
+    """What a term sees of a discriminator update."""
+
+    models: Models
+    objective: Objective
+    real: torch.Tensor
+    labels: torch.Tensor | None
+    fake: torch.Tensor
+    fake_logits: torch.Tensor
+    autocast: Callable[[], ContextManager]
+
+
+@dataclass
+class GeneratorStep:
+    """What a term sees of a generator update; ``real_features`` only when a term needs them."""
+
+    models: Models
+    objective: Objective
+    real: torch.Tensor
+    labels: torch.Tensor | None
+    fake_features: torch.Tensor
+    real_features: torch.Tensor | None
+    autocast: Callable[[], ContextManager]
+
+
+class Term:
+    """A regulariser or constraint the config adds.
+
+    ``discriminator`` / ``generator`` return (what to add to that side's loss, what to log by
+    name); ``after_*_step`` act on the plain network after an applied update.
+    """
+
+    needs_real_features = False  # D's features of the real batch, in the generator step
+    every = 1  # > 1: lazy regularisation, on every ``every``-th update of its side, weighted by it
+
+    def __init__(self, cfg: LossConfig):
         self.cfg = cfg
-        self.autocast = autocast
-        self.history = {"G": HistoricalAverage(), "D": HistoricalAverage()}
 
-    # --- the game, on logits ---
-    def d_real(self, logits: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def discriminator(self, step: DiscriminatorStep) -> tuple[torch.Tensor | float, Stats]:
+        return 0.0, {}
 
-    def d_fake(self, logits: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def generator(self, step: GeneratorStep) -> tuple[torch.Tensor | float, Stats]:
+        return 0.0, {}
 
-    def g_objective(self, fake_logits: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def after_discriminator_step(self, discriminator: nn.Module) -> None:
+        pass
 
-    def penalties(self, discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor,
-                  labels: torch.Tensor | None) -> Stats:
-        """Weighted regularisers added to D's loss, by name (already multiplied by their weights)."""
-        if self.cfg.r1_gamma > 0:
-            return {"r1": 0.5 * self.cfg.r1_gamma * r1_penalty(discriminator, real, labels)}
+    def after_generator_step(self, generator: nn.Module) -> None:
+        pass
+
+    def state_dict(self) -> dict:
         return {}
 
-    # --- sampling what the game needs ---
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class R1(Term):
+    """Mescheder et al.'s R1 on real data, weight loss.r1_gamma / 2, every loss.r1_every D updates
+    (StyleGAN2's lazy regularisation: 16)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.every = cfg.r1_every
+
+    def discriminator(self, step):
+        value = 0.5 * self.cfg.r1_gamma * r1_penalty(step.models.D_penalty, step.real, step.labels)
+        return value, {"r1": value}
+
+
+class GradientPenalty(Term):
+    """WGAN-GP's penalty, weight loss.gp_weight."""
+
+    def discriminator(self, step):
+        value = self.cfg.gp_weight * gradient_penalty(step.models.D_penalty, step.real, step.fake,
+                                                      step.labels)
+        return value, {"gp": value}
+
+
+class WeightClipping(Term):
+    """The original WGAN's Lipschitz constraint: D's weights clipped to ±loss.clip_value."""
+
+    @torch.no_grad()
+    def after_discriminator_step(self, discriminator):
+        for param in discriminator.parameters():
+            param.clamp_(-self.cfg.clip_value, self.cfg.clip_value)
+
+
+class FeatureMatching(Term):
+    """Salimans et al.'s feature matching: ||E f(x) - E f(G(z))||^2 in D's last hidden layer."""
+
+    needs_real_features = True
+
+    def generator(self, step):
+        matching = (step.real_features.mean(0) - step.fake_features.float().mean(0)).pow(2).sum()
+        return self.cfg.feature_matching * matching, {"feature_matching": matching}
+
+
+class VAEGAN(Term):
+    """Larsen et al.'s VAE-GAN, active when the model set has an encoder (model.encoder): the
+    reconstructions G(E(x)) are half of D's fakes, and G with E also minimise the KL prior term,
+    the reconstruction error in D's feature space, and the game on reconstructions (no GAN gradient
+    into E)."""
+
+    needs_real_features = True
+
+    @staticmethod
+    def encode(m: Models, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a posterior sample by the reparameterisation trick, mu, logvar)."""
+        mu, logvar = m.E(real)
+        mu, logvar = mu.float(), logvar.float()
+        return mu + torch.randn_like(mu) * (0.5 * logvar).exp(), mu, logvar
+
+    def discriminator(self, step):
+        m = step.models
+        if m.E is None:
+            return 0.0, {}
+        with torch.no_grad(), step.autocast():
+            recon = m.G(self.encode(m, step.real)[0], step.labels)
+        with step.autocast():
+            recon_logits = m.D(recon, step.labels).float()
+        # d_fake(fake) becomes the mean of d_fake over fakes and reconstructions
+        d_fake = step.objective.d_fake
+        return 0.5 * (d_fake(recon_logits) - d_fake(step.fake_logits)), {}
+
+    def generator(self, step):
+        m, real, labels = step.models, step.real, step.labels
+        if m.E is None:
+            return 0.0, {}
+        z_post, mu, logvar = self.encode(m, real)
+        # per image, summed over latent dimensions and features as in Larsen et al.
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1).mean()
+        with step.autocast():
+            recon_features = m.D_plain(m.G(z_post, labels), labels, return_features=True)[1]
+            recon_logits = m.D_plain(m.G(z_post.detach(), labels), labels)
+        recon = 0.5 * (recon_features.float() - step.real_features).pow(2).sum(1).mean()
+        added = (0.5 * step.objective.g_objective(recon_logits.float()) + self.cfg.kl_weight * kl
+                 + self.cfg.recon_weight * recon)
+        return added, {"kl": kl, "recon": recon}
+
+
+class HistoricalAveraging(Term):
+    """Salimans et al.'s historical averaging on both networks, weight loss.historical_averaging."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.history = {"G": HistoricalAverage(), "D": HistoricalAverage()}
+
+    def discriminator(self, step):
+        value = self.cfg.historical_averaging * self.history["D"].penalty(step.models.D_plain)
+        return value, {"hist_avg": value}
+
+    def generator(self, step):
+        averaged = self.history["G"].penalty(eager(step.models.G))
+        return self.cfg.historical_averaging * averaged, {"hist_avg_G": averaged}
+
+    def after_discriminator_step(self, discriminator):
+        self.history["D"].update(discriminator)
+
+    def after_generator_step(self, generator):
+        self.history["G"].update(generator)
+
+    def state_dict(self):
+        return {name: h.state_dict() for name, h in self.history.items()}
+
+    def load_state_dict(self, state):
+        for name, h in self.history.items():
+            h.load_state_dict(state[name])
+
+
+# A term's factory: the term when the config switches it on, else None. The order of this table is
+# the order of the sums (and of the logged statistics).
+TERMS: dict[str, Callable[[LossConfig], Term | None]] = {
+    "r1": lambda cfg: R1(cfg) if cfg.r1_gamma > 0 else None,
+    "gp": GradientPenalty,
+    "clip": WeightClipping,
+    "feature_matching": lambda cfg: FeatureMatching(cfg) if cfg.feature_matching > 0 else None,
+    "vaegan": VAEGAN,
+    "hist_avg": lambda cfg: HistoricalAveraging(cfg) if cfg.historical_averaging > 0 else None,
+}
+# Terms every loss gets (each switched on by its own config weight, or by an encoder for vaegan);
+# the others only where a loss's definition names them.
+SHARED_TERMS = ("r1", "feature_matching", "vaegan", "hist_avg")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A named loss: its objective and the terms that are part of its definition."""
+
+    objective: str
+    terms: tuple[str, ...] = ()
+
+
+LOSSES: dict[str, LossSpec] = {
+    "ns": LossSpec("ns"),
+    "wgan": LossSpec("wasserstein", ("clip",)),
+    "wgan_gp": LossSpec("wasserstein", ("gp",)),
+    "hinge": LossSpec("hinge"),
+}
+
+
+class GANLoss:
+    """An objective and its terms, playing the game on the networks a ``Models`` view gives."""
+
+    def __init__(self, cfg: LossConfig, autocast: Callable[[], ContextManager] = nullcontext):
+        spec = lookup(LOSSES, "loss.name", cfg.name)
+        self.cfg, self.autocast = cfg, autocast
+        self.objective = OBJECTIVES[spec.objective](cfg)
+        wanted = set(spec.terms) | set(SHARED_TERMS)
+        self.terms = {name: term for name, factory in TERMS.items()
+                      if name in wanted and (term := factory(cfg)) is not None}
+        self.updates = {"D": 0, "G": 0}  # updates of each side so far: when lazy terms are due
+
+    def _due(self, side: str) -> list[tuple[Term, int]]:
+        """The terms due at this ``side`` update, each with its weight (its interval)."""
+        count = self.updates[side]
+        self.updates[side] += 1
+        return [(t, t.every) for t in self.terms.values() if count % t.every == 0]
+
+    # the objective's functions, for callers that judge logits directly
+    def d_real(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.objective.d_real(logits)
+
+    def d_fake(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.objective.d_fake(logits)
+
+    def g_objective(self, fake_logits: torch.Tensor) -> torch.Tensor:
+        return self.objective.g_objective(fake_logits)
+
     @staticmethod
     def real_labels(m: Models, labels: torch.Tensor) -> torch.Tensor | None:
         if not m.num_classes:
@@ -153,169 +429,73 @@ class GANLoss:
         labels = torch.randint(0, m.num_classes, (n,), device=device) if m.num_classes else None
         return z, labels
 
-    @staticmethod
-    def encode(m: Models, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """VAE-GAN: (a posterior sample by the reparameterisation trick, mu, logvar)."""
-        mu, logvar = m.E(real)
-        mu, logvar = mu.float(), logvar.float()
-        return mu + torch.randn_like(mu) * (0.5 * logvar).exp(), mu, logvar
-
-    # --- the two objectives ---
     def discriminator_loss(self, m: Models, real: torch.Tensor,
                            labels: torch.Tensor) -> tuple[torch.Tensor, Stats]:
         labels = self.real_labels(m, labels)
         z, fake_labels = self.sample(m, real.shape[0], real.device)
         with torch.no_grad(), self.autocast():
             fake = m.G(z, fake_labels)
-            recon = m.G(self.encode(m, real)[0], labels) if m.E is not None else None
         with self.autocast():
             real_logits = m.D(real, labels).float()
             fake_logits = m.D(fake, fake_labels).float()
-            recon_logits = m.D(recon, labels).float() if recon is not None else None
-        if recon_logits is None:
-            loss = self.d_real(real_logits) + self.d_fake(fake_logits)
-        else:  # Larsen et al.: reconstructions are fakes too
-            loss = self.d_real(real_logits) + 0.5 * (self.d_fake(fake_logits) + self.d_fake(recon_logits))
-        penalties = self.penalties(m.D_penalty, real, fake, labels)
-        if self.cfg.historical_averaging > 0:
-            penalties["hist_avg"] = self.cfg.historical_averaging * self.history["D"].penalty(m.D_plain)
-        for value in penalties.values():
-            loss = loss + value
+        loss = self.objective.d_real(real_logits) + self.objective.d_fake(fake_logits)
+        step = DiscriminatorStep(m, self.objective, real, labels, fake, fake_logits, self.autocast)
         d_real, d_fake = real_logits.mean().detach(), fake_logits.mean().detach()
-        stats = {"loss_D": loss.detach(), "D_real": d_real, "D_fake": d_fake,
-                 "wasserstein": d_real - d_fake}
-        stats.update({name: value.detach() for name, value in penalties.items()})
+        stats = {"D_real": d_real, "D_fake": d_fake, "wasserstein": d_real - d_fake}
+        for term, weight in self._due("D"):
+            added, logged = term.discriminator(step)
+            loss = loss + (added * weight if weight > 1 else added)
+            stats.update({name: value.detach() for name, value in logged.items()})
+        stats["loss_D"] = loss.detach()
         return loss, stats
 
     def generator_loss(self, m: Models, real: torch.Tensor,
                        labels: torch.Tensor) -> tuple[torch.Tensor, Stats]:
-        """G's objective through the frozen D, plus feature matching, historical averaging and, with
-        an encoder, the VAE terms (the encoder is trained by this same loss)."""
+        """G's objective through the frozen D, plus the terms (with an encoder, the VAE-GAN terms,
+        which train the encoder by this same loss)."""
         labels = self.real_labels(m, labels)
         z, fake_labels = self.sample(m, real.shape[0], real.device)
-        cfg = self.cfg
         with self.autocast():
             fake = m.G(z, fake_labels)
             fake_logits, fake_features = m.D_plain(fake, fake_labels, return_features=True)
-        loss = self.g_objective(fake_logits.float())
-        stats: Stats = {}
+        loss = self.objective.g_objective(fake_logits.float())
         real_features = None
-        if cfg.feature_matching > 0 or m.E is not None:
+        if any(t.needs_real_features and (m.E is not None or not isinstance(t, VAEGAN))
+               for t in self.terms.values()):
             with torch.no_grad(), self.autocast():
                 real_features = m.D_plain(real, labels, return_features=True)[1].float()
-        if cfg.feature_matching > 0:
-            matching = (real_features.mean(0) - fake_features.float().mean(0)).pow(2).sum()
-            loss = loss + cfg.feature_matching * matching
-            stats["feature_matching"] = matching.detach()
-        if m.E is not None:
-            z_post, mu, logvar = self.encode(m, real)
-            # per image, summed over latent dimensions and features as in Larsen et al.
-            kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1).mean()
-            with self.autocast():
-                recon_features = m.D_plain(m.G(z_post, labels), labels, return_features=True)[1]
-                # the reconstruction also plays the game, for G only (no GAN gradient into E)
-                recon_logits = m.D_plain(m.G(z_post.detach(), labels), labels)
-            recon = 0.5 * (recon_features.float() - real_features).pow(2).sum(1).mean()
-            loss = (loss + 0.5 * self.g_objective(recon_logits.float()) + cfg.kl_weight * kl
-                    + cfg.recon_weight * recon)
-            stats.update(kl=kl.detach(), recon=recon.detach())
-        if cfg.historical_averaging > 0:
-            averaged = self.history["G"].penalty(eager(m.G))
-            loss = loss + cfg.historical_averaging * averaged
-            stats["hist_avg_G"] = averaged.detach()
+        step = GeneratorStep(m, self.objective, real, labels, fake_features, real_features, self.autocast)
+        stats: Stats = {}
+        for term, weight in self._due("G"):
+            added, logged = term.generator(step)
+            loss = loss + (added * weight if weight > 1 else added)
+            stats.update({name: value.detach() for name, value in logged.items()})
         stats["loss_G"] = loss.detach()
         return loss, stats
 
-    # --- hooks after the optimiser steps ---
     @torch.no_grad()
     def after_discriminator_step(self, discriminator: nn.Module) -> None:
-        """Constraints on D's weights after its optimiser step; keeps the historical average."""
-        if self.cfg.historical_averaging > 0:
-            self.history["D"].update(discriminator)
+        for term in self.terms.values():
+            term.after_discriminator_step(discriminator)
 
     @torch.no_grad()
     def after_generator_step(self, generator: nn.Module) -> None:
-        if self.cfg.historical_averaging > 0:
-            self.history["G"].update(generator)
+        for term in self.terms.values():
+            term.after_generator_step(generator)
 
     def state_dict(self) -> dict:
-        """What a resume needs (the historical averages), in weights_only-loadable form."""
-        return {name: h.state_dict() for name, h in self.history.items()}
+        """What a resume needs (update counts, the historical averages), weights_only-loadable."""
+        terms = {name: state for name, term in self.terms.items() if (state := term.state_dict())}
+        return {"updates": dict(self.updates), "terms": terms}
 
     def load_state_dict(self, state: dict) -> None:
-        for name, h in self.history.items():
-            h.load_state_dict(state[name])
-
-
-class NonSaturating(GANLoss):
-    """Goodfellow et al.'s loss with the non-saturating generator objective (the seed's), with
-    optional one-sided label smoothing (real target 1 - loss.label_smoothing)."""
-
-    def d_real(self, logits):
-        if self.cfg.label_smoothing > 0:
-            target = torch.full_like(logits, 1.0 - self.cfg.label_smoothing)
-            return F.binary_cross_entropy_with_logits(logits, target)
-        return F.softplus(-logits).mean()
-
-    def d_fake(self, logits):
-        return F.softplus(logits).mean()
-
-    def g_objective(self, fake_logits):
-        return F.softplus(-fake_logits).mean()
-
-
-class WGAN(GANLoss):
-    """Arjovsky et al.'s Wasserstein loss, Lipschitz by clipping D's weights to ±clip_value."""
-
-    def d_real(self, logits):
-        return -logits.mean()
-
-    def d_fake(self, logits):
-        return logits.mean()
-
-    def g_objective(self, fake_logits):
-        return -fake_logits.mean()
-
-    @torch.no_grad()
-    def after_discriminator_step(self, discriminator: nn.Module) -> None:
-        for param in discriminator.parameters():
-            param.clamp_(-self.cfg.clip_value, self.cfg.clip_value)
-        super().after_discriminator_step(discriminator)
-
-
-class WGANGP(WGAN):
-    """Wasserstein loss, Lipschitz by the gradient penalty (weight ``gp_weight``) instead of clipping."""
-
-    def penalties(self, discriminator, real, fake, labels):
-        found = super().penalties(discriminator, real, fake, labels)
-        found["gp"] = self.cfg.gp_weight * gradient_penalty(discriminator, real, fake, labels)
-        return found
-
-    @torch.no_grad()
-    def after_discriminator_step(self, discriminator: nn.Module) -> None:
-        GANLoss.after_discriminator_step(self, discriminator)  # no clipping: the penalty does it
-
-
-class Hinge(GANLoss):
-    """The hinge loss of Lim & Ye / Miyato et al. (SN-GAN, BigGAN)."""
-
-    def d_real(self, logits):
-        return F.relu(1.0 - logits).mean()
-
-    def d_fake(self, logits):
-        return F.relu(1.0 + logits).mean()
-
-    def g_objective(self, fake_logits):
-        return -fake_logits.mean()
-
-
-LOSSES: dict[str, type[GANLoss]] = {
-    "ns": NonSaturating,
-    "wgan": WGAN,
-    "wgan_gp": WGANGP,
-    "hinge": Hinge,
-}
+        if "terms" not in state:  # written before terms existed: the historical averages alone
+            state = {"updates": {"D": 0, "G": 0}, "terms": {"hist_avg": state}}
+        self.updates = {side: int(n) for side, n in state["updates"].items()}
+        for name, term in self.terms.items():
+            if name in state["terms"]:
+                term.load_state_dict(state["terms"][name])
 
 
 def build_loss(cfg: LossConfig, autocast: Callable[[], ContextManager] = nullcontext) -> GANLoss:
-    return lookup(LOSSES, "loss.name", cfg.name)(cfg, autocast)
+    return GANLoss(cfg, autocast)

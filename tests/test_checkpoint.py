@@ -29,10 +29,13 @@ def test_only_folders_with_a_manifest_are_checkpoints(tmp_path):
     fake_checkpoint(tmp_path, 10)
     fake_checkpoint(tmp_path, 20, complete=False)  # a save that died before its manifest
     (tmp_path / "checkpoints" / "step_00000030.tmp").mkdir()  # one that died earlier still
+    staged = fake_checkpoint(tmp_path, 40)  # one killed after its manifest, before the rename
+    staged.rename(staged.with_name("step_00000040.tmp"))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000010"]
     assert resolve_resume("auto", tmp_path).name == "step_00000010"
     remove_stale_staging(tmp_path)
     assert not (tmp_path / "checkpoints" / "step_00000030.tmp").exists()
+    assert not (tmp_path / "checkpoints" / "step_00000040.tmp").exists()
 
 
 def test_keep_last_never_deletes_the_only_complete_checkpoint(tmp_path):

@@ -90,7 +90,7 @@ def test_improved_gan_techniques_with_a_vaegan_resume_bit_exact(tmp_path, data):
                  "encoder.safetensors"):
         wa, wb = load_file(a / name), load_file(b / name)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
-    averages = [torch.load(p / "trainer_state.pt", weights_only=True)["loss"]["D"]["count"] for p in (a, b)]
+    averages = [torch.load(p / "trainer_state.pt", weights_only=True)["loss"]["terms"]["hist_avg"]["D"]["count"] for p in (a, b)]
     assert averages == [6, 6]
 
 

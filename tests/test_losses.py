@@ -89,7 +89,7 @@ def test_penalty_runs_in_fp32_under_bf16_autocast():
     ("hinge", 0.5, -0.5, 0.5 + 0.5, 0.5),
 ])
 def test_objectives_on_known_logits(name, real, fake, d_expected, g_expected):
-    loss = LOSSES[name](LossConfig(name=name))
+    loss = build_loss(LossConfig(name=name))
     r, f = torch.full((3,), real), torch.full((3,), fake)
     assert (loss.d_real(r) + loss.d_fake(f)).item() == pytest.approx(d_expected)
     assert loss.g_objective(f).item() == pytest.approx(g_expected)
@@ -197,3 +197,28 @@ def test_linear_schedule_decays_to_zero_at_max_steps():
     optimizer.step()
     constant.step()
     assert constant.get_last_lr()[0] == 1e-3
+
+
+def test_lazy_r1_runs_every_n_updates_weighted_by_n_and_resumes_its_count():
+    d = Linear([1.0, 2.0])  # ||grad||^2 = 5, so each computed R1 is 0.5 * gamma * 5 * every
+    loss = build_loss(LossConfig(name="ns", r1_gamma=2.0, r1_every=4))
+    seen = []
+    for _ in range(6):
+        total, stats = loss.discriminator_loss(models(d, torch.zeros(4, 2)), torch.randn(4, 2),
+                                               torch.zeros(4))
+        seen.append(round(stats["r1"].item(), 6) if "r1" in stats else None)
+    assert seen == [5.0, None, None, None, 5.0, None]  # logged unweighted by the interval
+    resumed = build_loss(LossConfig(name="ns", r1_gamma=2.0, r1_every=4))
+    resumed.load_state_dict(loss.state_dict())
+    _, stats = resumed.discriminator_loss(models(d, torch.zeros(4, 2)), torch.randn(4, 2), torch.zeros(4))
+    assert "r1" not in stats  # update 6: not due; 8 would be
+
+
+def test_losses_are_an_objective_and_their_terms():
+    from dist_gan.losses import GradientPenalty, Hinge, R1, Wasserstein, WeightClipping
+
+    wgan_gp = build_loss(LossConfig(name="wgan_gp", r1_gamma=1.0))
+    assert isinstance(wgan_gp.objective, Wasserstein)
+    assert [type(t) for t in wgan_gp.terms.values() if not hasattr(t, "encode")] == [R1, GradientPenalty]
+    assert any(isinstance(t, WeightClipping) for t in build_loss(LossConfig(name="wgan")).terms.values())
+    assert isinstance(build_loss(LossConfig(name="hinge")).objective, Hinge)

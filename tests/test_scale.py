@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from conftest import FAST, REPO, read_metrics, run_cli, start_cli, wait_for
 
+from dist_gan.checkpoint import list_checkpoints
+
 pytestmark = pytest.mark.slow
 ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch"]
 CPU_DDP = [*ACCELERATE, "--config_file", str(REPO / "launch" / "cpu_ddp.yaml")]
@@ -191,7 +193,7 @@ def test_kill9_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, data)
         if staging:
             break
     assert staging, "never caught a save in progress"
-    complete = sorted(p for p in root.glob("step_*") if (p / "manifest.json").is_file())
+    complete = list_checkpoints(run)  # a staging folder killed after its manifest still does not count
     assert complete and all(p.suffix != ".tmp" for p in complete)
     newest = complete[-1]
     steps_before = int(newest.name.split("_")[1])

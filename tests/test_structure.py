@@ -70,3 +70,33 @@ def test_each_module_imports_alone(name):
         for key in [k for k in sys.modules if k == "dist_gan" or k.startswith("dist_gan.")]:
             del sys.modules[key]
         sys.modules.update(saved)
+
+
+def code_mentions(tree: ast.AST) -> list[str]:
+    """Identifiers and string constants of ``tree``, docstrings left out."""
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(n)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            found.append(node.id)
+        elif isinstance(node, ast.Attribute):
+            found.append(node.attr)
+        elif isinstance(node, ast.alias):
+            found.append(node.name)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            found.append(node.value)
+    return found
+
+
+def test_only_the_backend_names_deepspeed_in_code():
+    naming = sorted(name for name, path in MODULES.items()
+                    if any("deepspeed" in m.lower() for m in code_mentions(ast.parse(path.read_text()))))
+    assert naming == ["dist_gan.backend"]
+
+
+def test_every_function_fits_on_a_screen():
+    long = [f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+            for name, path in MODULES.items() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 80]
+    assert not long, long
