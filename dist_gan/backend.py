@@ -141,8 +141,10 @@ def prepare(accelerator: Accelerator, name: str, *objects: Any) -> tuple:
 
 
 def plain(accelerator: Accelerator, module: nn.Module) -> nn.Module:
-    """The network behind its DDP/DeepSpeed wrapper, without the autocast wrapper ``prepare`` adds to
-    every forward: precision is decided where the loss says (penalties run in fp32)."""
+    """The network behind its DDP/DeepSpeed wrapper. ``keep_fp32_wrapper=False`` also takes off, in
+    place, the autocast wrapper ``prepare`` put on the network's forward, so the wrapped module
+    loses it too: precision is decided where the loss says (penalties run in fp32), not forced on
+    every call."""
     return accelerator.unwrap_model(module, keep_fp32_wrapper=False)
 
 

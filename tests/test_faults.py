@@ -12,14 +12,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from conftest import FAST, REPO, read_metrics, run_cli, start_cli, wait_for
+from conftest import FAST, read_metrics, run_cli, start_cli, wait_for
 from test_shards import labels_of, stream, tiny_shards
 
 from dist_gan import runlock

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from dist_gan.config import LossConfig
-from dist_gan.losses import LOSSES, HistoricalAverage, Models, build_loss, gradient_penalty, r1_penalty
+from dist_gan.losses import HistoricalAverage, Models, build_loss, gradient_penalty, r1_penalty
 
 
 class Linear(nn.Module):

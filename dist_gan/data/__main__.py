@@ -13,7 +13,7 @@ import sys
 
 import fire
 
-from dist_gan.config import ConfigError, DataConfig, load_config
+from dist_gan.config import ConfigError, load_config
 from dist_gan.data import DATA_SOURCES, DataError, prepare_shards
 from dist_gan.data.shards import verify_shards
 

@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 import torch.nn as nn
 from torch.nn.utils.parametrizations import spectral_norm
 
