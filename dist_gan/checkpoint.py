@@ -265,8 +265,9 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
     return doomed
 
 
-def read_manifest(path: Path) -> dict:
-    """The manifest of checkpoint ``path``, after checking every file it lists is there, whole."""
+def read_manifest(path: Path, checksums: bool = True) -> dict:
+    """The manifest of checkpoint ``path``, after checking every file it lists is there, whole
+    (sizes, and CRC-32s unless ``checksums`` is false: the caller verified them moments ago)."""
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
         raise CheckpointError(f"{path} has no {MANIFEST}: an interrupted save, not a checkpoint")
@@ -278,24 +279,30 @@ def read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{manifest_file}: unknown format {manifest.get('format')!r} "
                               f"(expected {MANIFEST_FORMAT})")
     damaged = []
-    checksums = manifest.get("crc32", {})  # absent in checkpoints written before checksums
+    # absent in checkpoints written before checksums
+    expected_crc = manifest.get("crc32", {}) if checksums else {}
     for name, size in manifest["files"].items():
         file = path / name
         if not file.is_file():
             damaged.append(f"  {name}: missing")
         elif file.stat().st_size != size:
             damaged.append(f"  {name}: {file.stat().st_size} bytes, manifest says {size}")
-        elif name in checksums and file_crc32(file) != checksums[name]:
-            damaged.append(f"  {name}: CRC-32 {file_crc32(file)}, manifest says {checksums[name]}")
+        elif name in expected_crc and (crc := file_crc32(file)) != expected_crc[name]:
+            damaged.append(f"  {name}: CRC-32 {crc}, manifest says {expected_crc[name]}")
     if damaged:
         raise CheckpointError(f"checkpoint {path} is damaged:\n" + "\n".join(damaged))
     return manifest
 
 
-def load_checkpoint(accelerators: dict[str, Accelerator], path: Path, config: Config) -> dict:
-    """Restore models, optimisers, scalers and RNG from ``path``; return the loop state."""
+def load_checkpoint(accelerators: dict[str, Accelerator], path: Path, config: Config,
+                    verified: bool = False) -> dict:
+    """Restore models, optimisers, scalers and RNG from ``path``; return the loop state.
+
+    ``verified``: ``path`` came from ``resolve_resume("auto")`` or ``last_healthy``, which checked
+    its checksums already; only sizes are checked again (reading every file twice is not free).
+    """
     main = next(iter(accelerators.values()))
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, checksums=not verified)
     check_compatible(path, config)
     check_resumable(path, manifest, main)
     for name, accelerator in accelerators.items():

@@ -391,7 +391,8 @@ class Trainer:
         if acc.is_main_process:
             remove_stale_staging(self.run_dir)
         resume_from = resolve_resume(config.train.resume, self.run_dir)
-        step = self.restore(resume_from) if resume_from is not None else 0
+        verified = config.train.resume == "auto"  # resolve_resume checked its checksums
+        step = self.restore(resume_from, verified) if resume_from is not None else 0
         if resume_from is None:
             set_seed(derive(config.run.seed, "noise", self.rank))  # different noise on each rank
         if acc.is_main_process:
@@ -404,9 +405,10 @@ class Trainer:
                  config.train.max_steps, self.world, acc.device, acc.distributed_type, self.run_dir)
         return step
 
-    def restore(self, path: Path) -> int:
-        """Load checkpoint ``path`` into everything the run holds; return its step."""
-        state = load_checkpoint(self.accelerators, path, self.config)  # restores RNG states too
+    def restore(self, path: Path, verified: bool = False) -> int:
+        """Load checkpoint ``path`` into everything the run holds; return its step (``verified``:
+        its checksums were checked moments ago)."""
+        state = load_checkpoint(self.accelerators, path, self.config, verified)  # RNG states too
         for name, scheduler in self.nets.schedulers().items():
             scheduler.load_state_dict(state[name])
         self.loss.load_state_dict(state["loss"])
@@ -440,7 +442,7 @@ class Trainer:
             raise TrainingDiverged(f"{message}{self.guard.why_stopped(target)}; last good checkpoint: "
                                    f"{target}")
         self.guard.rolled_back()
-        step = self.restore(target)
+        step = self.restore(target, verified=True)  # last_healthy checked it
         self.lr_scale *= self.config.train.rollback_lr_scale
         _set_learning_rates(self.nets, self.config, self.lr_scale)
         # a different noise stream, or the same steps would diverge the same way

@@ -66,6 +66,16 @@ def test_a_same_size_corruption_is_caught_and_auto_resume_falls_back(tmp_path, c
         load_generator_state(newest)
 
 
+def test_a_checkpoint_verified_moments_ago_is_not_read_twice_but_sizes_still_count(tmp_path):
+    """read_manifest(checksums=False), for a load right after resolve_resume verified: sizes only."""
+    folder = fake_checkpoint(tmp_path, 10)
+    flip_byte(folder / "trainer_state.pt")
+    read_manifest(folder, checksums=False)
+    (folder / "trainer_state.pt").write_bytes(b"short")
+    with pytest.raises(CheckpointError, match="trainer_state.pt: 5 bytes"):
+        read_manifest(folder, checksums=False)
+
+
 def test_auto_resume_with_nothing_to_resume_says_it_starts_fresh(tmp_path, caplog):
     """resume=auto with no checkpoint logs that it starts fresh."""
     with caplog.at_level(logging.INFO):
