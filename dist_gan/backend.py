@@ -131,13 +131,33 @@ def use_channels_last(config: Config, accelerator: Accelerator) -> bool:
     return True
 
 
-def prepare(accelerator: Accelerator, name: str, *objects: Any) -> tuple:
+def prepare(accelerator: Accelerator, name: str, *objects: Any, fixed_buckets: bool = True) -> tuple:
     """``accelerator.prepare(*objects)`` for network ``name`` ("G" or "D"), whose DeepSpeed plugin is
-    selected first when there is one."""
+    selected first when there is one; DDP's buckets fixed now (``fixed_buckets``, see ``fix_buckets``)."""
     if _deepspeed(accelerator):
         accelerator.state.select_deepspeed_plugin(name)
     prepared = accelerator.prepare(*objects)
-    return prepared if isinstance(prepared, tuple) else (prepared,)
+    prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+    if fixed_buckets:
+        for wrapped in prepared:
+            if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+                fix_buckets(wrapped)
+    return prepared
+
+
+def fix_buckets(ddp: torch.nn.parallel.DistributedDataParallel) -> None:
+    """Make DDP's bucket layout final now, in parameter order, instead of after the first backward.
+
+    The all-reduce's ring sums an element in an order set by its position in its bucket, and DDP
+    re-buckets once, after the first backward of each process's life: a run resumed at step k
+    would reduce step k with the first layout while the uninterrupted run used the second, and
+    differ in the last bit at 3+ processes (with 2, a + b is the same either way). This performs
+    the re-bucketing DDP would do, from the full parameter list (what its own join hook does), so
+    it never happens again.
+    """
+    ddp.reducer._push_all_rebuilt_params()
+    ddp.reducer._rebuild_buckets()
+    ddp._has_rebuilt_buckets = True
 
 
 def plain(accelerator: Accelerator, module: nn.Module) -> nn.Module:

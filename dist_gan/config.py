@@ -199,6 +199,11 @@ class SpeedConfig:
     zero_grad_set_to_none: bool = True  # drop gradients instead of zero-filling them
     tf32: bool = True  # TF32 matmuls and convolutions on Ampere+ GPUs (no effect on CPU)
     cudnn_benchmark: bool = True  # let cuDNN time its kernels for the (fixed) shapes (CUDA only)
+    # Fix DDP's gradient buckets when the nets are wrapped, so the all-reduce sums every gradient in
+    # the same order before and after a resume (bit-exact resume at 3+ processes). False: DDP
+    # re-buckets by gradient order after its first step (more comm/compute overlap for big nets on
+    # many GPUs; a resumed run then matches only to float rounding).
+    ddp_fixed_buckets: bool = True
 
     def problems(self) -> list[tuple[str, Any, str]]:
         return []

@@ -132,11 +132,12 @@ def build_nets(config: Config, acc_G: Accelerator, acc_D: Accelerator | None = N
     opt_G = build_adam(G.parameters(), opt.g_lr, opt.betas, impl)
     opt_D = build_adam(D.parameters(), opt.d_lr, opt.betas, impl)
     opt_E = build_adam(E.parameters(), opt.g_lr, opt.betas, impl) if E is not None else None
+    fixed = config.speed.ddp_fixed_buckets
     if E is not None:  # G first: its weights keep the name model.safetensors
-        G_w, E_w, opt_G_w, opt_E_w = backend.prepare(acc_G, "G", G, E, opt_G, opt_E)
+        G_w, E_w, opt_G_w, opt_E_w = backend.prepare(acc_G, "G", G, E, opt_G, opt_E, fixed_buckets=fixed)
     else:
-        G_w, opt_G_w = backend.prepare(acc_G, "G", G, opt_G)
-    D_w, opt_D_w = backend.prepare(acc_D, "D", D, opt_D)
+        G_w, opt_G_w = backend.prepare(acc_G, "G", G, opt_G, fixed_buckets=fixed)
+    D_w, opt_D_w = backend.prepare(acc_D, "D", D, opt_D, fixed_buckets=fixed)
     G_plain, D_plain = backend.plain(acc_G, G_w), backend.plain(acc_D, D_w)
     D_for_penalty = backend.penalty_view(acc_D, D_w, D_plain)
     if config.speed.compile:  # penalties keep the eager module: compile has no double backward

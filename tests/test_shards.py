@@ -69,7 +69,7 @@ def test_two_ranks_two_workers_see_every_sample_once_per_epoch(tmp_path):
     assert again == [epoch0[r] + epoch1[r] for r in (0, 1)]  # same seed, same order
 
 
-def test_resume_mid_epoch_replays_the_stream(tmp_path):
+def test_resume_mid_epoch_continues_the_stream(tmp_path):
     pattern, _ = tiny_shards(tmp_path)
     a = stream(pattern)
     labels_of(a, 40)  # into the second epoch (32 batches each)
@@ -90,58 +90,84 @@ def truncate(path, keep_bytes):
     path.write_bytes(data[:keep_bytes])
 
 
-def add_broken_sample(path):
-    """Append a sample whose png is garbage and one with no image at all."""
-    with tarfile.open(path, "a") as tar:
-        for name, payload in (("zz_bad.png", b"not a png"), ("zz_bad.cls", b"1"), ("zz_noimg.cls", b"2")):
+def replace_sample(path, position, members):
+    """Rewrite shard ``path`` with sample number ``position``'s members replaced by ``members``
+    ([(extension, bytes)]), keeping its key: the shard holds as many samples as its manifest says."""
+    with tarfile.open(path) as tar:
+        entries = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    keys = sorted({name.split(".", 1)[0] for name, _ in entries})
+    key = keys[position]
+    entries = [e for e in entries if e[0].split(".", 1)[0] != key]
+    entries += [(f"{key}.{extension}", payload) for extension, payload in members]
+    entries.sort(key=lambda e: e[0].split(".", 1)[0])
+    with tarfile.open(path, "w") as tar:
+        for name, payload in entries:
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
+    manifest = json.loads((path.parent / SHARD_MANIFEST).read_text())  # only the sample is bad
+    for entry in manifest["splits"]["train"]["shards"]:
+        if entry["name"] == path.name:
+            entry["bytes"] = path.stat().st_size
+    (path.parent / SHARD_MANIFEST).write_text(json.dumps(manifest))
+    return key
+
+
+def add_broken_samples(path):
+    """Sample 3 gets a garbage png, sample 5 loses its image."""
+    return (replace_sample(path, 3, [("png", b"not a png"), ("cls", b"1")]),
+            replace_sample(path, 5, [("cls", b"2")]))
+
+
+def append_sample(path, key):
+    with tarfile.open(path, "a") as tar:
+        info = tarfile.TarInfo(f"{key}.cls")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"1"))
 
 
 def test_bad_shards_are_skipped_and_counted(tmp_path, caplog):
-    pattern, _ = tiny_shards(tmp_path, n_shards=2, per_shard=24)
+    pattern, _ = tiny_shards(tmp_path, n_shards=3, per_shard=24)
     truncate(tmp_path / "train-000000.tar", 24 * 1024 + 700)  # part way through a sample
-    add_broken_sample(tmp_path / "train-000001.tar")
+    garbled, no_image = add_broken_samples(tmp_path / "train-000001.tar")
+    append_sample(tmp_path / "train-000002.tar", "zz_extra")
     with caplog.at_level(logging.WARNING):
         s = stream(pattern, workers=0, shuffle_buffer=0, batch_size=2)
-        labels = labels_of(s, 16)  # past both shards: the epoch ends early, the next one begins
+        assert s.budget == 36
+        labels = labels_of(s, 36)  # the whole epoch: every batch there, bad samples replaced
     assert "has 25276 bytes but manifest" in caplog.text
-    assert "ran out of samples in epoch 0" in caplog.text
     assert "unreadable shard" in caplog.text and "train-000000.tar" in caplog.text
-    assert "skipping sample 'zz_bad' of shard" in caplog.text and "undecodable png" in caplog.text
-    assert "skipping sample 'zz_noimg' of shard" in caplog.text and ": no image" in caplog.text
-    # two samples appended to a shard: it no longer holds what its manifest entry says
-    assert "train-000001.tar holds 26 samples but its manifest entry says 24" in caplog.text
+    assert f"skipping sample '{garbled}' of shard" in caplog.text and "undecodable png" in caplog.text
+    assert f"skipping sample '{no_image}' of shard" in caplog.text and ": no image" in caplog.text
+    assert "train-000002.tar holds 25 samples but its manifest entry says 24" in caplog.text
     counters = s.counters()
-    assert counters["data_bad_shards"] == 1 and counters["data_skipped_samples"] >= 2
-    assert set(range(24, 48)) <= set(labels)  # the intact shard was read in full
+    assert counters["data_bad_shards"] == 1 and counters["data_skipped_samples"] == 2
+    assert len(labels) == 72 and set(range(48, 72)) <= set(labels)  # the intact shard in full
+    assert set(range(24, 48)) - set(labels) == {int(garbled), int(no_image)}
+    resumed = stream(pattern, workers=0, shuffle_buffer=0, batch_size=2)  # seeking past the damage
+    resumed.load_state_dict({"epoch": 0, "batch": 21})
+    assert labels_of(resumed, 15) == labels[42:]
 
 
 @pytest.mark.parametrize("damage,pattern", [
     ("truncate", r"train-000000\.tar has 25276 bytes but manifest .* \(data\.strict=true\)"),
-    ("broken", r"sample 'zz_bad' of shard .*train-00000[01]\.tar: undecodable png"),
+    ("broken", r"sample '00000027' of shard .*train-000001\.tar: undecodable png"),
 ])
 def test_strict_mode_names_shard_and_sample(tmp_path, damage, pattern):
     shards, _ = tiny_shards(tmp_path, n_shards=2, per_shard=24)
     if damage == "truncate":
         truncate(tmp_path / "train-000000.tar", 24 * 1024 + 700)
-    else:  # both shards: whichever is read first, its bad tail comes before the epoch's end
-        add_broken_sample(tmp_path / "train-000000.tar")
-        add_broken_sample(tmp_path / "train-000001.tar")
+    else:
+        replace_sample(tmp_path / "train-000001.tar", 3, [("png", b"not a png"), ("cls", b"1")])
     with pytest.raises(DataError, match=pattern):
         s = stream(shards, workers=0, shuffle_buffer=0, batch_size=2, strict=True)
         labels_of(s, 24)
 
 
-def add_sample(path, key, image):
+def png_bytes(image):
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    with tarfile.open(path, "a") as tar:
-        for name, payload in ((f"{key}.png", buffer.getvalue()), (f"{key}.cls", b"3")):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("image,message", [
@@ -150,17 +176,12 @@ def add_sample(path, key, image):
 ])
 def test_wrong_size_or_mode_is_a_bad_sample(tmp_path, image, message):
     shards, _ = tiny_shards(tmp_path, n_shards=2, per_shard=12)
-    for shard in ("train-000000.tar", "train-000001.tar"):  # whichever shard is read first has one
-        add_sample(tmp_path / shard, "zz_odd", image)
-    s = stream(shards, workers=0, shuffle_buffer=0, batch_size=1)
-    assert sorted(labels_of(s, 24)) == list(range(24))  # every good sample, none of the odd ones
-    assert s.counters()["data_skipped_samples"] >= 1
-    manifest = json.loads((tmp_path / SHARD_MANIFEST).read_text())  # sizes match again: only the sample is odd
-    for entry in manifest["splits"]["train"]["shards"]:
-        entry["bytes"] = (tmp_path / entry["name"]).stat().st_size
-    (tmp_path / SHARD_MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match=f"sample 'zz_odd' of shard .*: {message}"):
-        labels_of(stream(shards, workers=0, shuffle_buffer=0, batch_size=1, strict=True), 24)
+    odd = replace_sample(tmp_path / "train-000001.tar", 4, [("png", png_bytes(image)), ("cls", b"3")])
+    s = stream(shards, workers=0, shuffle_buffer=0, batch_size=2)
+    assert sorted(set(labels_of(s, 12))) == sorted(set(range(24)) - {int(odd)})  # none of the odd one
+    assert s.counters()["data_skipped_samples"] == 1
+    with pytest.raises(DataError, match=f"sample '{odd}' of shard .*: {message}"):
+        labels_of(stream(shards, workers=0, shuffle_buffer=0, batch_size=2, strict=True), 12)
 
 
 def test_pattern_and_manifest_errors_name_the_path(tmp_path):
@@ -273,3 +294,34 @@ def test_cifar10_source_to_shards_and_back_exactly(tmp_path):
     proc = run_cli(["dist_gan.data", "prepare", "--source=cifar10", f"--root={tmp_path / 'cifar'}",
                     f"--out={tmp_path / 'again'}"], check=False)
     assert proc.returncode != 0 and "data_batch_3 is missing" in proc.stderr
+
+
+def test_fewer_shards_than_readers_split_inside_shards_and_resume_anywhere(tmp_path):
+    """2 shards (one short) for 3 ranks x 2 workers: each rank reads a disjoint share of equal size,
+    and a stream restored at any position continues exactly as the uninterrupted one."""
+    images = torch.randint(0, 256, (100, 1, 8, 8), dtype=torch.uint8)
+    write_shards(TensorImageSet(images, torch.arange(100)), tmp_path, "train", 70, "test", 8, 1,
+                 progress=False)  # 70 + 30
+    pattern = str(tmp_path / "train-{000000..000001}.tar")
+    ranks = [stream(pattern, rank=r, world=3, batch_size=4, shuffle_buffer=5) for r in range(3)]
+    assert {s.budget for s in ranks} == {8}  # 100 // 6 = 16 samples per reader: 2 x 4 batches of 4
+    epochs = [[labels_of(s, 8) for s in ranks] for _ in range(2)]
+    for epoch in epochs:
+        seen = [label for rank in epoch for label in rank]
+        assert len(seen) == len(set(seen)) == 96  # disjoint, 96% of 100 (2 ranks' worth would be 64)
+    whole = [label for e in epochs for label in e[1]]
+    for position in (1, 4, 7, 8, 11):
+        resumed = stream(pattern, rank=1, world=3, batch_size=4, shuffle_buffer=5)
+        resumed.load_state_dict({"epoch": position // 8, "batch": position % 8})
+        assert labels_of(resumed, 16 - position) == whole[position * 4:]
+
+
+def test_prepare_can_write_a_multiple_of_n_equal_shards(tmp_path):
+    from conftest import run_cli
+
+    train = make_cifar10(tmp_path / "cifar", per_batch=5)  # 25 training images
+    run_cli(["dist_gan.data", "prepare", "--source=cifar10", f"--root={tmp_path / 'cifar'}",
+             f"--out={tmp_path / 'shards'}", "--shard_size=10", "--shards_multiple_of=4"])
+    counts = [e["count"] for e in json.loads((tmp_path / "shards" / SHARD_MANIFEST).read_text())
+              ["splits"]["train"]["shards"]]
+    assert counts == [7, 7, 7, 4] and sum(counts) == len(train)  # 4 shards of at most 10

@@ -14,10 +14,11 @@ from typing import Protocol
 import torch
 
 from dist_gan.config import DataConfig, lookup
-from dist_gan.data.loader import ShardSamples, ShardStream
+from dist_gan.data.loader import ShardReader, ShardStream
 from dist_gan.data.memory import InMemoryBatches
 from dist_gan.data.shards import expand_urls, local_path, resolve_shards, write_shards
 from dist_gan.data.sources import DATA_SOURCES, DataError, ImageSet, load_mnist_idx, read_idx
+from dist_gan.data.split import SplitPlan
 
 __all__ = ["BatchStream", "DATA_SOURCES", "DataError", "ImageSet", "InMemoryBatches", "ShardStream",
            "build_batch_stream", "load_mnist_idx", "prepare_shards", "read_idx"]
@@ -33,10 +34,18 @@ class BatchStream(Protocol):
 
 
 def prepare_shards(cfg: DataConfig, out_dir: str | Path, split: str = "train",
-                   progress: bool = True) -> dict:
-    """Write ``cfg.source``'s ``split`` as shards of ``cfg.shard_size`` samples into ``out_dir``."""
+                   progress: bool = True, shards_multiple_of: int = 1) -> dict:
+    """Write ``cfg.source``'s ``split`` as shards of at most ``cfg.shard_size`` samples into ``out_dir``;
+    with ``shards_multiple_of`` = m, as a multiple of m shards of one size (the last one shorter),
+    e.g. m = GPUs x loader workers."""
     images = lookup(DATA_SOURCES, "data.source", cfg.source)(cfg, split)
-    return write_shards(images, out_dir, split, cfg.shard_size, cfg.source, cfg.resolution,
+    shard_size = cfg.shard_size
+    if shards_multiple_of > 1:
+        count = shards_multiple_of * -(-len(images) // (cfg.shard_size * shards_multiple_of))
+        shard_size = -(-len(images) // count)
+        log.info("%d images in %d shards of %d (a multiple of %d shards)", len(images), count,
+                 shard_size, shards_multiple_of)
+    return write_shards(images, out_dir, split, shard_size, cfg.source, cfg.resolution,
                         cfg.channels, progress, cfg.strict)
 
 
@@ -67,10 +76,15 @@ def build_batch_stream(cfg: DataConfig, seed: int, rank: int, world_size: int,
         _prepare_if_missing(cfg)
     shards, manifest = resolve_shards(cfg.shards, cfg.manifest, cfg.resolution, cfg.channels,
                                       cfg.strict)
-    dataset = ShardSamples(shards, rank, world_size, seed, cfg.resolution, cfg.channels,
-                           cfg.shuffle_buffer, cfg.resampled, cfg.strict)
-    stream = ShardStream(dataset, cfg.batch_size, cfg.workers, device, cfg.pin_memory,
-                         cfg.prefetch_factor)
-    log.info("data: %d shards, %d samples (%s), %d batches per rank per epoch, %d workers",
-             len(shards), sum(c for _, c in shards), manifest.get("source"), stream.budget, cfg.workers)
+    plan = SplitPlan([count for _, count in shards], world_size, cfg.workers, cfg.batch_size, seed,
+                     cfg.resampled)
+    reader = ShardReader(shards, plan, rank, cfg.resolution, cfg.channels, cfg.shuffle_buffer, cfg.strict)
+    stream = ShardStream(reader, cfg.workers, device, cfg.pin_memory, cfg.prefetch_factor)
+    log.info("data: %d shards, %d samples (%s), %d ranks x %d readers, %d batches per rank per epoch, "
+             "%.1f%% of the samples used per epoch", len(shards), plan.total, manifest.get("source"),
+             world_size, plan.workers_per_rank, stream.budget, 100 * plan.used_fraction)
+    if plan.used_fraction < 0.98:
+        log.warning("only %.1f%% of the %d samples are read per epoch by %d ranks x %d readers of "
+                    "batch %d: add data or lower data.batch_size / data.workers",
+                    100 * plan.used_fraction, plan.total, world_size, plan.workers_per_rank, cfg.batch_size)
     return stream

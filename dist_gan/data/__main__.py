@@ -1,6 +1,7 @@
 """``python -m dist_gan.data prepare|verify``: write WebDataset shards from a dataset, check them.
 
   python -m dist_gan.data prepare --source=mnist --mnist_dir=DIR --out=data/mnist --shard_size=10000
+  python -m dist_gan.data prepare --source=mnist --mnist_dir=DIR --out=data/mnist8 --shards_multiple_of=16
   python -m dist_gan.data prepare --source=cifar10 --root=DIR --out=data/cifar10 --resolution=32 --channels=3
   python -m dist_gan.data prepare --source=folder --root=DIR --out=data/faces --resolution=64 --channels=3 [--strict]
   python -m dist_gan.data verify 'data/mnist/train-{000000..000005}.tar'
@@ -20,8 +21,11 @@ from dist_gan.data.shards import verify_shards
 
 def prepare(source: str, out: str, split: str = "train", shard_size: int = 10000,
             resolution: int | None = None, channels: int | None = None, mnist_dir: str | None = None,
-            root: str = "data", strict: bool = False) -> None:
+            root: str = "data", strict: bool = False, shards_multiple_of: int = 1) -> None:
     """Write ``source`` (mnist, cifar10, folder) as shards plus manifest.json into ``out``.
+
+    ``--shards_multiple_of=M`` writes a multiple of M shards (one size, the last shorter) of at most ``shard_size`` (M = GPUs
+    x loader workers gives every reader whole shards; any count works, this only saves seeks).
 
     Existing shards in ``out`` are replaced only once every image has been read. Unreadable images
     are skipped and counted; ``--strict`` stops at the first one instead.
@@ -32,7 +36,9 @@ def prepare(source: str, out: str, split: str = "train", shard_size: int = 10000
     try:
         cfg = load_config(None, {f"data.{k}": v for k, v in overrides.items()},
                           {"data.source": DATA_SOURCES}).data
-        prepare_shards(cfg, out, split)
+        if not isinstance(shards_multiple_of, int) or shards_multiple_of < 1:
+            raise DataError(f"--shards_multiple_of={shards_multiple_of!r} must be a whole number >= 1")
+        prepare_shards(cfg, out, split, shards_multiple_of=shards_multiple_of)
     except (ConfigError, DataError) as err:
         sys.exit(f"dist_gan.data prepare: error: {err}")
 

@@ -1,25 +1,34 @@
-"""Streaming WebDataset shards to the loop: seeded, split by rank and worker, resumable, fault-tolerant.
+"""Streaming WebDataset shards to the loop: seeded, split by rank and worker, resumable by seeking.
 
-Epoch mode: each epoch the shard list is shuffled from (seed, epoch), identically on every rank; rank r
-takes every world-th shard and its worker w every workers-th of those, so every sample is read exactly
-once per epoch. Samples pass a shuffle buffer seeded from (seed, epoch, rank, worker). From the
-manifest's counts every rank computes the same per-epoch batch budget (the smallest rank's number of
-full batches), so all ranks step through epochs together and DDP never waits on a rank that ran dry.
-Resampled mode draws shards with replacement from a seeded generator instead (for very large sets).
+What each (epoch, rank, worker) reads is decided by ``dist_gan.data.split.SplitPlan`` from the
+manifest's counts alone: a contiguous share of the epoch's shuffled shard sequence, cut into batches,
+the same number on every rank in every epoch, whatever the number of shards. A reader (one per
+DataLoader worker) reads its share's tar members in order, shuffles them in seeded blocks, decodes
+only what it yields and hands the DataLoader whole batches.
+
+Resuming at (epoch, batch) seeks: each reader starts at the block holding its next batch, skipping
+tar members before it by their headers (no image is decoded, and on local files the data is not even
+read), so the cost is at most one shard's headers whatever the position in the epoch.
+
+A bad sample is replaced within its batch by a good one of the same batch, and a batch with no good
+sample by the next readable batch of the share, so positions, batch counts and resume stay exact with
+damaged data; what was skipped is counted and warned about (``strict``: an error).
 
 The loader is not passed through ``accelerator.prepare`` (that would dispatch from rank 0 or have every
-rank read everything); batches are moved to the device here. Position = (epoch, batches into it);
-resuming re-reads and discards that many batches of the epoch, which reproduces the stream exactly.
+rank read everything); batches are moved to the device here.
 """
 
 from __future__ import annotations
 
+import bisect
 import io
+import itertools
 import logging
 import multiprocessing
 import os
 import random
 import signal
+import tarfile
 import threading
 from typing import Iterator
 
@@ -29,7 +38,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dist_gan.data.shards import local_path, shard_name
 from dist_gan.data.sources import DataError, to_model_range
+from dist_gan.data.split import SplitPlan
 from dist_gan.seeds import derive
 
 log = logging.getLogger(__name__)
@@ -96,159 +107,244 @@ def decode_sample(sample: dict, resolution: int, channels: int) -> tuple[torch.T
     return torch.from_numpy(array.copy()), label
 
 
-class ShardSamples(IterableDataset):
-    """Decoded (image, label) samples of this rank's shards for the current ``epoch``.
+RawSample = dict  # tar members of one key: {"__key__": ..., "png": bytes, "cls": bytes}
 
-    ``bad_counts`` ([bad samples, unreadable shards]) is shared memory that the DataLoader's worker
-    processes inherit, so what they skip is counted exactly, wherever in the stream it happens.
+
+def _key_and_extension(name: str) -> tuple[str, str]:
+    """WebDataset's grouping: a member's key is its path up to the first dot of its file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def _open_tar(url: str) -> tarfile.TarFile:
+    """A local shard opened for seeking (headers are read, data skipped by seek); anything else
+    (``pipe:``, remote) as a stream through WebDataset's ``gopen``."""
+    path = local_path(url)
+    if path is not None:
+        return tarfile.open(path, mode="r:")
+    return tarfile.open(fileobj=wds.gopen(url), mode="r|")
+
+
+def tar_samples(url: str, start: int, stop: int, found: list[int]) -> Iterator[RawSample]:
+    """Samples ``start`` to ``stop`` of shard ``url`` in file order, their bytes not decoded.
+
+    The ``start`` samples before are passed over by their headers only. When ``stop`` is the shard's
+    end the rest is scanned too (headers), so ``found[0]`` ends as the number of samples the shard
+    holds, for the manifest check; otherwise it ends as ``stop``.
+    """
+    with _open_tar(url) as tar:
+        index, current = -1, None
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, extension = _key_and_extension(member.name)
+            if current is None or key != current["__key__"]:
+                if current is not None and start <= index < stop:
+                    yield current
+                index += 1
+                found[0] = index + 1
+                if index >= stop and found[1] == 0:
+                    return
+                current = {"__key__": key, "__url__": url}
+            if start <= index < stop:
+                current[extension] = tar.extractfile(member).read()
+        if current is not None and start <= index < stop:
+            yield current
+
+
+class ShardReader(IterableDataset):
+    """Whole batches of this rank's readers for ``epoch``, from ``start_batch`` of the rank's epoch on.
+
+    The DataLoader collects from its workers in turn beginning with worker 0, and the rank's batch
+    ``b`` comes from reader ``b % workers``; so after ``start_batch`` batches worker ``i`` plays reader
+    ``(i + start_batch) % workers`` and the order continues exactly as if never interrupted.
+    ``bad_counts`` ([bad samples, unreadable shards]) is shared memory that the workers inherit.
     """
 
-    def __init__(self, shards: list[tuple[str, int]], rank: int, world_size: int, seed: int,
-                 resolution: int, channels: int, shuffle_buffer: int, resampled: bool, strict: bool):
-        self.shards, self.rank, self.world_size, self.seed = shards, rank, world_size, seed
+    def __init__(self, shards: list[tuple[str, int]], plan: SplitPlan, rank: int, resolution: int,
+                 channels: int, shuffle_buffer: int, strict: bool):
+        self.urls = [url for url, _ in shards]
+        self.plan, self.rank = plan, rank
         self.resolution, self.channels = resolution, channels
-        self.shuffle_buffer, self.resampled, self.strict = shuffle_buffer, resampled, strict
-        self.epoch = 0
+        self.block, self.strict = max(shuffle_buffer, 1), strict
+        self.epoch, self.start_batch = 0, 0
         self.bad_counts = multiprocessing.Array("q", 2)
+        self._warned = 0
 
-    def _count(self, index: int) -> None:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        readers = self.plan.workers_per_rank
+        reader = ((info.id if info else 0) + self.start_batch) % readers
+        first = self.plan.first_batch(reader, self.start_batch)
+        return _Share(self, reader).batches(first)
+
+    def count(self, index: int) -> None:
         with self.bad_counts.get_lock():
             self.bad_counts[index] += 1
 
-    def plan(self, epoch: int, rank: int, worker: int, workers: int) -> list[int]:
-        """Indices of the shards that (rank, worker) reads in ``epoch`` (epoch mode)."""
-        order = list(range(len(self.shards)))
-        random.Random(derive(self.seed, "shard_order", epoch)).shuffle(order)
-        return order[rank :: self.world_size][worker::workers]
+    def warn(self, message: str) -> None:
+        if self._warned < MAX_WARNINGS_PER_WORKER:
+            self._warned += 1
+            log.warning(message)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = random.Random(derive(self.seed, "shard_shuffle", self.epoch, self.rank, worker))
-        if self.resampled:
-            chosen = (self.shards[rng.randrange(len(self.shards))] for _ in iter(int, 1))
+
+class _Share:
+    """One reader's share of an epoch: raw samples by position, shuffled in blocks, decoded in batches."""
+
+    def __init__(self, owner: ShardReader, reader: int):
+        self.owner, self.reader = owner, reader
+        plan = owner.plan
+        self.segments = plan.segments(owner.epoch, owner.rank, reader)
+        self.segment_starts = list(itertools.accumulate((len(s) for s in self.segments), initial=0))
+        self.batch_starts = plan.batch_starts
+
+    def batches(self, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        cursor = _Cursor(self, first, count=True)
+        for batch in range(first, len(self.batch_starts) - 1):
+            good = self.decoded(cursor.take(batch), count=True)
+            yield _collate(good or self.substitute(batch), self.batch_starts[batch + 1] - self.batch_starts[batch])
+
+    def substitute(self, batch: int) -> list[tuple[torch.Tensor, int]]:
+        """The samples of the next batch of the share with a readable sample (wrapping around), for
+        a batch with none: keeps every rank's batch count, and a resumed run, exact."""
+        batches = len(self.batch_starts) - 1
+        for other in [*range(batch + 1, batches), *range(batch)]:
+            good = self.decoded(_Cursor(self, other, count=False).take(other), count=False)
+            if good:
+                return good
+        names = sorted({shard_name(self.owner.urls[s.shard]) for s in self.segments})
+        raise DataError(f"no readable sample in rank {self.owner.rank}'s share of epoch "
+                        f"{self.owner.epoch} (shards {', '.join(names)}): see the warnings above")
+
+    def decoded(self, raw: list[RawSample | None], count: bool) -> list[tuple[torch.Tensor, int]]:
+        owner, good = self.owner, []
+        for sample in raw:
+            if sample is None:  # lost with an unreadable shard: already reported
+                continue
+            try:
+                good.append(decode_sample(sample, owner.resolution, owner.channels))
+            except BadSample as bad:
+                message = f"sample {sample['__key__']!r} of shard {sample['__url__']}: {bad}"
+                if owner.strict:
+                    raise DataError(message + " (data.strict=true)") from None
+                if count:
+                    owner.count(0)
+                    owner.warn(f"skipping {message}")
+        return good
+
+    def raw_from(self, position: int, count: bool) -> Iterator[RawSample | None]:
+        """The share's samples in file order from ``position``; None for each one that could not be read."""
+        index = bisect.bisect_right(self.segment_starts, position) - 1
+        offset = position - self.segment_starts[index]
+        for segment in self.segments[index:]:
+            yield from self.read_segment(segment, segment.start + offset, count)
+            offset = 0
+
+    def read_segment(self, segment, start: int, count: bool) -> Iterator[RawSample | None]:
+        owner = self.owner
+        url, expected = owner.urls[segment.shard], owner.plan.counts[segment.shard]
+        found, produced = [0, int(segment.stop == expected)], 0
+        try:
+            for sample in tar_samples(url, start, segment.stop, found):
+                produced += 1
+                yield sample
+        except (tarfile.TarError, OSError, EOFError) as err:
+            if owner.strict:
+                raise DataError(f"shard {url} is unreadable: {err}") from None
+            if count:
+                owner.count(1)
+                owner.warn(f"skipping the rest of unreadable shard {url} after sample "
+                           f"{start + produced}: {err}")
         else:
-            chosen = (self.shards[i] for i in self.plan(self.epoch, self.rank, worker, workers))
-        samples = self._decoded(chosen)
-        if self.shuffle_buffer > 1:
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+            if found[1] and found[0] != expected and count:
+                message = (f"shard {url} holds {found[0]} samples but its manifest entry says "
+                           f"{expected}: re-run prepare, or `python -m dist_gan.data verify` the shards")
+                if owner.strict:
+                    raise DataError(message + " (data.strict=true)")
+                owner.warn(message)
+            elif produced < segment.stop - start and count:
+                message = (f"shard {url} holds {start + produced} samples but its manifest entry says "
+                           f"{expected}: re-run prepare, or `python -m dist_gan.data verify` the shards")
+                if owner.strict:
+                    raise DataError(message + " (data.strict=true)")
+                owner.count(1)
+                owner.warn(message)
+        yield from itertools.repeat(None, segment.stop - start - produced)
+
+
+class _Cursor:
+    """Reads a share forward from the block holding ``batch``, one shuffled block in memory."""
+
+    def __init__(self, share: _Share, batch: int, count: bool):
+        self.share, self.size = share, share.owner.block
+        self.block_index = share.batch_starts[batch] // self.size
+        self.raw = share.raw_from(self.block_index * self.size, count)
+        self.block = self._load()
+
+    def _load(self) -> list[RawSample | None]:
+        owner, share = self.share.owner, self.share
+        length = min(self.size, share.segment_starts[-1] - self.block_index * self.size)
+        samples = list(itertools.islice(self.raw, length))
+        if self.size > 1:
+            random.Random(derive(owner.plan.seed, "block_shuffle", owner.epoch, owner.rank,
+                                 share.reader, self.block_index)).shuffle(samples)
         return samples
 
-    def _decoded(self, shards: Iterator[tuple[str, int]]) -> Iterator[tuple[torch.Tensor, int]]:
-        """Decoded samples of ``shards`` ((url, manifest count) pairs), bad ones skipped and counted.
+    def take(self, batch: int) -> list[RawSample | None]:
+        taken = []
+        for position in range(self.share.batch_starts[batch], self.share.batch_starts[batch + 1]):
+            while position // self.size > self.block_index:
+                self.block_index += 1
+                self.block = self._load()
+            taken.append(self.block[position % self.size])
+        return taken
 
-        A shard read to its end holding another number of samples than its manifest entry is
-        reported by name (an error under ``strict``): a wrong manifest would otherwise surface only
-        as an epoch that ends early.
-        """
-        warned = 0
 
-        def warn(message: str) -> None:
-            nonlocal warned
-            if warned < MAX_WARNINGS_PER_WORKER:
-                warned += 1
-                log.warning(message)
-
-        for url, expected in shards:
-            unreadable = False
-
-            def on_error(exn: Exception, url: str = url) -> bool:
-                nonlocal unreadable
-                unreadable = True
-                if self.strict:
-                    raise DataError(f"shard {url} is unreadable: {exn.args[0] if exn.args else exn}")
-                self._count(1)
-                warn(f"skipping the rest of unreadable shard {url}: {exn.args[0] if exn.args else exn}")
-                return True
-
-            found = 0
-            for sample in wds.tarfile_samples([{"url": url}], handler=on_error):
-                found += 1
-                try:
-                    image, label = decode_sample(sample, self.resolution, self.channels)
-                except BadSample as bad:
-                    message = f"sample {sample.get('__key__')!r} of shard {url}: {bad}"
-                    if self.strict:
-                        raise DataError(message + " (data.strict=true)") from None
-                    self._count(0)
-                    warn(f"skipping {message}")
-                    continue
-                yield image, label
-            if not unreadable and found != expected:
-                message = (f"shard {url} holds {found} samples but its manifest entry says {expected}: "
-                           "re-run prepare, or `python -m dist_gan.data verify` the shards")
-                if self.strict:
-                    raise DataError(message + " (data.strict=true)")
-                warn(message)
+def _collate(good: list[tuple[torch.Tensor, int]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` samples from ``good``, repeating its samples in order where bad ones were dropped."""
+    chosen = [good[i % len(good)] for i in range(size)]
+    return torch.stack([image for image, _ in chosen]), torch.tensor([label for _, label in chosen])
 
 
 class ShardStream:
     """The loop's ``BatchStream`` over shards: a DataLoader per epoch, batches moved to ``device``."""
 
-    def __init__(self, dataset: ShardSamples, batch_size: int, workers: int,
-                 device: torch.device | str = "cpu", pin_memory: bool | None = None,
-                 prefetch_factor: int = 4):
-        self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
+    def __init__(self, reader: ShardReader, workers: int, device: torch.device | str = "cpu",
+                 pin_memory: bool | None = None, prefetch_factor: int = 4):
+        self.reader, self.workers = reader, workers
         self.device = torch.device(device)
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor
-        self.budget = self.batches_per_epoch()
-        if self.budget < 1:
-            raise DataError(f"the shards cannot fill one batch of {batch_size} per rank and worker "
-                            f"({dataset.world_size} ranks x {max(workers, 1)} workers over "
-                            f"{len(dataset.shards)} shards): lower data.batch_size or data.workers")
+        self.budget = reader.plan.batches_per_rank
         self.epoch, self.batch = 0, 0
         self._batches: Iterator | None = None
 
-    def batches_per_epoch(self) -> int:
-        """Full batches every rank can deliver per epoch: the minimum over ranks, known from counts."""
-        ds, workers = self.dataset, max(self.workers, 1)
-        if ds.resampled:
-            return sum(c for _, c in ds.shards) // (self.batch_size * ds.world_size)
-        return min(
-            sum(sum(ds.shards[i][1] for i in ds.plan(0, rank, w, workers)) // self.batch_size
-                for w in range(workers))
-            for rank in range(ds.world_size)
-        )
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Batches every rank delivers in ``epoch``: the same on every rank, and (the number of samples
+        being fixed) in every epoch."""
+        return self.budget
 
     def _open_epoch(self) -> None:
-        self.dataset.epoch = self.epoch
+        self.reader.epoch, self.reader.start_batch = self.epoch, self.batch
         # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG each
         # time an iterator opens, which would shift the training noise after a resume.
-        seed = torch.Generator().manual_seed(derive(self.dataset.seed, "loader", self.epoch))
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
-                            drop_last=True, pin_memory=self.pin_memory,
+        seed = torch.Generator().manual_seed(derive(self.reader.plan.seed, "loader", self.epoch))
+        loader = DataLoader(self.reader, batch_size=None, num_workers=self.workers,
+                            pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.workers > 0 else None,
                             generator=seed, worker_init_fn=ignore_stop_signals)
         self._batches = iter(loader)
 
-    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_raw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.batch == self.batches_in_epoch(self.epoch):
+            self.epoch, self.batch, self._batches = self.epoch + 1, 0, None
+        if self._batches is None:  # a new epoch, or a position just restored: seek to it
+            self._open_epoch()
         try:
             return next(self._batches)
         except DataError as err:
             raise worker_error(err) from None
-
-    def _next_raw(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._batches is None:  # first call, or after load_state_dict: replay to the position
-            self._open_epoch()
-            for _ in range(self.batch):
-                self._read()
-        if self.batch == self.budget:
-            self.epoch, self.batch = self.epoch + 1, 0
-            self._open_epoch()
-        try:
-            return self._read()
-        except StopIteration:
-            if self.batch == 0:
-                raise DataError(f"epoch {self.epoch} produced no batch: every shard of this rank "
-                                "failed to read (see the warnings above)") from None
-            log.warning("rank %d ran out of samples in epoch %d after %d of %d batches (bad samples "
-                        "skipped, or shards shorter than their manifest entries: see the warnings "
-                        "above); starting epoch %d early", self.dataset.rank, self.epoch,
-                        self.batch, self.budget, self.epoch + 1)
-            self.epoch, self.batch = self.epoch + 1, 0
-            self._open_epoch()
-            return self._read()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self._next_raw()
@@ -258,7 +354,7 @@ class ShardStream:
 
     def counters(self) -> dict[str, int]:
         """Bad samples and unreadable shards met by this rank's readers so far (including read-ahead)."""
-        skipped, bad_shards = self.dataset.bad_counts[:]
+        skipped, bad_shards = self.reader.bad_counts[:]
         return {"data_skipped_samples": skipped, "data_bad_shards": bad_shards}
 
     def state_dict(self) -> dict:
@@ -270,6 +366,7 @@ class ShardStream:
         self._batches = None
 
     def load_state_dict(self, state: dict) -> None:
-        # min(): a position re-derived for another world size may lie past this rank's epoch end
-        self.epoch, self.batch = int(state["epoch"]), min(int(state["batch"]), self.budget)
+        # min(): a position saved at another world size may lie past this rank's epoch end
+        self.epoch = int(state["epoch"])
+        self.batch = min(int(state["batch"]), self.batches_in_epoch(self.epoch))
         self._batches = None

@@ -1,0 +1,80 @@
+"""Real runs at world sizes other than 2 on the default MNIST shards (6 shards of 10,000): 8 processes
+(more ranks than shards) and 3 (a world size that divides nothing), through `accelerate launch`."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, read_metrics, run_cli, start_cli, wait_for
+from test_scale import CPU_DDP, assert_same_weights, events
+
+pytestmark = pytest.mark.slow
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (torch's launcher starts each rank in a session of its own,
+    so killing the launcher's process group would leave the ranks running)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        found.append(queue.pop())
+        queue += children.get(found[-1], [])
+    return found
+
+
+def launch(processes: int) -> list[str]:
+    return [*CPU_DDP, "--num_processes", str(processes)]
+
+
+def args(run: Path, shards: str, *extra: str) -> list[str]:
+    return ["dist_gan.train", "configs/mnist_dcgan.yaml", f"--run.dir={run}", *FAST,
+            f"--data.shards={shards}", "--data.prepare_if_missing=false", *extra]
+
+
+def test_eight_processes_on_six_shards(tmp_path, mnist_shards):
+    run = tmp_path / "eight"
+    proc = run_cli(args(run, mnist_shards, "--train.max_steps=3", "--run.ckpt_every=3", "--data.workers=1"),
+                   launch(8), timeout=900)
+    start = events(run, "start")[0]
+    assert start["world_size"] == 8
+    # 60,000 samples over 8 readers: 7,500 each, 234 batches of 32 (some of 33), every sample read
+    assert "8 ranks x 1 readers, 234 batches per rank per epoch, 100.0% of the samples" in proc.stderr
+    [check] = events(run, "checkpoint")
+    assert check["step"] == 3 and check["replicas_identical"] == {"G": True, "D": True}
+
+
+def test_three_processes_killed_and_resumed_bit_exact(tmp_path, mnist_shards):
+    """3 ranks x 2 workers: 12 steps straight == killed (SIGKILL to every process) after the step-6
+    checkpoint, then resumed: the data position is sought, not replayed, and lands on the same batches."""
+    common = ["--train.max_steps=12", "--run.ckpt_every=6", "--run.log_every=1", "--data.workers=2"]
+    run_cli(args(tmp_path / "straight", mnist_shards, *common), launch(3), timeout=900)
+    assert events(tmp_path / "straight", "start")[0]["world_size"] == 3
+    killed = tmp_path / "killed"
+    proc = start_cli(args(killed, mnist_shards, *common), launch(3), log=tmp_path / "killed.log")
+
+    def logged_step() -> int:
+        if not (killed / "metrics.jsonl").is_file():
+            return 0
+        return max((r["step"] for r in read_metrics(killed) if "loss_D" in r), default=0)
+
+    wait_for(lambda: logged_step() >= 8, 600, "step 8", proc, interval=0.01)
+    for pid in descendants(proc.pid):  # every rank and loader worker at once, as a node failure
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (killed / "checkpoints" / "step_00000012").exists(), "the run ended before the kill"
+    run_cli(args(killed, mnist_shards, *common, "--train.resume=auto"), launch(3), timeout=900)
+    assert events(killed, "start")[-1]["resumed_from"].endswith("step_00000006")
+    assert_same_weights(tmp_path / "straight" / "checkpoints" / "step_00000012",
+                        killed / "checkpoints" / "step_00000012")
