@@ -32,7 +32,7 @@ from accelerate.utils import DistributedType
 from dist_gan.config import Config, ConfigError, SpeedConfig
 
 
-def _deepspeed(accelerator: Accelerator) -> bool:
+def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
@@ -46,7 +46,7 @@ def set_backend_flags(speed: SpeedConfig) -> None:
 def _deepspeed_plugins(config: Config) -> dict:
     """One DeepSpeed plugin per network from the launcher's settings (``accelerate launch
     --config_file launch/deepspeed_zero2.yaml``), with what a run without a prepared DataLoader must
-    fix itself: the micro batch, no accumulation, the clipping threshold."""
+    fix itself: the micro batch, the accumulation steps (``optim.accumulate``), the clipping threshold."""
     from accelerate.utils import DeepSpeedPlugin
 
     plugins = {}
@@ -58,7 +58,7 @@ def _deepspeed_plugins(config: Config) -> dict:
             raise ConfigError(f"DeepSpeed ZeRO stage {stage} is not supported for GANs (stages 0-2; "
                               "stage 3 partitions D's weights, which the gradient penalty needs whole)")
         ds["train_micro_batch_size_per_gpu"] = config.data.batch_size
-        ds["gradient_accumulation_steps"] = 1
+        ds["gradient_accumulation_steps"] = config.optim.accumulate
         ds["gradient_clipping"] = config.optim.grad_clip
         ds.pop("train_batch_size", None)
         half = _deepspeed_half_precision(ds, config.train.mixed_precision
@@ -110,7 +110,7 @@ def make_accelerators(config: Config) -> tuple[Accelerator, Accelerator]:
             f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate formed a group "
             f"of {acc_G.num_processes} ({acc_G.distributed_type}); on CPU launch with "
             "--config_file launch/cpu_ddp.yaml (`--cpu --num_processes N` starts one process)")
-    acc_D = Accelerator(**common) if _deepspeed(acc_G) else Accelerator(
+    acc_D = Accelerator(**common) if is_deepspeed(acc_G) else Accelerator(
         cpu=not torch.cuda.is_available(), **common)
     return acc_G, acc_D
 
@@ -123,7 +123,7 @@ def make_accelerator(config: Config) -> Accelerator:
 def use_channels_last(config: Config, accelerator: Accelerator) -> bool:
     """NHWC memory for the conv nets when asked, but never under DeepSpeed, which flattens
     parameters through views that need the standard contiguous layout."""
-    if not config.speed.channels_last or _deepspeed(accelerator):
+    if not config.speed.channels_last or is_deepspeed(accelerator):
         return False
     # A conv weight with one input or output channel (grey images) has two valid stride patterns for
     # the same memory; DDP warns when grad and bucket pick different ones. Nothing is wrong.
@@ -134,7 +134,7 @@ def use_channels_last(config: Config, accelerator: Accelerator) -> bool:
 def prepare(accelerator: Accelerator, name: str, *objects: Any, fixed_buckets: bool = True) -> tuple:
     """``accelerator.prepare(*objects)`` for network ``name`` ("G" or "D"), whose DeepSpeed plugin is
     selected first when there is one; DDP's buckets fixed now (``fixed_buckets``, see ``fix_buckets``)."""
-    if _deepspeed(accelerator):
+    if is_deepspeed(accelerator):
         accelerator.state.select_deepspeed_plugin(name)
     prepared = accelerator.prepare(*objects)
     prepared = prepared if isinstance(prepared, tuple) else (prepared,)
@@ -177,7 +177,7 @@ def penalty_view(accelerator: Accelerator, wrapped: nn.Module, plain_module: nn.
     """What a penalty differentiates twice through: the eager wrapped module (DDP then sees the
     penalty's gradient), or under DeepSpeed the plain one, as an engine's hooks cannot run inside
     ``autograd.grad``."""
-    return plain_module if _deepspeed(accelerator) else eager(wrapped)
+    return plain_module if is_deepspeed(accelerator) else eager(wrapped)
 
 
 def full_precision(device: torch.device) -> AbstractContextManager:
@@ -190,7 +190,7 @@ def grads_inspectable(accelerator: Accelerator) -> bool:
     """Whether gradients can be checked between backward and the optimiser step: not under
     DeepSpeed (the engine steps inside ``backward``) nor with an fp16 grad scaler (which skips
     inf/NaN gradients itself, routinely)."""
-    return accelerator.scaler is None and not _deepspeed(accelerator)
+    return accelerator.scaler is None and not is_deepspeed(accelerator)
 
 
 def grad_norm(accelerator: Accelerator, model: nn.Module, max_norm: float,
@@ -201,7 +201,7 @@ def grad_norm(accelerator: Accelerator, model: nn.Module, max_norm: float,
     reads the norm it computed. Without clipping or a grad scaler the norm is read directly (no
     clip pass over the gradients, which costs as much again).
     """
-    if _deepspeed(accelerator):
+    if is_deepspeed(accelerator):
         if not measure:
             return None
         norm = accelerator.clip_grad_norm_(model.parameters(), math.inf)
@@ -219,7 +219,7 @@ def grad_norm(accelerator: Accelerator, model: nn.Module, max_norm: float,
 def check_resumable(path: Any, manifest: dict, accelerator: Accelerator) -> None:
     """Refuse a checkpoint whose optimizer state this launch cannot read: ZeRO partitions are per
     rank and per DeepSpeed launch."""
-    deepspeed = "DEEPSPEED" in manifest["distributed_type"] or _deepspeed(accelerator)
+    deepspeed = "DEEPSPEED" in manifest["distributed_type"] or is_deepspeed(accelerator)
     if deepspeed and manifest["world_size"] != accelerator.num_processes:
         raise ConfigError(
             f"checkpoint {path} was written by {manifest['world_size']} DeepSpeed processes and this "

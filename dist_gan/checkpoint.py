@@ -317,7 +317,8 @@ def load_generator_state(path: Path, ema: bool = True) -> dict[str, torch.Tensor
         state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True).get("ema")
         if state is not None:
             return state
-        log.warning("%s has no EMA weights (train.ema_decay was 0); using the raw generator", path)
+        log.warning("%s has no EMA weights (train.ema_kimg or train.ema_decay was 0); using the raw "
+                    "generator", path)
     from safetensors.torch import load_file
 
     return load_file(path / GENERATOR_WEIGHTS)

@@ -170,9 +170,14 @@ class OptimConfig:
     n_critic: int = 5  # discriminator steps per generator step
     grad_clip: float = 0.0  # max gradient norm for both nets; 0 disables
     lr_schedule: Literal["constant", "linear"] = "constant"  # linear: decays to 0 at train.max_steps
+    # Micro-batches of data.batch_size per update of either net (gradients summed, DDP syncing on
+    # the last only): the effective batch is batch_size x processes x accumulate.
+    accumulate: int = 1
 
     def problems(self) -> list[tuple[str, Any, str]]:
         found = []
+        if self.accumulate < 1:
+            found.append(("accumulate", self.accumulate, "must be >= 1"))
         for name in ("g_lr", "d_lr"):
             if getattr(self, name) <= 0:
                 found.append((name, getattr(self, name), "must be > 0"))
@@ -214,7 +219,13 @@ class TrainConfig:
     max_steps: int = 1000  # generator steps
     # null: as the launcher says (accelerate launch --mixed_precision, or the profile), else "no"
     mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
-    ema_decay: float = 0.999  # EMA of the generator's weights; 0 disables
+    # EMA of the generator's weights: half-life in thousands of images (global batch x accumulate
+    # per step), so a config averages alike on 1 or 64 processes; ramped up to at most ema_rampup x
+    # the images seen (null: no ramp). 0 disables. ema_decay (per step, ramped as min(decay,
+    # (1+step)/(10+step))) replaces it when set; ema_decay 0 also disables.
+    ema_kimg: float = 10.0
+    ema_rampup: Optional[float] = 0.05
+    ema_decay: Optional[float] = None
     # None: start fresh; "auto": newest checkpoint in run.dir if any; otherwise a checkpoint directory.
     resume: Optional[str] = None
     # Stop (with the final sample, eval and checkpoint) at the first log step after this many minutes
@@ -242,8 +253,12 @@ class TrainConfig:
             found.append(("max_rollbacks", self.max_rollbacks, "must be >= 0"))
         if self.time_limit_min < 0:
             found.append(("time_limit_min", self.time_limit_min, "must be >= 0 (0: no limit)"))
-        if not 0.0 <= self.ema_decay < 1.0:
-            found.append(("ema_decay", self.ema_decay, "must be in [0, 1)"))
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            found.append(("ema_decay", self.ema_decay, "must be in [0, 1), or null to use ema_kimg"))
+        if self.ema_kimg < 0:
+            found.append(("ema_kimg", self.ema_kimg, "must be >= 0 (0: no EMA)"))
+        if self.ema_rampup is not None and self.ema_rampup <= 0:
+            found.append(("ema_rampup", self.ema_rampup, "must be > 0, or null for no ramp"))
         return found
 
 

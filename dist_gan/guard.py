@@ -1,14 +1,18 @@
 """The divergence guard's bookkeeping: bad steps in a row, skipped updates, rollbacks, checkpoint health.
 
-The loop reports each step (``record``); the guard says whether the run goes on, must roll back or
-stop, whether a checkpoint may be written now (never inside a bad streak), and whether the one being
-written is healthy (no skipped update since the previous one), that is, a rollback target.
+Each step is counted on the device (``StepTally``: no host sync in the step); at log and checkpoint
+steps the loop reads the tally, agreed over ranks, into ``DivergenceGuard.review``, which says
+whether the run goes on, must roll back or stop, whether a checkpoint may be written now (never
+inside a bad streak), and whether the one being written is healthy (no skipped update since the
+previous one), that is, a rollback target.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+
+import torch
 
 from dist_gan.config import TrainConfig
 
@@ -50,9 +54,27 @@ class DivergenceGuard:
             return ROLL_BACK
         return STOP
 
+    def review(self, step: int, tally: "Tally") -> str:
+        """Take in what the device counted since the last review; GO_ON, ROLL_BACK or STOP."""
+        if not tally.skipped:
+            return GO_ON
+        self.skipped += tally.skipped
+        self.since_checkpoint += tally.skipped
+        self.in_row, self.last_bad, self.last_bad_step = tally.in_row, tally.losses, tally.last_bad_step
+        log.warning("steps %d-%d: %d with a non-finite loss or gradient, update skipped (gradients "
+                    "zeroed), the last at step %d %s; %d in a row now", tally.since + 1, step,
+                    tally.skipped, tally.last_bad_step, tally.losses, tally.in_row)
+        if tally.worst_in_row < self.cfg.max_bad_steps:
+            return GO_ON
+        self.in_row = max(self.in_row, tally.worst_in_row)
+        if self.cfg.on_divergence == "rollback" and self.rollbacks < self.cfg.max_rollbacks:
+            return ROLL_BACK
+        return STOP
+
     def message(self, step: int) -> str:
+        last = getattr(self, "last_bad_step", step)
         return (f"training diverged: {self.in_row} steps in a row with a non-finite loss or gradient, "
-                f"the last at step {step} ({self.last_bad})")
+                f"the last at step {last} ({self.last_bad})")
 
     def why_stopped(self, target: object | None) -> str:
         """Why a rollback was not possible, for the final error ("" when the config said stop)."""
@@ -71,3 +93,59 @@ class DivergenceGuard:
         healthy = self.since_checkpoint == 0
         self.since_checkpoint = 0
         return healthy
+
+
+@dataclass
+class Tally:
+    """What ``StepTally`` counted between two reviews, as the host reads it."""
+
+    since: int  # the step of the previous review
+    skipped: int
+    in_row: int
+    worst_in_row: int
+    last_bad_step: int
+    losses: dict[str, float]
+
+
+class StepTally:
+    """Skipped updates counted on the device, step by step, read (and agreed over ranks) on demand.
+
+    Everything stays a device tensor between reads, so counting a step costs a few tiny kernels and
+    no host sync; the read takes one small all-gather and one transfer.
+    """
+
+    def __init__(self, device: torch.device, loss_names: tuple[str, ...] = ("loss_D", "loss_G")):
+        self.device, self.loss_names = device, loss_names
+        self.since = 0
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        self.in_row, self.worst, self.skipped, self.last_bad_step = (zero.clone() for _ in range(4))
+        self.losses = torch.zeros(len(loss_names), dtype=torch.float64, device=device)
+
+    def record(self, step: int, applied: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        bad = (~applied).to(torch.float64)
+        self.in_row = (self.in_row + 1) * bad
+        self.worst = torch.maximum(self.worst, self.in_row)
+        self.skipped = self.skipped + bad
+        self.last_bad_step = torch.where(bad > 0, float(step), self.last_bad_step)
+        current = torch.stack([stats[n].detach().to(torch.float64) for n in self.loss_names])
+        self.losses = torch.where(bad > 0, current, self.losses)
+
+    def read(self, step: int, agree) -> Tally:
+        """The tally since the last read, the maximum over ranks (``agree`` gathers a 1-d tensor from
+        every rank into (ranks, n)); the window then starts afresh, the current streak carried on."""
+        packed = torch.cat([torch.stack([self.skipped, self.in_row, self.worst, self.last_bad_step]),
+                            self.losses])
+        gathered = agree(packed).view(-1, packed.numel())
+        worst_rank = int(gathered[:, 3].argmax())  # the rank that saw the latest bad step names it
+        values = gathered[worst_rank].tolist()
+        maxima = gathered.amax(0).tolist()
+        tally = Tally(self.since, int(maxima[0]), int(maxima[1]), int(maxima[2]), int(values[3]),
+                      dict(zip(self.loss_names, values[4:])))
+        self.since = step
+        self.skipped, self.worst = torch.zeros_like(self.skipped), self.in_row.clone()
+        return tally
+
+    def reset(self, step: int) -> None:
+        """After a rollback: nothing in a row, a fresh window from ``step``."""
+        self.since = step
+        self.in_row, self.worst, self.skipped = (torch.zeros_like(self.in_row) for _ in range(3))

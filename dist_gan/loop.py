@@ -9,6 +9,7 @@ one generator step with its ``n_critic`` discriminator steps.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -26,8 +27,8 @@ from dist_gan.checkpoint import (last_healthy, load_checkpoint, remove_stale_sta
                                  save_checkpoint)
 from dist_gan.config import Config, OptimConfig, save_config
 from dist_gan.data import BatchStream, build_batch_stream
-from dist_gan.ema import EMA
-from dist_gan.guard import GO_ON, STOP, DivergenceGuard
+from dist_gan.ema import EMA, ema_beta, step_beta
+from dist_gan.guard import GO_ON, STOP, DivergenceGuard, StepTally
 from dist_gan.losses import GANLoss, Models, build_loss
 from dist_gan.models import build_discriminator, build_encoder, build_generator
 from dist_gan.sample import decode
@@ -150,77 +151,124 @@ def build_nets(config: Config, acc_G: Accelerator, acc_D: Accelerator | None = N
     return nets
 
 
-def _update(accelerator: Accelerator, models: list[nn.Module], optimizers: list[torch.optim.Optimizer],
-            loss: torch.Tensor, config: Config, measure: bool) -> tuple[bool, torch.Tensor | None]:
-    """Backward and optimiser step for one side of the game (D; or G with any networks trained
-    with it); returns (applied, the first network's pre-clip grad norm).
+@contextlib.contextmanager
+def _micro_batch(accelerator: Accelerator, models: list[nn.Module], last: bool):
+    """Around one micro-batch's forward and backward: DDP's ``no_sync`` on all but the last (their
+    gradients accumulate locally, one all-reduce at the end); DeepSpeed told whether this is the
+    accumulation boundary, where its engine reduces and steps."""
+    if backend.is_deepspeed(accelerator):
+        accelerator.gradient_state._set_sync_gradients(last)
+        try:
+            yield
+        finally:
+            accelerator.gradient_state._set_sync_gradients(True)
+        return
+    with contextlib.ExitStack() as stack:
+        if not last:
+            for model in models:
+                stack.enter_context(accelerator.no_sync(model))
+        yield
 
-    With ``train.skip_nonfinite`` the update is skipped when the all-reduced gradient norm is NaN/inf:
-    every rank sees the same norm (a NaN loss on one rank makes every rank's gradients NaN), so
-    every rank skips alike without a collective of its own. Where that cannot work (an engine steps
-    inside ``backward``; an fp16 scaler skips inf/NaN gradients itself, routinely) the loss is checked
-    on all ranks before backward instead.
+
+def _backward(accelerator: Accelerator, loss: torch.Tensor, accumulate: int, guard: bool) -> torch.Tensor:
+    """Backward of one micro-batch's loss, scaled for accumulation; returns whether it was finite.
+
+    Where gradients cannot be checked before the step (an engine steps inside ``backward``; an fp16
+    scaler), a non-finite loss is replaced by 0 on the device (zero gradients from this rank), so
+    no rank waits for a verdict."""
+    finite = torch.isfinite(loss.detach())
+    if guard and not backend.grads_inspectable(accelerator):
+        loss = torch.where(finite, loss, torch.zeros_like(loss))
+    # DeepSpeed divides by its gradient_accumulation_steps itself
+    accelerator.backward(loss if backend.is_deepspeed(accelerator) else loss / accumulate)
+    return finite
+
+
+def _zero_if(models: list[nn.Module], keep: torch.Tensor) -> None:
+    """Gradients zeroed (NaN/inf included) unless ``keep``: decided on the device, as StyleGAN2-ADA
+    does, so the step never waits for the verdict. Adam's momentum still moves the weights a little."""
+    for model in models:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.copy_(torch.where(keep, p.grad, torch.zeros_like(p.grad)))
+
+
+def _step(accelerator: Accelerator, models: list[nn.Module], optimizers: list[torch.optim.Optimizer],
+          finite: torch.Tensor, config: Config, measure: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Clip, check and step one side of the game (D; or G with any networks trained with it) after
+    its micro-batches' backward; returns (applied, as a device bool; the first network's pre-clip
+    grad norm).
+
+    With ``train.skip_nonfinite`` a non-finite update is skipped on the device: every rank sees the
+    same all-reduced gradient norm, so every rank zeroes alike without a collective or a host sync.
     """
     guard = config.train.skip_nonfinite
     check_grads = guard and backend.grads_inspectable(accelerator)
-    if guard and not check_grads and _any_rank(accelerator, not bool(torch.isfinite(loss.detach()))):
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        return False, None
-    accelerator.backward(loss)
     norms = [backend.grad_norm(accelerator, model, config.optim.grad_clip, measure or check_grads)
              for model in models]
-    if check_grads and not all(bool(torch.isfinite(norm)) for norm in norms):
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        return False, norms[0]
+    applied = finite if guard else torch.ones_like(finite)
+    if check_grads:
+        applied = torch.stack([torch.isfinite(norm) for norm in norms]).all()
+        _zero_if(models, applied)
     for optimizer in optimizers:
         optimizer.step()
-    return True, norms[0]
+    return applied, norms[0]
 
 
 def train_step(nets: Nets, loss: GANLoss, data: BatchStream, config: Config,
-               measure: bool) -> tuple[dict[str, torch.Tensor], bool]:
-    """``n_critic`` discriminator updates, then one generator update.
+               measure: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``n_critic`` discriminator updates, then one generator update, each over ``optim.accumulate``
+    micro-batches.
 
-    Returns detached statistics and whether every update was applied (False: the divergence guard
-    skipped at least one).
+    Returns detached statistics (means over micro-batches and critic steps) and, as a device bool,
+    whether every update was applied (False: the divergence guard skipped at least one). Nothing in
+    here waits for the device.
     """
     models = nets.models(config.model.z_dim)
     set_to_none = config.speed.zero_grad_set_to_none
-    applied = True
+    accumulate, guard = config.optim.accumulate, config.train.skip_nonfinite
+    applied = torch.ones((), dtype=torch.bool, device=nets.D.accelerator.device)
     d_totals: dict[str, torch.Tensor] = {}
     for _ in range(config.optim.n_critic):
-        real, labels = data.next_batch()
-        d_loss, d_stats = loss.discriminator_loss(models, real, labels)
         nets.D.optimizer.zero_grad(set_to_none=set_to_none)
-        ok, d_norm = _update(nets.D.accelerator, [nets.D.wrapped], [nets.D.optimizer], d_loss, config,
-                             measure)
+        batches, finite = [], torch.ones_like(applied)
+        for micro in range(accumulate):
+            batches.append(data.next_batch())
+            with _micro_batch(nets.D.accelerator, [nets.D.wrapped], micro == accumulate - 1):
+                d_loss, d_stats = loss.discriminator_loss(models, *batches[-1])
+                finite &= _backward(nets.D.accelerator, d_loss, accumulate, guard)
+            for name, value in d_stats.items():
+                d_totals[name] = d_totals.get(name, 0.0) + value
+        ok, d_norm = _step(nets.D.accelerator, [nets.D.wrapped], [nets.D.optimizer], finite, config, measure)
         applied &= ok
-        if ok:
-            loss.after_discriminator_step(nets.D.plain)
-        for name, value in d_stats.items():
-            d_totals[name] = d_totals.get(name, 0.0) + value
-    stats = {name: total / config.optim.n_critic for name, total in d_totals.items()}
+        loss.after_discriminator_step(nets.D.plain)
+    stats = {name: total / (config.optim.n_critic * accumulate) for name, total in d_totals.items()}
 
     # D is used raw and frozen here: its weights get no gradient, its DDP reducer is not left waiting
     # for gradients that never come, and ZeRO-2 does not see D's gradients computed twice. The
-    # generator step reuses the last critic batch (VAE-GAN encodes it, feature matching reads it).
+    # generator step reuses the last critic step's batches (VAE-GAN encodes them, feature matching
+    # reads them).
     nets.D.plain.requires_grad_(False)
-    g_loss, g_stats = loss.generator_loss(models, real, labels)
     g_side = nets.generator_side()
     for net in g_side:
         net.optimizer.zero_grad(set_to_none=set_to_none)
-    ok, g_norm = _update(nets.G.accelerator, [n.wrapped for n in g_side], [n.optimizer for n in g_side],
-                         g_loss, config, measure)
+    g_totals: dict[str, torch.Tensor] = {}
+    finite = torch.ones_like(applied)
+    for micro, (real, labels) in enumerate(batches):
+        with _micro_batch(nets.G.accelerator, [n.wrapped for n in g_side], micro == accumulate - 1):
+            g_loss, g_stats = loss.generator_loss(models, real, labels)
+            finite &= _backward(nets.G.accelerator, g_loss, accumulate, guard)
+        for name, value in g_stats.items():
+            g_totals[name] = g_totals.get(name, 0.0) + value
+    ok, g_norm = _step(nets.G.accelerator, [n.wrapped for n in g_side], [n.optimizer for n in g_side],
+                       finite, config, measure)
     applied &= ok
-    if ok:
-        loss.after_generator_step(nets.G.plain)
+    loss.after_generator_step(nets.G.plain)
     nets.D.plain.requires_grad_(True)
     for scheduler in nets.schedulers().values():
         scheduler.step()
 
-    stats.update(g_stats)
+    stats.update({name: total / accumulate for name, total in g_totals.items()})
     if measure and d_norm is not None and g_norm is not None:
         stats["grad_norm_D"], stats["grad_norm_G"] = d_norm.detach(), g_norm.detach()
     return stats, applied
@@ -242,18 +290,20 @@ class StatsWindow:
         self.counts: dict[str, int] = {}
         self.steps, self.start = 0, time.perf_counter()
 
-    def add(self, stats: dict[str, torch.Tensor]) -> None:
+    def add(self, stats: dict[str, torch.Tensor], applied: torch.Tensor) -> None:
+        """Add a step's statistics where ``applied`` (a device bool): a skipped step's NaNs stay out."""
         for name, value in stats.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
-            self.counts[name] = self.counts.get(name, 0) + 1
+            value = torch.as_tensor(value, dtype=torch.float32, device=applied.device)
+            self.sums[name] = self.sums.get(name, 0.0) + torch.where(applied, value, 0.0)
+            self.counts[name] = self.counts.get(name, 0.0) + applied.float()
         self.steps += 1
 
     def means(self, accelerator: Accelerator) -> dict[str, float]:
+        """Means over the applied steps and the ranks (NaN for a value no applied step has)."""
         names = sorted(self.sums)
         if not names:
             return {}
-        stacked = torch.stack([torch.as_tensor(self.sums[n] / self.counts[n], device=accelerator.device)
-                               for n in names])
+        stacked = torch.stack([self.sums[n] / self.counts[n] for n in names])
         return dict(zip(names, accelerator.reduce(stacked, "mean").tolist()))
 
 
@@ -277,6 +327,23 @@ def check_replicas(accelerator: Accelerator, modules: dict[str, nn.Module]) -> d
         gathered = accelerator.gather(flat.to(accelerator.device)).view(accelerator.num_processes, -1)
         result[name] = bool((gathered == gathered[0]).all())
     return result
+
+
+def images_per_step(config: Config, world_size: int) -> int:
+    """Images the generator makes per step over all ranks (the EMA's and the logs' unit)."""
+    return config.data.batch_size * world_size * config.optim.accumulate
+
+
+def build_ema(config: Config, generator: nn.Module, world_size: int) -> EMA | None:
+    """The generator's EMA as ``train`` says: by images (ema_kimg), by steps (ema_decay), or none."""
+    train = config.train
+    if train.ema_decay is not None:
+        beta_at = functools.partial(step_beta, decay=train.ema_decay)
+        return EMA(generator, beta_at) if train.ema_decay > 0 else None
+    if train.ema_kimg <= 0:
+        return None
+    return EMA(generator, functools.partial(ema_beta, images_per_step=images_per_step(config, world_size),
+                                            half_life_kimg=train.ema_kimg, rampup=train.ema_rampup))
 
 
 def _generate_grid(generator: nn.Module, fixed_z: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -357,11 +424,12 @@ class Trainer:
         self.accelerator = acc = acc_G  # collectives, device and "am I rank 0" for the whole run
         self.rank, self.world, self.run_dir = acc.process_index, acc.num_processes, Path(config.run.dir)
         self.nets = build_nets(config, acc_G, acc_D)
-        self.ema = EMA(self.nets.G.plain, config.train.ema_decay) if config.train.ema_decay > 0 else None
+        self.ema = build_ema(config, self.nets.G.plain, self.world)
         self.loss = build_loss(config.loss, acc.autocast)
         with acc.main_process_first():  # rank 0 downloads or prepares, if needed
             self.data = build_batch_stream(config.data, config.run.seed, self.rank, self.world,
-                                           acc.device, may_prepare=acc.is_main_process)
+                                           acc.device, may_prepare=acc.is_main_process,
+                                           num_classes=config.model.num_classes)
         cleanup.callback(self.data.close)
         self.evaluator = None
         if config.eval.every:
@@ -374,9 +442,11 @@ class Trainer:
         self.lr_scale = 1.0
         self.guard = DivergenceGuard(config.train)
         self.window = StatsWindow()
+        self.tally = StepTally(acc.device)
         self.logger = RunLogger(self.run_dir, enabled=acc.is_main_process)
         cleanup.callback(self.logger.close)
-        self.imgs_per_step = config.data.batch_size * config.optim.n_critic * self.world
+        # real images D reads per step (throughput, kimg); the EMA counts the generator's images
+        self.imgs_per_step = config.data.batch_size * config.optim.n_critic * config.optim.accumulate * self.world
 
     def any_rank(self, flag: bool) -> bool:
         return _any_rank(self.accelerator, flag)
@@ -394,6 +464,7 @@ class Trainer:
         resume_from = resolve_resume(config.train.resume, self.run_dir)
         verified = config.train.resume == "auto"  # resolve_resume checked its checksums
         step = self.restore(resume_from, verified) if resume_from is not None else 0
+        self.tally.reset(step)
         if resume_from is None:
             set_seed(derive(config.run.seed, "noise", self.rank))  # different noise on each rank
         if acc.is_main_process:
@@ -401,9 +472,12 @@ class Trainer:
         self.logger.event(step, {"event": "start", "world_size": self.world,
                                  "resumed_from": str(resume_from or ""), "device": str(acc.device),
                                  "distributed_type": str(acc.distributed_type),
-                                 "mixed_precision": acc.mixed_precision})
-        log.info("training %s -> step %d on %d process(es), %s, %s, run dir %s", config.loss.name,
-                 config.train.max_steps, self.world, acc.device, acc.distributed_type, self.run_dir)
+                                 "mixed_precision": acc.mixed_precision,
+                                 "effective_batch": images_per_step(config, self.world)})
+        log.info("training %s -> step %d on %d process(es), %s, %s, effective batch %d (%d x %d "
+                 "processes x %d accumulated), run dir %s", config.loss.name, config.train.max_steps,
+                 self.world, acc.device, acc.distributed_type, images_per_step(config, self.world),
+                 config.data.batch_size, self.world, config.optim.accumulate, self.run_dir)
         return step
 
     def restore(self, path: Path, verified: bool = False) -> int:
@@ -426,14 +500,17 @@ class Trainer:
         log.info("resumed from %s at step %d", path, int(state["step"]))
         return int(state["step"])
 
-    def after_step(self, step: int, stats: dict[str, torch.Tensor], applied: bool) -> tuple[int, bool]:
-        """Count the step with the guard; return the step to go on from and whether it rolled back."""
-        bad = {} if applied else {k: float(v) for k, v in stats.items() if k.startswith("loss")}
-        verdict = self.guard.record(step, applied, bad)
-        if applied:
-            self.window.add(stats)
-            if self.ema is not None:
-                self.ema.update(self.nets.G.plain, step)
+    def after_step(self, step: int, stats: dict[str, torch.Tensor], applied: torch.Tensor) -> None:
+        """Count the step on the device (statistics, the guard's tally, the EMA): no host sync."""
+        self.window.add(stats, applied)
+        self.tally.record(step, applied, stats)
+        if self.ema is not None:
+            self.ema.update(self.nets.G.plain, step)
+
+    def review(self, step: int) -> tuple[int, bool]:
+        """At a log or checkpoint step: the guard reads the device tally (agreed over ranks) and the
+        run goes on, rolls back or stops; return the step to go on from and whether it rolled back."""
+        verdict = self.guard.review(step, self.tally.read(step, self.accelerator.gather))
         if verdict == GO_ON:
             return step, False
         target = last_healthy(self.run_dir)
@@ -444,6 +521,7 @@ class Trainer:
                                    f"{target}")
         self.guard.rolled_back()
         step = self.restore(target, verified=True)  # last_healthy checked it
+        self.tally.reset(step)
         self.lr_scale *= self.config.train.rollback_lr_scale
         _set_learning_rates(self.nets, self.config, self.lr_scale)
         # a different noise stream, or the same steps would diverge the same way
@@ -470,7 +548,9 @@ class Trainer:
         self.logger.scalars(step, values)
         self.window.reset()
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-        if bad:  # only reachable with train.skip_nonfinite=false
+        # With the guard on, a window of skipped steps has no value to average (NaN, logged as
+        # null): the guard's review decides; without it a non-finite value stops the run here.
+        if bad and not self.config.train.skip_nonfinite:
             raise TrainingDiverged(f"non-finite values at step {step}: {bad}; last good "
                                    f"checkpoint: {last_healthy(self.run_dir)}")
         return values
@@ -511,17 +591,24 @@ def _run(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: S
     """Build -> resume -> loop -> finish; ``cleanup`` closes the data stream and the logger."""
     run = Trainer(config, acc_G, acc_D, cleanup)
     step = run.start()
-    stop = StopPolicy(config.train.max_steps, config.train.time_limit_min, stop_request, run.any_rank)
+    stop = StopPolicy(config.train.max_steps, config.train.time_limit_min, stop_request, run.any_rank,
+                      agree_every_step=run.world == 1)
     bar = tqdm(total=config.train.max_steps, initial=step, disable=not acc_G.is_main_process,
                unit="step", dynamic_ncols=True)
     checkpoint_owed = False  # one fell due during a bad streak
     while step < stop.last_step:
         measure = (step + 1) % config.run.log_every == 0 or step + 1 == stop.last_step
         stats, applied = train_step(run.nets, run.loss, run.data, config, measure)
-        step, rolled_back = run.after_step(step + 1, stats, applied)
-        if rolled_back:
-            bar.n, checkpoint_owed = step, False
-            continue
+        step += 1
+        run.after_step(step, stats, applied)
+        # Between these points the loop never waits for the device nor talks to other ranks
+        # (DDP's gradient all-reduce aside): the guard and the stop signal are agreed on here.
+        due = step % config.run.ckpt_every == 0 or step == stop.last_step or checkpoint_owed
+        if measure or due:
+            step, rolled_back = run.review(step)
+            if rolled_back:
+                bar.n, checkpoint_owed = step, False
+                continue
         bar.update(1)
         if measure and run.window.steps:
             values = run.log_window(step)
@@ -532,6 +619,11 @@ def _run(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: S
         if not stop.preempted:
             run.sample_and_evaluate(step, last)
         if step % config.run.ckpt_every == 0 or last or checkpoint_owed:
+            if not (measure or due):  # a signal moved the last step here: review before saving
+                step, rolled_back = run.review(step)
+                if rolled_back:
+                    bar.n, checkpoint_owed = step, False
+                    continue
             checkpoint_owed = run.checkpoint(step, last)
     bar.close()
     run.logger.event(step, {"event": "preempted" if stop.preempted else "end", "stopped_by": stop.reason,

@@ -62,12 +62,15 @@ def is_preemption(reason: str) -> bool:
 
 class StopPolicy:
     """When the run ends, and why: at ``max_steps``; at the first log step past ``time_limit_min``
-    minutes; or after the step in which any rank received a stop signal. ``any_rank(flag)`` is
+    minutes; or after the step in which any rank received a stop signal (with several ranks, the
+    first log step after it: ``agree_every_step`` false). ``any_rank(flag)`` is
     the loop's agreement (true on every rank if true on one), so all ranks stop at the same step.
     """
 
-    def __init__(self, max_steps: int, time_limit_min: float, request: StopRequest, any_rank) -> None:
+    def __init__(self, max_steps: int, time_limit_min: float, request: StopRequest, any_rank,
+                 agree_every_step: bool = True) -> None:
         self.last_step, self.reason = max_steps, "max_steps"
+        self.agree_every_step = agree_every_step
         self.request, self.any_rank = request, any_rank
         self.time_limit_min = time_limit_min
         self.deadline = time.perf_counter() + time_limit_min * 60 if time_limit_min else None
@@ -81,7 +84,10 @@ class StopPolicy:
         if log_step and self.deadline is not None and self.any_rank(time.perf_counter() > self.deadline):
             self.last_step, self.reason = step, "time_limit"
             log.info("train.time_limit_min=%s reached at step %d", self.time_limit_min, step)
-        if self.any_rank(self.request.received is not None):
+        # With several ranks a signal is agreed on at log steps only: a collective per step would
+        # make every step wait for the slowest rank's host. Pre-emption then waits at most one
+        # log interval, well inside any scheduler's grace period.
+        if (log_step or self.agree_every_step) and self.any_rank(self.request.received is not None):
             self.last_step, self.reason = step, self.request.received or "SIGNAL"
             log.warning("%s received: checkpointing at step %d and exiting with status %d",
                         self.reason, step, PREEMPTED_EXIT_CODE)

@@ -169,13 +169,14 @@ def test_vae_terms_train_the_encoder_through_the_generator_loss():
 
 
 def test_conditional_models_reject_unlabelled_data():
-    from dist_gan.data import DataError
+    """Checked by the stream on the host-side batch (the step itself never syncs for it)."""
+    from dist_gan.data import DataError, InMemoryBatches
 
-    d = Linear([1.0, 1.0])
-    view = Models(G=Constant(torch.zeros(2, 2)), D=d, D_plain=d, D_penalty=d, E=None, z_dim=3,
-                  num_classes=10)
+    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    stream = InMemoryBatches(images, torch.tensor([-1, -1, -1, -1]), batch_size=2, seed=0, num_classes=10)
     with pytest.raises(DataError, match="num_classes=10 needs a label"):
-        build_loss(LossConfig(name="hinge")).discriminator_loss(view, torch.zeros(2, 2), torch.tensor([-1, -1]))
+        stream.next_batch()
+    InMemoryBatches(images, torch.tensor([0, 9, 3, 3]), batch_size=2, seed=0, num_classes=10).next_batch()
 
 
 def test_linear_schedule_decays_to_zero_at_max_steps():

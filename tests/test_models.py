@@ -141,10 +141,38 @@ def test_ema_of_bf16_weights_is_kept_in_fp32():
     from dist_gan.ema import EMA
 
     live = torch.nn.Linear(4, 4).to(torch.bfloat16)
-    ema = EMA(live, decay=0.999)
+    ema = EMA(live, lambda step: 0.999)
     assert ema.model.weight.dtype == torch.float32
     before = ema.model.weight.clone()
     with torch.no_grad():
         live.weight.add_(1.0)
     ema.update(live, step=10_000)  # a 0.001 step: in bf16 it would round away
     assert torch.allclose(ema.model.weight - before, torch.full_like(before, 0.001), atol=1e-4)
+
+
+def test_ema_in_images_is_the_same_on_1_or_64_processes():
+    from dist_gan.ema import ema_beta
+
+    per_rank = 32
+    for kimg, rampup in ((10.0, None), (10.0, 0.05), (0.5, None)):
+        for step in (1, 50, 400, 5000):  # 64 ranks' step k has seen what 1 rank sees at step 64 k
+            one = 1.0
+            for k in range(64 * (step - 1) + 1, 64 * step + 1):
+                one *= ema_beta(k, per_rank, kimg, rampup)
+            many = ema_beta(step, per_rank * 64, kimg, rampup)
+            tolerance = 1e-9 if rampup is None else 0.05  # the ramp moves within a step of 64
+            assert abs(one - many) <= tolerance * max(many, 1e-3), (kimg, rampup, step, one, many)
+    assert abs(ema_beta(10**6, 64, 10.0, 0.05) ** (10_000 / 64) - 0.5) < 1e-6  # half-life 10 kimg
+    early = ema_beta(10, 64, 10.0, 0.05)  # 640 images seen: half-life capped at 32 images
+    assert abs(early ** (32 / 64) - 0.5) < 1e-9
+
+
+def test_ema_settings_are_validated_and_step_decay_stays_available():
+    from dist_gan.config import ConfigError, load_config
+    from dist_gan.ema import step_beta
+
+    assert load_config(None, {"train.ema_decay": 0.9}).train.ema_decay == 0.9
+    assert step_beta(0, 0.999) == 0.1 and step_beta(10**6, 0.999) == 0.999
+    for key, value in (("train.ema_kimg", -1), ("train.ema_rampup", 0), ("train.ema_decay", 1.0)):
+        with pytest.raises(ConfigError, match=key.split(".")[1]):
+            load_config(None, {key: value})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import signal
 import socket
 import sys
@@ -300,7 +301,9 @@ def test_divergence_guard_skips_then_stops_naming_step_and_loss(tmp_path, data):
     proc = run_cli(train_args("mnist_dcgan", run, data, "--train.max_steps=50", "--optim.d_lr=1e30",
                               "--train.max_bad_steps=3"), check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "3 steps in a row with a non-finite loss or gradient" in proc.stderr
+    # the guard counts on the device and decides at the next log step (every 5): 3 or more in a row
+    in_row = re.search(r"(\d+) steps in a row with a non-finite loss or gradient", proc.stderr)
+    assert in_row and 3 <= int(in_row.group(1)) <= 5
     assert "update skipped" in proc.stderr
     diverged = events(run, "diverged")[0]
     assert "loss_D" in diverged["message"] and f"at step {diverged['step']}" in diverged["message"]

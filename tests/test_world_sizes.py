@@ -48,7 +48,7 @@ def test_eight_processes_on_six_shards(tmp_path, mnist_shards):
     proc = run_cli(args(run, mnist_shards, "--train.max_steps=3", "--run.ckpt_every=3", "--data.workers=1"),
                    launch(8), timeout=900)
     start = events(run, "start")[0]
-    assert start["world_size"] == 8
+    assert start["world_size"] == 8 and start["effective_batch"] == 8 * 32
     # 60,000 samples over 8 readers: 7,500 each, 234 batches of 32 (some of 33), every sample read
     assert "8 ranks x 1 readers, 234 batches per rank per epoch, 100.0% of the samples" in proc.stderr
     [check] = events(run, "checkpoint")

@@ -65,13 +65,16 @@ def _prepare_if_missing(cfg: DataConfig) -> None:
 
 
 def build_batch_stream(cfg: DataConfig, seed: int, rank: int, world_size: int,
-                       device: torch.device | str, may_prepare: bool = False) -> BatchStream:
-    """This rank's stream of batches as ``cfg`` says (``may_prepare``: this process may write shards)."""
+                       device: torch.device | str, may_prepare: bool = False,
+                       num_classes: int = 0) -> BatchStream:
+    """This rank's stream of batches as ``cfg`` says (``may_prepare``: this process may write shards;
+    ``num_classes`` > 0: every label must be a class of a conditional model)."""
     if cfg.format == "memory":
         images = lookup(DATA_SOURCES, "data.source", cfg.source)(cfg)
         log.info("data: %s in memory, %d images", cfg.source, len(images))
         return InMemoryBatches.from_image_set(images, batch_size=cfg.batch_size, seed=seed, rank=rank,
-                                              world_size=world_size, device=device)
+                                              world_size=world_size, device=device,
+                                              num_classes=num_classes)
     if may_prepare:
         _prepare_if_missing(cfg)
     shards, manifest = resolve_shards(cfg.shards, cfg.manifest, cfg.resolution, cfg.channels,
@@ -79,7 +82,7 @@ def build_batch_stream(cfg: DataConfig, seed: int, rank: int, world_size: int,
     plan = SplitPlan([count for _, count in shards], world_size, cfg.workers, cfg.batch_size, seed,
                      cfg.resampled)
     reader = ShardReader(shards, plan, rank, cfg.resolution, cfg.channels, cfg.shuffle_buffer, cfg.strict)
-    stream = ShardStream(reader, cfg.workers, device, cfg.pin_memory, cfg.prefetch_factor)
+    stream = ShardStream(reader, cfg.workers, device, cfg.pin_memory, cfg.prefetch_factor, num_classes)
     log.info("data: %d shards, %d samples (%s), %d ranks x %d readers, %d batches per rank per epoch, "
              "%.1f%% of the samples used per epoch", len(shards), plan.total, manifest.get("source"),
              world_size, plan.workers_per_rank, stream.budget, 100 * plan.used_fraction)

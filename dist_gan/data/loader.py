@@ -39,7 +39,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_gan.data.shards import local_path, shard_name
-from dist_gan.data.sources import DataError, to_model_range
+from dist_gan.data.sources import DataError, check_labels, to_model_range
 from dist_gan.data.split import SplitPlan
 from dist_gan.seeds import derive
 
@@ -311,8 +311,8 @@ class ShardStream:
     """The loop's ``BatchStream`` over shards: a DataLoader per epoch, batches moved to ``device``."""
 
     def __init__(self, reader: ShardReader, workers: int, device: torch.device | str = "cpu",
-                 pin_memory: bool | None = None, prefetch_factor: int = 4):
-        self.reader, self.workers = reader, workers
+                 pin_memory: bool | None = None, prefetch_factor: int = 4, num_classes: int = 0):
+        self.reader, self.workers, self.num_classes = reader, workers, num_classes
         self.device = torch.device(device)
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor
@@ -349,6 +349,7 @@ class ShardStream:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self._next_raw()
         self.batch += 1
+        check_labels(labels, self.num_classes)
         images = to_model_range(images.to(self.device, non_blocking=True))
         return images, labels.to(self.device, non_blocking=True)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dist_gan.data.sources import DataError, ImageSet, to_model_range
+from dist_gan.data.sources import DataError, ImageSet, check_labels, to_model_range
 from dist_gan.seeds import derive
 
 
@@ -18,8 +18,9 @@ class InMemoryBatches:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu"):
-        self.images, self.labels = images, labels
+                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
+                 num_classes: int = 0):
+        self.images, self.labels, self.num_classes = images, labels, num_classes
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.device = torch.device(device)
         self.batches_per_epoch = len(images) // (batch_size * world_size)
@@ -45,6 +46,7 @@ class InMemoryBatches:
         start = (self.batch * self.world_size + self.rank) * self.batch_size
         index = self._order[start : start + self.batch_size]
         self.batch += 1
+        check_labels(self.labels[index], self.num_classes)
         images = self.images[index].to(self.device, non_blocking=True)
         labels = self.labels[index].to(self.device, non_blocking=True)
         return to_model_range(images), labels

@@ -242,3 +242,12 @@ DATA_SOURCES: dict[str, Callable[..., ImageSet]] = {
     "folder": folder_source,
     "synthetic": synthetic_source,
 }
+
+
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """A conditional model (``num_classes`` > 0) needs a label in [0, num_classes) for every image:
+    checked on the host-side batch, before it goes to the device."""
+    if num_classes and ((labels < 0).any() or (labels >= num_classes).any()):
+        raise DataError(f"model.num_classes={num_classes} needs a label in [0, {num_classes}) for every "
+                        f"image; this batch has labels {labels.unique().tolist()} (-1: the dataset has "
+                        "no classes)")
