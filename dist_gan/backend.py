@@ -18,11 +18,12 @@ names DeepSpeed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -158,6 +159,31 @@ def fix_buckets(ddp: torch.nn.parallel.DistributedDataParallel) -> None:
     ddp.reducer._push_all_rebuilt_params()
     ddp.reducer._rebuild_buckets()
     ddp._has_rebuilt_buckets = True
+
+
+@contextlib.contextmanager
+def micro_batch(accelerator: Accelerator, models: list[nn.Module], last: bool) -> Iterator[None]:
+    """Around one micro-batch's forward and backward: DDP's ``no_sync`` on all but the last (their
+    gradients accumulate locally, one all-reduce at the end); DeepSpeed told whether this is the
+    accumulation boundary, where its engine reduces and steps."""
+    if is_deepspeed(accelerator):
+        accelerator.gradient_state._set_sync_gradients(last)
+        try:
+            yield
+        finally:
+            accelerator.gradient_state._set_sync_gradients(True)
+        return
+    with contextlib.ExitStack() as stack:
+        if not last:
+            for model in models:
+                stack.enter_context(accelerator.no_sync(model))
+        yield
+
+
+def backward(accelerator: Accelerator, loss: torch.Tensor, accumulate: int) -> None:
+    """Backward of one of ``accumulate`` micro-batches' loss (DeepSpeed divides by its own
+    gradient_accumulation_steps, set to the same number)."""
+    accelerator.backward(loss if is_deepspeed(accelerator) else loss / accumulate)
 
 
 def plain(accelerator: Accelerator, module: nn.Module) -> nn.Module:

@@ -151,25 +151,6 @@ def build_nets(config: Config, acc_G: Accelerator, acc_D: Accelerator | None = N
     return nets
 
 
-@contextlib.contextmanager
-def _micro_batch(accelerator: Accelerator, models: list[nn.Module], last: bool):
-    """Around one micro-batch's forward and backward: DDP's ``no_sync`` on all but the last (their
-    gradients accumulate locally, one all-reduce at the end); DeepSpeed told whether this is the
-    accumulation boundary, where its engine reduces and steps."""
-    if backend.is_deepspeed(accelerator):
-        accelerator.gradient_state._set_sync_gradients(last)
-        try:
-            yield
-        finally:
-            accelerator.gradient_state._set_sync_gradients(True)
-        return
-    with contextlib.ExitStack() as stack:
-        if not last:
-            for model in models:
-                stack.enter_context(accelerator.no_sync(model))
-        yield
-
-
 def _backward(accelerator: Accelerator, loss: torch.Tensor, accumulate: int, guard: bool) -> torch.Tensor:
     """Backward of one micro-batch's loss, scaled for accumulation; returns whether it was finite.
 
@@ -179,8 +160,7 @@ def _backward(accelerator: Accelerator, loss: torch.Tensor, accumulate: int, gua
     finite = torch.isfinite(loss.detach())
     if guard and not backend.grads_inspectable(accelerator):
         loss = torch.where(finite, loss, torch.zeros_like(loss))
-    # DeepSpeed divides by its gradient_accumulation_steps itself
-    accelerator.backward(loss if backend.is_deepspeed(accelerator) else loss / accumulate)
+    backend.backward(accelerator, loss, accumulate)
     return finite
 
 
@@ -234,7 +214,7 @@ def train_step(nets: Nets, loss: GANLoss, data: BatchStream, config: Config,
         batches, finite = [], torch.ones_like(applied)
         for micro in range(accumulate):
             batches.append(data.next_batch())
-            with _micro_batch(nets.D.accelerator, [nets.D.wrapped], micro == accumulate - 1):
+            with backend.micro_batch(nets.D.accelerator, [nets.D.wrapped], micro == accumulate - 1):
                 d_loss, d_stats = loss.discriminator_loss(models, *batches[-1])
                 finite &= _backward(nets.D.accelerator, d_loss, accumulate, guard)
             for name, value in d_stats.items():
@@ -255,7 +235,7 @@ def train_step(nets: Nets, loss: GANLoss, data: BatchStream, config: Config,
     g_totals: dict[str, torch.Tensor] = {}
     finite = torch.ones_like(applied)
     for micro, (real, labels) in enumerate(batches):
-        with _micro_batch(nets.G.accelerator, [n.wrapped for n in g_side], micro == accumulate - 1):
+        with backend.micro_batch(nets.G.accelerator, [n.wrapped for n in g_side], micro == accumulate - 1):
             g_loss, g_stats = loss.generator_loss(models, real, labels)
             finite &= _backward(nets.G.accelerator, g_loss, accumulate, guard)
         for name, value in g_stats.items():
