@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import zlib
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -141,9 +142,14 @@ def remove_stale_staging(run_dir: str | Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+class ReplicasDiffer(RuntimeError):
+    """The ranks' copies of a network differ at a checkpoint (DDP's invariant broke)."""
+
+
 def save_checkpoint(accelerators: dict[str, Accelerator], run_dir: str | Path, step: int,
                     shared_state: dict, rank_state: dict, weights: dict[str, nn.Module],
-                    config: Config, healthy: bool = True) -> Path:
+                    config: Config, healthy: bool = True,
+                    replicas_agree: Callable[[], dict[str, bool]] | None = None) -> Path:
     """Save everything needed to continue at ``step``; then keep only the newest ``run.keep_last``
     (and the newest healthy one).
 
@@ -152,7 +158,10 @@ def save_checkpoint(accelerators: dict[str, Accelerator], run_dir: str | Path, s
     ``weights`` the plain networks to write as ``<name>.safetensors`` for sampling (the generator, and
     the encoder of a VAE-GAN); ``healthy`` whether this checkpoint may be a rollback target. Every
     rank must call this; if any rank fails to write (a full disk), every rank raises CheckpointError
-    and the staging folder is removed.
+    and the staging folder is removed. ``replicas_agree`` (a collective: same answer on every rank)
+    runs once the states are written and before the manifest: if the ranks' weights differ, every
+    rank raises ReplicasDiffer and the checkpoint stays an incomplete staging folder, which no
+    resume or rollback ever loads.
     """
     main = next(iter(accelerators.values()))
     final = checkpoint_root(run_dir) / f"step_{step:08d}"
@@ -171,6 +180,11 @@ def save_checkpoint(accelerators: dict[str, Accelerator], run_dir: str | Path, s
     _on_every_rank(main, save_states, staging)
     rank_states = gather_object([rank_state])
     main.wait_for_everyone()
+    agreed = replicas_agree() if replicas_agree is not None else {}
+    if not all(agreed.values()):
+        differ = ", ".join(name for name, same in agreed.items() if not same)
+        raise ReplicasDiffer(f"ranks disagree on the weights of {differ} at step {step}: the checkpoint "
+                             f"was left incomplete in {staging} (no manifest: never resumed from)")
 
     def finish_on_main() -> None:
         if not main.is_main_process:

@@ -23,8 +23,8 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from dist_gan import backend, runlock
-from dist_gan.checkpoint import (last_healthy, load_checkpoint, remove_stale_staging, resolve_resume,
-                                 save_checkpoint)
+from dist_gan.checkpoint import (ReplicasDiffer, last_healthy, load_checkpoint, remove_stale_staging,
+                                 resolve_resume, save_checkpoint)
 from dist_gan.config import Config, OptimConfig, save_config
 from dist_gan.data import BatchStream, build_batch_stream
 from dist_gan.ema import EMA, ema_beta, step_beta
@@ -294,18 +294,38 @@ def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum") > 0)
 
 
+def _checksums(module: nn.Module) -> torch.Tensor:
+    """(tensors, 4) float64 fingerprints of a module's parameters: the sum, an index-weighted sum
+    (catches moved values), and the NaN and inf counts (a NaN compares equal to a NaN here)."""
+    rows = []
+    for p in module.parameters():
+        flat = p.detach().flatten().double()
+        weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64) % 1021 + 1
+        clean = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
+        rows.append(torch.stack([clean.sum(), (clean * weights).sum(), flat.isnan().sum().double(),
+                                 flat.isinf().sum().double()]))
+    return torch.stack(rows)
+
+
 @torch.no_grad()
 def check_replicas(accelerator: Accelerator, modules: dict[str, nn.Module]) -> dict[str, bool]:
-    """Whether every rank holds bit-identical parameters of each module (the DDP invariant).
+    """Whether every rank holds identical parameters of each module (the DDP invariant), compared
+    through per-tensor checksums: one small all-gather whatever the model size.
 
-    Buffers are left out on purpose: BatchNorm statistics are updated from each rank's own batch and
-    DDP re-broadcasts rank 0's before every forward, so rank 0's are the ones used and saved.
+    Every rank computes its checksums with the same kernels in the same order, so identical weights
+    give bit-identical checksums; a one-ulp difference anywhere changes the float64 sums. Buffers
+    are left out on purpose: BatchNorm statistics are updated from each rank's own batch and DDP
+    re-broadcasts rank 0's before every forward, so rank 0's are the ones used and saved.
     """
-    result = {}
-    for name, module in modules.items():
-        flat = torch.cat([p.detach().float().flatten() for p in module.parameters()])
-        gathered = accelerator.gather(flat.to(accelerator.device)).view(accelerator.num_processes, -1)
-        result[name] = bool((gathered == gathered[0]).all())
+    names = list(modules)
+    local = torch.cat([_checksums(modules[n]).flatten() for n in names]).to(accelerator.device)
+    sizes = [sum(1 for _ in modules[n].parameters()) * 4 for n in names]
+    gathered = accelerator.gather(local[None]).view(accelerator.num_processes, -1)
+    same = (gathered == gathered[0]).all(0).tolist()
+    result, start = {}, 0
+    for name, size in zip(names, sizes):
+        result[name] = all(same[start:start + size])
+        start += size
     return result
 
 
@@ -556,13 +576,21 @@ class Trainer:
                   "ema": self.ema.state_dict() if self.ema is not None else None,
                   **{name: s.state_dict() for name, s in nets.schedulers().items()}}
         weights = {"generator": nets.G.plain, **({"encoder": nets.E.plain} if nets.E is not None else {})}
-        path = save_checkpoint(self.accelerators, self.run_dir, step, shared, self.data.state_dict(),
-                               weights, self.config, healthy)
-        replicas = check_replicas(self.accelerator, nets.plain())
+        replicas: dict[str, bool] = {}
+
+        def replicas_agree() -> dict[str, bool]:
+            replicas.update(check_replicas(self.accelerator, nets.plain()))
+            return replicas
+
+        try:
+            path = save_checkpoint(self.accelerators, self.run_dir, step, shared, self.data.state_dict(),
+                                   weights, self.config, healthy, replicas_agree)
+        except ReplicasDiffer as err:
+            self.logger.event(step, {"event": "replicas_differ", "message": str(err),
+                                     "replicas_identical": replicas})
+            raise
         self.logger.event(step, {"event": "checkpoint", "path": str(path), "world_size": self.world,
                                  "healthy": healthy, "replicas_identical": replicas})
-        if not all(replicas.values()):
-            raise RuntimeError(f"ranks disagree on weights at step {step}: {replicas}")
         return False
 
 

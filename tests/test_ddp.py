@@ -42,13 +42,22 @@ from dist_gan.loop import check_replicas
 acc = Accelerator(cpu=True)
 torch.manual_seed(0)
 net = nn.Linear(4, 3)
+torch.manual_seed(0)  # 'other' below: the same on both ranks
 same = check_replicas(acc, {"net": net})
 if acc.process_index == 1:
     with torch.no_grad():
         net.weight[0, 0] += 1e-6
 differ = check_replicas(acc, {"net": net})
+with torch.no_grad():  # the same NaN on every rank: identical (finiteness is checked elsewhere)
+    net.weight.copy_(torch.full_like(net.weight, 0.5))
+    net.weight[1, 2] = float("nan")
+both_nan = check_replicas(acc, {"net": net, "other": nn.Linear(2, 2)})
+if acc.process_index == 1:
+    with torch.no_grad():
+        net.weight[1, 2] = 0.0
+one_nan = check_replicas(acc, {"net": net})
 if acc.is_main_process:
-    print("RESULT", same["net"], differ["net"], acc.num_processes)
+    print("RESULT", same["net"], differ["net"], both_nan["net"], one_nan["net"], acc.num_processes)
 acc.wait_for_everyone()  # no rank may leave while another is still inside a collective
 torch.distributed.destroy_process_group()
 """
@@ -58,4 +67,40 @@ def test_replica_check_detects_a_one_ulp_divergence(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(SCRIPT)
     proc = run_cli(["torch.distributed.run", "--nproc_per_node=2", str(script)])
-    assert "RESULT True False 2" in proc.stdout
+    assert "RESULT True False True False 2" in proc.stdout
+
+
+DIVERGE = r"""
+import sys
+import torch
+from dist_gan import loop
+from dist_gan.config import load_config
+
+checkpoint = loop.Trainer.checkpoint
+def diverging_checkpoint(self, step, last):
+    if step == 4 and self.rank == 1:  # one rank's D drifts by one ulp just before a checkpoint
+        with torch.no_grad():
+            weight = next(self.nets.D.plain.parameters())
+            weight.view(-1)[0] = torch.nextafter(weight.view(-1)[0], torch.tensor(1.0))
+    return checkpoint(self, step, last)
+loop.Trainer.checkpoint = diverging_checkpoint
+loop.train(load_config(sys.argv[1], dict(arg[2:].split("=", 1) for arg in sys.argv[2:])))
+"""
+
+
+def test_ranks_that_disagree_leave_the_checkpoint_incomplete(tmp_path, mnist_dir):
+    from conftest import read_metrics
+
+    from dist_gan.checkpoint import list_checkpoints, resolve_resume
+
+    probe, run = tmp_path / "diverge.py", tmp_path / "run"
+    probe.write_text(DIVERGE)
+    proc = run_cli(["torch.distributed.run", "--nproc_per_node=2", str(probe), "configs/mnist_dcgan.yaml",
+                    f"--run.dir={run}", f"--data.mnist_dir={mnist_dir}", "--data.format=memory", *FAST,
+                    "--train.max_steps=6", "--run.ckpt_every=2"], check=False)
+    assert proc.returncode != 0 and "ranks disagree on the weights of D at step 4" in proc.stderr
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002"]
+    assert not (run / "checkpoints" / "step_00000004").exists()
+    assert resolve_resume("auto", run).name == "step_00000002"
+    [event] = [r for r in read_metrics(run) if r.get("event") == "replicas_differ"]
+    assert event["replicas_identical"] == {"G": True, "D": False}
