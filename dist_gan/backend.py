@@ -206,6 +206,16 @@ def penalty_view(accelerator: Accelerator, wrapped: nn.Module, plain_module: nn.
     return plain_module if is_deepspeed(accelerator) else eager(wrapped)
 
 
+def loss_scale(accelerator: Accelerator, wrapped: nn.Module) -> float | torch.Tensor | None:
+    """The fp16 loss scale in force for ``wrapped`` (None without one): the native scaler's as a
+    device tensor (reading it as a number would sync), or the DeepSpeed engine's fp16 scale."""
+    if accelerator.scaler is not None:
+        return accelerator.scaler._get_scale_async()
+    if is_deepspeed(accelerator) and wrapped.fp16_enabled():
+        return getattr(wrapped.optimizer, "cur_scale", None)
+    return None
+
+
 def full_precision(device: torch.device) -> AbstractContextManager:
     """Autocast off: penalties that differentiate through D run in fp32 whatever the run's mixed
     precision (a half-precision gradient norm is too coarse, and its square overflows fp16)."""

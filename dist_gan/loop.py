@@ -75,7 +75,8 @@ class Nets:
     def models(self, z_dim: int) -> Models:
         """The view a loss gets."""
         return Models(self.G.wrapped, self.D.wrapped, self.D.plain, self.D_for_penalty,
-                      self.E.wrapped if self.E is not None else None, z_dim, self.num_classes)
+                      self.E.wrapped if self.E is not None else None, z_dim, self.num_classes,
+                      functools.partial(backend.loss_scale, self.D.accelerator, self.D.wrapped))
 
     def generator_side(self) -> list[Net]:
         """The networks the generator step updates."""

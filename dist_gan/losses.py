@@ -14,8 +14,10 @@ labels), so the loop knows nothing of latents, labels or encoders. ``discriminat
   them: wgan is the Wasserstein objective with weight clipping, wgan_gp the same with the penalty.
 
 Adding a loss: one line in ``LOSSES``. Adding a term: one ``Term`` subclass and one line in ``TERMS``.
-Penalties that differentiate through D (WGAN-GP, R1) run their D forward in fp32 with autocast off
-(``backend.full_precision``), whatever the run's mixed precision.
+Penalties that differentiate through D (WGAN-GP, R1) run with autocast off (``backend.full_precision``):
+under native AMP their D forward is fp32. Under DeepSpeed bf16/fp16 D's weights themselves are half
+precision, so the forward runs in it (inputs, the input gradient and the norm in fp32); under fp16
+the input gradient is taken at the loss scale and unscaled (``input_gradient``). docs/scale.md.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class Models:
 
     ``G``, ``D``, ``E``: the wrapped modules for training forwards. ``D_plain``: D itself, read in the
     generator step (the loop freezes its parameters there) and by historical averaging.
-    ``D_penalty``: what penalties differentiate twice through.
+    ``D_penalty``: what penalties differentiate twice through. ``penalty_scale``: the fp16 loss
+    scale to take the penalty's input gradient at (None: no loss scaling).
     """
 
     G: nn.Module
@@ -50,6 +53,7 @@ class Models:
     E: nn.Module | None
     z_dim: int
     num_classes: int
+    penalty_scale: Callable[[], float | torch.Tensor | None] = lambda: None
 
 
 # --- objectives -------------------------------------------------------------------------------------
@@ -123,30 +127,47 @@ def _judge(discriminator: nn.Module, x: torch.Tensor, labels: torch.Tensor | Non
     return (discriminator(x) if labels is None else discriminator(x, labels)).float()
 
 
+def input_gradient(scores: torch.Tensor, x: torch.Tensor,
+                   scale: float | torch.Tensor | None = None) -> torch.Tensor:
+    """d(sum of ``scores``)/d``x`` in fp32, kept in the graph (create_graph) so a penalty on it
+    reaches D's parameters in the caller's backward.
+
+    With an fp16 loss ``scale`` it is PyTorch's AMP recipe for gradient penalties: differentiate the
+    scaled mean score (each score's gradient scale / batch, as for a scaled mean loss), then unscale
+    in fp32. Through half-precision weights an unscaled input gradient below fp16's smallest
+    subnormal (6e-8) would flush to zero; a scaled one that overflows becomes inf, and the step is
+    skipped by the fp16 machinery and the scale lowered, as for any fp16 gradient.
+    """
+    if scale is None:
+        (grad,) = torch.autograd.grad(scores.sum(), x, create_graph=True)
+        return grad.float()
+    (grad,) = torch.autograd.grad(scores.mean() * scale, x, create_graph=True)
+    return grad.float() * (scores.numel() / scale)
+
+
 def gradient_penalty(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor,
-                     labels: torch.Tensor | None = None) -> torch.Tensor:
+                     labels: torch.Tensor | None = None,
+                     scale: float | torch.Tensor | None = None) -> torch.Tensor:
     """Gulrajani et al.'s penalty: mean over the batch of (||grad_x D(x_hat)||_2 - 1)^2.
 
     x_hat is a random point on the line between each real and generated sample (judged with the real
-    sample's label when D is conditional). The graph is kept (create_graph) so the penalty's own
-    gradient reaches D's parameters in the caller's backward.
+    sample's label when D is conditional); ``scale``: see ``input_gradient``.
     """
     real, fake = real.detach().float(), fake.detach().float()
     alpha = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device)
     with full_precision(real.device):
         x_hat = torch.lerp(fake, real, alpha).requires_grad_(True)
-        scores = _judge(discriminator, x_hat, labels)
-        (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
+        grad = input_gradient(_judge(discriminator, x_hat, labels), x_hat, scale)
         return (grad.flatten(1).norm(2, dim=1) - 1.0).pow(2).mean()
 
 
-def r1_penalty(discriminator: nn.Module, real: torch.Tensor,
-               labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Mescheder et al.'s R1: mean over the batch of ||grad_x D(x)||^2 at real samples (unweighted)."""
+def r1_penalty(discriminator: nn.Module, real: torch.Tensor, labels: torch.Tensor | None = None,
+               scale: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Mescheder et al.'s R1: mean over the batch of ||grad_x D(x)||^2 at real samples (unweighted);
+    ``scale``: see ``input_gradient``."""
     x = real.detach().float().requires_grad_(True)
     with full_precision(real.device):
-        scores = _judge(discriminator, x, labels)
-        (grad,) = torch.autograd.grad(scores.sum(), x, create_graph=True)
+        grad = input_gradient(_judge(discriminator, x, labels), x, scale)
         return grad.flatten(1).pow(2).sum(1).mean()
 
 
@@ -249,7 +270,8 @@ class R1(Term):
         self.every = cfg.r1_every
 
     def discriminator(self, step):
-        value = 0.5 * self.cfg.r1_gamma * r1_penalty(step.models.D_penalty, step.real, step.labels)
+        value = 0.5 * self.cfg.r1_gamma * r1_penalty(step.models.D_penalty, step.real, step.labels,
+                                                     step.models.penalty_scale())
         return value, {"r1": value}
 
 
@@ -258,7 +280,7 @@ class GradientPenalty(Term):
 
     def discriminator(self, step):
         value = self.cfg.gp_weight * gradient_penalty(step.models.D_penalty, step.real, step.fake,
-                                                      step.labels)
+                                                      step.labels, step.models.penalty_scale())
         return value, {"gp": value}
 
 

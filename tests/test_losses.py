@@ -223,3 +223,26 @@ def test_losses_are_an_objective_and_their_terms():
     assert [type(t) for t in wgan_gp.terms.values() if not hasattr(t, "encode")] == [R1, GradientPenalty]
     assert any(isinstance(t, WeightClipping) for t in build_loss(LossConfig(name="wgan")).terms.values())
     assert isinstance(build_loss(LossConfig(name="hinge")).objective, Hinge)
+
+
+def test_fp16_penalty_gradient_is_taken_at_the_loss_scale_and_does_not_underflow():
+    """Through fp16 weights (DeepSpeed fp16) an input gradient of 1e-8 flushes to zero; taken at the
+    loss scale and unscaled in fp32 (PyTorch's AMP recipe) it matches the fp32 penalty."""
+    import copy
+
+    from dist_gan.backend import accept_fp32_io
+    from dist_gan.losses import input_gradient, r1_penalty
+
+    d32 = torch.nn.Sequential(torch.nn.Linear(4, 1, bias=False), torch.nn.Linear(1, 1, bias=False))
+    with torch.no_grad():
+        d32[0].weight.fill_(1e-4)
+        d32[1].weight.fill_(1e-4)  # d out / d x_i = 1e-8, below fp16's smallest subnormal (6e-8)
+    d16 = accept_fp32_io(copy.deepcopy(d32).half())
+    x = torch.randn(8, 4)
+    exact = r1_penalty(d32, x)
+    assert r1_penalty(d16, x) == 0  # the naive fp16 gradient underflowed
+    scaled = r1_penalty(d16, x, scale=2.0 ** 16)
+    assert torch.isclose(scaled, exact, rtol=1e-2), (float(scaled), float(exact))
+    x.requires_grad_(True)  # a device-tensor scale (the native scaler's) works the same
+    grad = input_gradient(d16(x), x, torch.tensor(2.0 ** 16))
+    assert grad.dtype == torch.float32 and torch.allclose(grad, torch.full_like(grad, 1e-8), rtol=1e-2)

@@ -68,10 +68,12 @@ def test_deepspeed_zero_trains_both_nets_with_the_gradient_penalty(tmp_path, dat
     launcher = [*ACCELERATE, "--config_file", str(REPO / "launch" / f"deepspeed_zero{stage}.yaml"),
                 "--num_processes", "2"]
     env = {"DS_ACCELERATOR": "cpu"}
-    common = ["--train.mixed_precision=no", "--run.ckpt_every=4"]
+    # stage 2 also accumulates 2 micro-batches per update (DeepSpeed's gradient_accumulation_steps)
+    common = ["--train.mixed_precision=no", "--run.ckpt_every=4", f"--optim.accumulate={stage}"]
     run_cli(train_args("mnist_wgangp", run, data, *common, "--train.max_steps=4"), launcher, env=env)
     start = events(run, "start")[0]
     assert start["distributed_type"] == "DistributedType.DEEPSPEED" and start["world_size"] == 2
+    assert start["effective_batch"] == 2 * 32 * stage
     ckpt = run / "checkpoints" / "step_00000004"
     manifest = json.loads((ckpt / "manifest.json").read_text())
     for net in ("G", "D"):  # one optimizer partition per rank, the weights once
