@@ -57,6 +57,7 @@ class DivergenceGuard:
     def review(self, step: int, tally: "Tally") -> str:
         """Take in what the device counted since the last review; GO_ON, ROLL_BACK or STOP."""
         if not tally.skipped:
+            self.in_row = tally.in_row  # 0 once an update went through: a streak has ended
             return GO_ON
         self.skipped += tally.skipped
         self.since_checkpoint += tally.skipped

@@ -55,3 +55,48 @@ def test_ddp_over_nccl_with_one_process_and_resume(tmp_path):
     assert [r for r in read_metrics(run) if r.get("event") == "start"][1]["resumed_from"].endswith(
         "step_00000010")
     assert logged(run)[-1]["step"] == 15
+
+
+def test_steps_between_log_steps_never_sync_the_gpu():
+    """train_step plus the loop's per-step bookkeeping under torch's sync debugger: any
+    device-to-host wait in them raises (tests/test_syncs.py counts the same on CPU)."""
+    from accelerate.utils import set_seed
+
+    from dist_gan import backend
+    from dist_gan.config import load_config
+    from dist_gan.guard import StepTally
+    from dist_gan.losses import build_loss
+    from dist_gan.loop import StatsWindow, build_nets, train_step
+
+    config = load_config("configs/mnist_wgangp.yaml", {
+        "data.batch_size": 32, "model.generator.width": 16, "model.discriminator.width": 16,
+        "train.mixed_precision": "bf16", "optim.accumulate": 2})
+    acc_G, acc_D = backend.make_accelerators(config)
+    nets = build_nets(config, acc_G, acc_D)
+    device = acc_G.device
+
+    class OnDevice:  # batches already on the GPU: the step, not the copy, is under test
+        def __init__(self):
+            self.batches = [(torch.rand(32, 1, 28, 28, device=device) * 2 - 1,
+                             torch.zeros(32, dtype=torch.long, device=device)) for _ in range(4)]
+            self.i = 0
+
+        def next_batch(self):
+            self.i += 1
+            return self.batches[self.i % 4]
+
+    data, loss = OnDevice(), build_loss(config.loss, acc_G.autocast)
+    tally, window = StepTally(device), StatsWindow()
+    set_seed(0)
+    for step in range(1, 9):
+        if step == 3:  # the first steps allocate and initialise (Adam state, cuDNN plans)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            stats, applied = train_step(nets, loss, data, config, measure=False)
+            window.add(stats, applied)
+            tally.record(step, applied, stats)
+        finally:
+            if step == 8:
+                torch.cuda.set_sync_debug_mode(0)
+    assert tally.read(8, acc_G.gather).skipped == 0

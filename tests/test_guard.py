@@ -61,3 +61,27 @@ def test_a_rank_that_learns_of_another_ranks_signal_stops_too():
     policy.after_step(7, log_step=True)
     assert (policy.last_step, policy.reason) == (7, "SIGNAL") and is_preemption(policy.reason)
     assert not is_preemption("time_limit") and not is_preemption("SIGHUP")
+
+
+def test_the_device_tally_reports_streaks_and_the_last_bad_step_at_review():
+    import torch
+
+    from dist_gan.guard import StepTally
+
+    tally, guard = StepTally(torch.device("cpu")), DivergenceGuard(TrainConfig(max_bad_steps=3))
+    agree = lambda t: t[None]  # noqa: E731 (one rank)
+    loss = {"loss_D": torch.tensor(1.0), "loss_G": torch.tensor(2.0)}
+    nan = {"loss_D": torch.tensor(float("nan")), "loss_G": torch.tensor(3.0)}
+    for step, ok in zip(range(1, 6), (True, False, False, True, False)):
+        tally.record(step, torch.tensor(ok), loss if ok else nan)
+    read = tally.read(5, agree)
+    assert (read.skipped, read.in_row, read.worst_in_row, read.last_bad_step) == (3, 1, 2, 5)
+    assert read.losses["loss_G"] == 3.0 and read.losses["loss_D"] != read.losses["loss_D"]  # NaN
+    assert guard.review(5, read) == GO_ON and guard.skipped == 3 and guard.streak_open
+    for step in (6, 7):  # the streak goes on across the review: 3 in a row
+        tally.record(step, torch.tensor(False), nan)
+    assert guard.review(7, tally.read(7, agree)) == STOP
+    assert "3 steps in a row" in guard.message(7) and "the last at step 7" in guard.message(7)
+    assert guard.review(8, tally.read(8, agree)) == GO_ON and guard.streak_open  # nothing new
+    tally.record(9, torch.tensor(True), loss)
+    assert guard.review(9, tally.read(9, agree)) == GO_ON and not guard.streak_open  # it ended
