@@ -38,22 +38,6 @@ class DivergenceGuard:
         """A bad streak is going on: weights may be poisoned, so no checkpoint now."""
         return self.in_row > 0
 
-    def record(self, step: int, applied: bool, losses: dict[str, float]) -> str:
-        """Count a step (``applied``: every update of it went through); GO_ON, ROLL_BACK or STOP."""
-        if applied:
-            self.in_row = 0
-            return GO_ON
-        self.in_row, self.skipped, self.since_checkpoint = self.in_row + 1, self.skipped + 1, \
-            self.since_checkpoint + 1
-        self.last_bad = losses
-        log.warning("step %d: non-finite loss or gradient %s, update skipped (%d in a row)",
-                    step, losses, self.in_row)
-        if self.in_row < self.cfg.max_bad_steps:
-            return GO_ON
-        if self.cfg.on_divergence == "rollback" and self.rollbacks < self.cfg.max_rollbacks:
-            return ROLL_BACK
-        return STOP
-
     def review(self, step: int, tally: "Tally") -> str:
         """Take in what the device counted since the last review; GO_ON, ROLL_BACK or STOP."""
         if not tally.skipped:

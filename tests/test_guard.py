@@ -5,18 +5,35 @@ from __future__ import annotations
 
 import signal
 
+import torch
+
 from dist_gan.config import TrainConfig
-from dist_gan.guard import GO_ON, ROLL_BACK, STOP, DivergenceGuard
+from dist_gan.guard import GO_ON, ROLL_BACK, STOP, DivergenceGuard, StepTally
 from dist_gan.stop import StopPolicy, StopRequest, is_preemption
 
-BAD = {"loss_D": float("inf")}
+GOOD = {"loss_D": torch.tensor(0.5), "loss_G": torch.tensor(0.7)}
+BAD = {"loss_D": torch.tensor(float("inf")), "loss_G": torch.tensor(0.7)}
+
+
+def stepper(guard: DivergenceGuard):
+    """``step(number, applied)``: one step counted on the device and reviewed at once (as if every
+    step were a log step), with a tally of its own; ``step.tally`` to reset after a rollback."""
+    tally = StepTally(torch.device("cpu"))
+
+    def step(number: int, applied: bool) -> str:
+        tally.record(number, torch.tensor(applied), GOOD if applied else BAD)
+        return guard.review(number, tally.read(number, lambda t: t[None]))
+
+    step.tally = tally
+    return step
 
 
 def test_stop_after_max_bad_steps_in_a_row_and_a_good_step_resets_the_count():
     guard = DivergenceGuard(TrainConfig(max_bad_steps=3))
-    assert [guard.record(s, False, BAD) for s in (1, 2)] == [GO_ON, GO_ON]
-    assert guard.record(3, True, {}) == GO_ON and not guard.streak_open
-    assert [guard.record(s, False, BAD) for s in (4, 5, 6)] == [GO_ON, GO_ON, STOP]
+    step = stepper(guard)
+    assert [step(s, False) for s in (1, 2)] == [GO_ON, GO_ON]
+    assert step(3, True) == GO_ON and not guard.streak_open
+    assert [step(s, False) for s in (4, 5, 6)] == [GO_ON, GO_ON, STOP]
     assert guard.skipped == 5 and guard.streak_open
     assert "3 steps in a row" in guard.message(6) and "at step 6" in guard.message(6)
     assert guard.why_stopped(None) == ""
@@ -24,11 +41,13 @@ def test_stop_after_max_bad_steps_in_a_row_and_a_good_step_resets_the_count():
 
 def test_roll_back_until_the_budget_is_spent():
     guard = DivergenceGuard(TrainConfig(max_bad_steps=1, on_divergence="rollback", max_rollbacks=2))
+    step = stepper(guard)
     for _ in range(2):
-        assert guard.record(1, False, BAD) == ROLL_BACK
+        assert step(1, False) == ROLL_BACK
         guard.rolled_back()
+        step.tally.reset(0)
         assert not guard.streak_open
-    assert guard.record(1, False, BAD) == STOP
+    assert step(1, False) == STOP
     assert guard.why_stopped("ckpt") == "; 2 rollbacks (train.max_rollbacks) spent"
     assert guard.why_stopped(None) == "; no checkpoint to roll back to"
 
@@ -36,10 +55,11 @@ def test_roll_back_until_the_budget_is_spent():
 def test_a_checkpoint_after_skipped_updates_is_not_healthy_and_the_next_clean_one_is():
     guard = DivergenceGuard(TrainConfig())
     assert guard.checkpointed() is True
-    guard.record(1, False, BAD)
-    guard.record(2, True, {})
+    step = stepper(guard)
+    step(1, False)
+    step(2, True)
     assert guard.checkpointed() is False
-    guard.record(3, True, {})
+    step(3, True)
     assert guard.checkpointed() is True
 
 
@@ -64,10 +84,6 @@ def test_a_rank_that_learns_of_another_ranks_signal_stops_too():
 
 
 def test_the_device_tally_reports_streaks_and_the_last_bad_step_at_review():
-    import torch
-
-    from dist_gan.guard import StepTally
-
     tally, guard = StepTally(torch.device("cpu")), DivergenceGuard(TrainConfig(max_bad_steps=3))
     agree = lambda t: t[None]  # noqa: E731 (one rank)
     loss = {"loss_D": torch.tensor(1.0), "loss_G": torch.tensor(2.0)}
