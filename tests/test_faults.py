@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -363,3 +364,24 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
     assert [p.name for p in list_checkpoints(run)] == ["step_00000002"]
     assert not list((run / "checkpoints").glob("*.tmp"))
     read_manifest(run / "checkpoints" / "step_00000002")
+
+
+@pytest.mark.parametrize("source,advice", [
+    ("mnist", r"put the four IDX files \(train-images-idx3-ubyte.gz, .*\) in a directory and set "
+              "--data.mnist_dir=DIR"),
+    ("cifar10", "unpack cifar-10-python.tar.gz so that .*cifar-10-batches-py holds data_batch_1"),
+])
+def test_a_dataset_download_without_network_is_one_line(tmp_path, source, advice):
+    """The first door of a new user: the default config on a machine that cannot reach the mirrors
+    (here: every connection goes to a dead proxy) ends in one line naming the setting to use."""
+    dead = "http://127.0.0.1:9"
+    extra = ["--data.resolution=32", "--data.channels=3"] if source == "cifar10" else []
+    proc = run_cli(["dist_gan.train", "configs/mnist_dcgan.yaml", f"--run.dir={tmp_path / 'run'}",
+                    f"--data.source={source}", f"--data.root={tmp_path / 'downloads'}",
+                    f"--data.shards={tmp_path / 'shards'}/train-{{000000..000005}}.tar", *extra],
+                   check=False, env={"http_proxy": dead, "https_proxy": dead, "HTTP_PROXY": dead,
+                                     "HTTPS_PROXY": dead, "no_proxy": ""}, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.search(f"could not download {'MNIST' if source == 'mnist' else 'CIFAR-10'} .*; without "
+                     f"network, {advice}", last), last

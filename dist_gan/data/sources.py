@@ -123,6 +123,16 @@ def fit_images(images: torch.Tensor, resolution: int, channels: int) -> torch.Te
     return to_grey(images).round().clamp(0, 255).to(torch.uint8)
 
 
+def _download(name: str, fetch, instead: str):
+    """``fetch()`` (a torchvision download); a failure (no network, a mirror down) becomes one line
+    that says what to do ``instead``, not the downloader's traceback."""
+    try:
+        return fetch()
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision wraps mirror failures
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"could not download {name} ({reason}); without network, {instead}") from None
+
+
 def mnist_source(cfg: DataConfig, split: str = "train") -> TensorImageSet:
     """MNIST from ``cfg.mnist_dir``, or downloaded by torchvision into ``cfg.root``."""
     if cfg.mnist_dir:
@@ -130,7 +140,10 @@ def mnist_source(cfg: DataConfig, split: str = "train") -> TensorImageSet:
     else:
         from torchvision.datasets import MNIST
 
-        dataset = MNIST(cfg.root, train=split == "train", download=True)
+        files = ", ".join(f"{stem}.gz" for stem in MNIST_FILES.values())
+        dataset = _download("MNIST", lambda: MNIST(cfg.root, train=split == "train", download=True),
+                            f"put the four IDX files ({files}) in a directory and set "
+                            "--data.mnist_dir=DIR")
         images, labels = dataset.data, dataset.targets.long()
     return TensorImageSet(fit_images(images.unsqueeze(1), cfg.resolution, cfg.channels), labels,
                           [str(d) for d in range(10)])
@@ -158,7 +171,10 @@ def cifar10_source(cfg: DataConfig, split: str = "train") -> TensorImageSet:
     if not folder.is_dir():
         from torchvision.datasets import CIFAR10
 
-        CIFAR10(cfg.root, train=True, download=True)
+        _download("CIFAR-10", lambda: CIFAR10(cfg.root, train=True, download=True),
+                  f"unpack cifar-10-python.tar.gz so that {folder} holds "
+                  f"{', '.join(CIFAR10_FILES['train'] + CIFAR10_FILES['test'])} and batches.meta, "
+                  "or set --data.root to the directory holding cifar-10-batches-py")
     images, labels = [], []
     for name in CIFAR10_FILES[split]:
         batch = _read_cifar10_pickle(folder / name)
