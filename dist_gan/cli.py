@@ -11,6 +11,7 @@ USAGE = """usage: dist-gan COMMAND [ARGS]
   train CONFIG.yaml [--section.key=value ...]   train (see README: Train)
   sample RUN_OR_CHECKPOINT [--n=64 --out=...]     write samples from a trained generator
   evaluate RUN_OR_CHECKPOINT [...]                FID / KID / IS of a checkpoint
+  export RUN_OR_CHECKPOINT --out=DIR              the generator as model.safetensors + config.json
 
 `dist-gan COMMAND --help` shows a command's options."""
 
@@ -18,9 +19,9 @@ USAGE = """usage: dist-gan COMMAND [ARGS]
 def main() -> None:
     if len(sys.argv) < 2:
         sys.exit(USAGE)  # status 1: a script that forgot the command must not pass
-    from dist_gan import evaluate, sample, train
+    from dist_gan import evaluate, export, sample, train
 
-    fire.Fire({"train": train.main, "sample": sample.main, "evaluate": evaluate.main})
+    fire.Fire({"train": train.main, "sample": sample.main, "evaluate": evaluate.main, "export": export.main})
 
 
 if __name__ == "__main__":

@@ -353,6 +353,11 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         source += " with command-line overrides"
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
+    return config_from_dict(raw, source, names)
+
+
+def config_from_dict(raw: dict, source: str, names: Mapping[str, Collection[str]] | None = None) -> Config:
+    """A validated Config from nested plain data (as ``to_dict`` writes it); ``source`` names it in errors."""
     config = _build(Config, raw, prefix="", source=source)
     problems = _collect_problems(config, prefix="")
     for dotted, allowed in (names or {}).items():

@@ -68,6 +68,21 @@ def test_thirty_steps_log_checkpoint_and_sample(tmp_path, data):
     run_cli(["dist_gan", "sample", str(ckpt), "--n=16", f"--out={raw}", "--raw"])  # the fire CLI
     assert Image.open(raw).tobytes() != Image.open(out).tobytes()  # EMA and raw weights differ
 
+    # export: a model folder that loads without the checkpoint layout, the config file or Accelerate
+    exported = tmp_path / "exported"
+    run_cli(["dist_gan", "export", str(run), f"--out={exported}"])
+    assert {p.name for p in exported.iterdir()} == {"model.safetensors", "config.json", "README.md",
+                                                   "samples.png"}
+    card = (exported / "README.md").read_text()
+    assert "| steps | 30 |" in card and "mnist, 28x28" in card and "load_generator" in card
+    import dist_gan
+    from dist_gan.sample import load_generator as from_checkpoint
+
+    loaded = dist_gan.load_generator(exported)
+    reference, _ = from_checkpoint(run)
+    z = torch.randn(8, loaded.z_dim)
+    assert not loaded.training and torch.equal(loaded(z, None), reference(z, None))
+
 
 def test_resume_is_bit_exact(tmp_path, data):
     """20 steps, stop, resume to 40 == 40 uninterrupted steps, parameter for parameter."""

@@ -1,0 +1,162 @@
+"""``dist-gan export RUN_OR_CHECKPOINT --out DIR``: the generator as a standalone model folder.
+
+The folder holds ``model.safetensors`` (the EMA generator's weights, or ``--raw`` the trained ones),
+``config.json`` (the run's full config and what was trained: enough to rebuild the network without the
+checkpoint layout, Accelerate or the training config file), ``samples.png`` (64 samples, seed 0) and
+a ``README.md`` model card. ``dist_gan.load_generator(DIR)`` gives back a ready ``nn.Module``::
+
+    from dist_gan import load_generator
+    G = load_generator("exported/", device="cuda")
+    images = G(torch.randn(16, G.z_dim, device="cuda"), None)   # in [-1, 1]
+
+``--push_to_hub=USER/REPO`` uploads the folder with ``huggingface_hub`` when it is installed and the
+machine is online (not exercised by the tests).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from torchvision.utils import save_image
+
+from dist_gan.checkpoint import find_checkpoint, load_generator_state, read_manifest
+from dist_gan.config import ConfigError, config_from_dict, load_config, to_dict
+from dist_gan.data import DataError
+from dist_gan.models import build_generator
+
+log = logging.getLogger(__name__)
+EXPORT_FORMAT = "dist_gan.generator/1"
+WEIGHTS, CONFIG, CARD, GRID = "model.safetensors", "config.json", "README.md", "samples.png"
+
+
+def _latest_fid(checkpoint: Path, step: int) -> float | None:
+    """The last FID the run logged at or before ``step`` (metrics.jsonl beside the checkpoints)."""
+    metrics = checkpoint.parent.parent / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    found = None
+    for line in metrics.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line still being written
+        if isinstance(record.get("fid"), (int, float)) and record.get("step", 0) <= step:
+            found = float(record["fid"])
+    return found
+
+
+def export(source: str | Path, out: str | Path, ema: bool = True) -> Path:
+    """Write the generator of ``source`` (a run directory or a checkpoint) as a model folder ``out``."""
+    checkpoint = find_checkpoint(source)
+    config = load_config(checkpoint / "config.yaml")
+    generator = build_generator(config)
+    generator.load_state_dict(load_generator_state(checkpoint, ema))
+    generator.eval().requires_grad_(False)
+    step = int(read_manifest(checkpoint)["step"])
+    world = int(read_manifest(checkpoint)["world_size"])
+    images_per_step = config.data.batch_size * config.optim.n_critic * config.optim.accumulate * world
+    info = {"format": EXPORT_FORMAT, "weights": "ema" if ema else "raw", "step": step,
+            "kimg": step * images_per_step / 1000, "fid": _latest_fid(checkpoint, step),
+            "checkpoint": str(checkpoint), "z_dim": config.model.z_dim,
+            "num_classes": config.model.num_classes, "resolution": config.data.resolution,
+            "channels": config.data.channels, "config": to_dict(config)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in generator.state_dict().items()}, out / WEIGHTS)
+    (out / CONFIG).write_text(json.dumps(info, indent=1))
+    from dist_gan.sample import generate
+
+    save_image(generate(generator, 64, seed=0), out / GRID, nrow=8, normalize=True, value_range=(-1, 1))
+    (out / CARD).write_text(model_card(info))
+    log.info("exported the %s generator of %s (step %d) to %s", info["weights"], checkpoint, step, out)
+    return out
+
+
+def model_card(info: dict) -> str:
+    config = info["config"]
+    model, data = config["model"], config["data"]
+    fid = f"{info['fid']:.2f} (`eval.feature_net={config['eval']['feature_net']}`)" if info["fid"] else "not measured"
+    return f"""---
+library_name: dist_gan
+tags: [gan, image-generation, dist_gan]
+---
+
+# {model['generator']['arch']} generator, {data['source']} {data['resolution']}px
+
+A GAN generator trained with [dist_gan](https://github.com/) ({config['loss']['name']} loss), exported from
+`{Path(info['checkpoint']).name}`: the {'EMA' if info['weights'] == 'ema' else 'trained (raw)'} weights.
+
+| | |
+|---|---|
+| data | {data['source']}, {data['resolution']}x{data['resolution']}, {data['channels']} channel(s) |
+| steps | {info['step']} |
+| kimg (real images shown to D) | {info['kimg']:.1f} |
+| latent size | {info['z_dim']} |
+| classes | {info['num_classes'] or 'unconditional'} |
+| FID | {fid} |
+
+![64 samples, seed 0]({GRID})
+
+```python
+import torch
+from dist_gan import load_generator
+
+G = load_generator(".")                       # or device="cuda"
+z = torch.randn(16, G.z_dim)
+images = G(z, None)                           # (16, {data['channels']}, {data['resolution']}, {data['resolution']}) in [-1, 1]
+```
+"""
+
+
+def load_generator(directory: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """The generator exported into ``directory``, in eval mode on ``device``."""
+    directory = Path(directory)
+    try:
+        info = json.loads((directory / CONFIG).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{directory / CONFIG} not found: export a run with `dist-gan export "
+                                "RUN --out DIR` first") from None
+    if info.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{directory / CONFIG} is not a dist_gan generator export "
+                         f"(format {info.get('format')!r})")
+    config = config_from_dict(info["config"], str(directory / CONFIG))
+    generator = build_generator(config)
+    generator.load_state_dict(load_file(directory / WEIGHTS))
+    return generator.to(device).eval().requires_grad_(False)
+
+
+def upload_to_hub(directory: Path, repo: str) -> None:
+    """Upload the exported folder to the Hugging Face Hub (needs ``huggingface_hub`` and a login)."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise ConfigError("--push_to_hub needs huggingface_hub: pip install huggingface_hub") from None
+    api = HfApi()
+    api.create_repo(repo, exist_ok=True)
+    api.upload_folder(folder_path=str(directory), repo_id=repo)
+
+
+def main(checkpoint: str, out: str, raw: bool = False, push_to_hub: str | None = None) -> None:
+    """Export ``checkpoint`` (a run directory or a checkpoint) to the folder ``out``.
+
+    --raw: the trained weights instead of their EMA. --push_to_hub=USER/REPO: upload it too.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        folder = export(checkpoint, out, ema=not raw)
+        if push_to_hub:
+            upload_to_hub(folder, push_to_hub)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        sys.exit(f"dist_gan.export: error: {err}")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
