@@ -64,6 +64,26 @@ def latent_walk(generator: nn.Module, steps: int, seed: int = 0) -> torch.Tensor
     return decode(generator, z, steps, "cpu", labels)
 
 
+def write_animation(frames: torch.Tensor, path: str | Path, fps: int = 12) -> None:
+    """Frames in [-1, 1] (N, C, H, W) as an animated GIF, or an MP4 when ``path`` ends in .mp4
+    (needs the optional ``imageio[ffmpeg]``); the walk plays forth and back so it loops smoothly."""
+    pixels = ((frames.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    pixels = torch.cat([pixels, pixels.flip(0)[1:-1]]).permute(0, 2, 3, 1).numpy()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if str(path).endswith(".mp4"):
+        try:
+            import imageio.v3 as iio
+        except ImportError:
+            raise ConfigError("--mp4 needs imageio with ffmpeg: pip install 'imageio[ffmpeg]' "
+                              "(or write --gif=walk.gif)") from None
+        iio.imwrite(path, pixels if pixels.shape[-1] == 3 else pixels.repeat(3, -1), fps=fps)
+        return
+    from PIL import Image
+
+    images = [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+
+
 def by_class(generator: nn.Module, classes: list[int], per_class: int, seed: int = 0) -> torch.Tensor:
     """``per_class`` images of each class in turn (one grid row per class), the same latents per row."""
     if not num_classes(generator):
@@ -115,11 +135,12 @@ def decode(generator: nn.Module, z: torch.Tensor, batch_size: int, device: torch
 def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, raw: bool = False,
          nrow: int | None = None, out_dir: str | None = None, interpolate: bool = False,
          classes=None, per_class: int = 8, reconstruct: bool = False,
-         mnist_dir: str | None = None) -> None:
+         mnist_dir: str | None = None, gif: str | None = None, mp4: str | None = None) -> None:
     """Write ``n`` samples from ``checkpoint`` (a run directory or a checkpoint).
 
     --out: a grid PNG (default). --out_dir: one PNG per image instead. --interpolate: a latent walk of
-    ``n`` steps from the latent of ``seed`` to that of ``seed + 1``. --raw: the trained weights
+    ``n`` steps from the latent of ``seed`` to that of ``seed + 1``; with --gif=walk.gif (or
+    --mp4=walk.mp4, needs imageio[ffmpeg]) as an animation instead of a strip. --raw: the trained weights
     instead of their EMA. --seed: which latents (the same seed gives the same images).
     --classes=0,1,2: a conditional model's samples, one row of ``per_class`` per class.
     --reconstruct: a VAE-GAN's reconstructions of ``n`` test images (rows of inputs, then of their
@@ -144,6 +165,16 @@ def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, 
     except (ConfigError, DataError, FileNotFoundError) as err:
         sys.exit(f"dist_gan.sample: error: {err}")
     n = len(images)
+    animation = gif or mp4
+    if animation:
+        if not interpolate:
+            sys.exit("dist_gan.sample: error: --gif/--mp4 animate a latent walk: add --interpolate")
+        try:
+            write_animation(images, animation)
+        except ConfigError as err:
+            sys.exit(f"dist_gan.sample: error: {err}")
+        log.info("wrote a %d-step latent walk from %s to %s", n, source, animation)
+        return
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(images):

@@ -68,6 +68,11 @@ def test_thirty_steps_log_checkpoint_and_sample(tmp_path, data):
     run_cli(["dist_gan", "sample", str(ckpt), "--n=16", f"--out={raw}", "--raw"])  # the fire CLI
     assert Image.open(raw).tobytes() != Image.open(out).tobytes()  # EMA and raw weights differ
 
+    walk = tmp_path / "walk.gif"  # a latent walk as an animation, forth and back
+    run_cli(["dist_gan", "sample", str(run), "--interpolate", "--n=6", f"--gif={walk}"])
+    with Image.open(walk) as animation:
+        assert animation.n_frames == 10 and animation.size == (28, 28)
+
     # export: a model folder that loads without the checkpoint layout, the config file or Accelerate
     exported = tmp_path / "exported"
     run_cli(["dist_gan", "export", str(run), f"--out={exported}"])
