@@ -19,6 +19,7 @@ names DeepSpeed.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import os
 import warnings
@@ -88,6 +89,13 @@ def make_accelerators(config: Config) -> tuple[Accelerator, Accelerator]:
     """
     common = dict(mixed_precision=config.train.mixed_precision, step_scheduler_with_optimizer=False)
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        try:
+            importlib.import_module("deepspeed")
+        except ImportError as err:
+            raise ConfigError(f"this launch uses DeepSpeed (ACCELERATE_USE_DEEPSPEED=true, e.g. "
+                              f"launch/deepspeed_zero2.yaml) but it cannot be imported ({err}): "
+                              "pip install -e '.[deepspeed]', or launch with launch/cpu_ddp.yaml or "
+                              "launch/gpu_ddp.yaml") from None
         if config.loss.name == "wgan":
             raise ConfigError("loss.name=wgan clips D's weights in place, which ZeRO's own fp32 copy "
                               "undoes: use wgan_gp under DeepSpeed")

@@ -385,3 +385,18 @@ def test_a_dataset_download_without_network_is_one_line(tmp_path, source, advice
     last = proc.stderr.strip().splitlines()[-1]
     assert re.search(f"could not download {'MNIST' if source == 'mnist' else 'CIFAR-10'} .*; without "
                      f"network, {advice}", last), last
+
+
+def test_a_deepspeed_launch_without_deepspeed_is_one_line(tmp_path):
+    """A DeepSpeed profile on a machine without the [deepspeed] extra (here a package that fails to
+    import shadows the installed one) names the pip install to run."""
+    shadow = tmp_path / "shadow" / "deepspeed"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named deepspeed')\n")
+    proc = run_cli(["dist_gan.train", "configs/mnist_dcgan.yaml", f"--run.dir={tmp_path / 'run'}",
+                    "--data.source=synthetic", "--data.format=memory", "--train.max_steps=1"],
+                   check=False, env={"ACCELERATE_USE_DEEPSPEED": "true",
+                                     "PYTHONPATH": str(shadow.parent)})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "uses DeepSpeed" in last and "pip install -e '.[deepspeed]'" in last, last
