@@ -62,13 +62,20 @@ class RunConfig:
         return found
 
 
+DEFAULT_SHARDS = "data/mnist/train-{000000..000005}.tar"
+
+
 @dataclass
 class DataConfig:
     source: str = "mnist"  # the dataset: mnist | cifar10 | folder (see dist_gan.data.sources)
     # shards: stream WebDataset tar shards (the default); memory: load the whole source into memory.
     format: Literal["shards", "memory"] = "shards"
     # Brace pattern or URLs (local paths, file://, pipe:...), several patterns joined by "::".
-    shards: str = "data/mnist/train-{000000..000005}.tar"
+    shards: str = DEFAULT_SHARDS
+    # A folder of images to train on directly: rank 0 writes shards from it (beside the run, in
+    # run.dir/shards, or where data.shards points when set) the first time and whenever the folder
+    # changed; later runs reuse them. Sets data.source=folder and data.root to it.
+    folder: Optional[str] = None
     manifest: Optional[str] = None  # default: manifest.json beside the first (local) shard
     prepare_if_missing: bool = True  # rank 0 writes the shards from `source` if none exist yet
     shard_size: int = 10000  # samples per shard when preparing

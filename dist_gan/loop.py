@@ -430,7 +430,7 @@ class Trainer:
         with acc.main_process_first():  # rank 0 downloads or prepares, if needed
             self.data = build_batch_stream(config.data, config.run.seed, self.rank, self.world,
                                            acc.device, may_prepare=acc.is_main_process,
-                                           num_classes=config.model.num_classes)
+                                           num_classes=config.model.num_classes, run_dir=self.run_dir)
         cleanup.callback(self.data.close)
         self.evaluator = None
         if config.eval.every:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -160,3 +162,34 @@ def test_time_limit_stops_cleanly_with_a_checkpoint(tmp_path, data):
     train("mnist_dcgan", run, data, "--train.max_steps=100000", "--train.time_limit_min=0.0001")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000005"]  # first log step
     assert [r for r in read_metrics(run) if r.get("event") == "end"][0]["step"] == 5
+
+
+def test_train_from_a_folder_in_one_command(tmp_path):
+    """`dist-gan train --data.folder=DIR` with no config file: shards written beside the run (bad
+    images skipped and counted), reused by the next run, rewritten when the folder changes."""
+    import numpy as np
+
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for index in range(24):
+        (folder / ("cats" if index % 2 else "dogs")).mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / ("cats" if index % 2 else "dogs") / f"{index}.png")
+    (folder / "cats" / "broken.png").write_bytes(b"not a png")
+    (folder / "dogs" / "empty.jpg").write_bytes(b"")
+    run = tmp_path / "run"
+    command = ["dist_gan", "train", f"--data.folder={folder}", "--data.resolution=16", "--data.channels=3",
+               f"--run.dir={run}", "--data.batch_size=4", "--data.workers=0", "--model.generator.width=8",
+               "--model.discriminator.width=8", "--run.log_every=2", "--run.sample_every=100"]
+    first = run_cli([*command, "--train.max_steps=2"])
+    assert "writing shards to" in first.stderr and "first time" in first.stderr
+    manifest = json.loads((run / "shards" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["total"] == 24 and manifest["splits"]["train"]["skipped_unreadable"] == 2
+    assert manifest["class_names"] == ["cats", "dogs"] and manifest["folder"]["images"] == 26
+    assert [r["step"] for r in read_metrics(run) if "loss_D" in r] == [2]
+    again = run_cli([*command, "--train.max_steps=4", "--train.resume=auto"])
+    assert "unchanged since its shards" in again.stderr and "writing shards" not in again.stderr
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / "cats" / "new.png")
+    changed = run_cli([*command, "--train.max_steps=6", "--train.resume=auto"])
+    assert "the folder or the resolution changed" in changed.stderr
+    assert json.loads((run / "shards" / "manifest.json").read_text())["splits"]["train"]["total"] == 25

@@ -7,17 +7,21 @@ through a checkpoint so a resumed run reads exactly the batches the uninterrupte
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from dist_gan.config import DataConfig, lookup
+from dist_gan.config import DEFAULT_SHARDS, DataConfig, lookup
 from dist_gan.data.loader import ShardReader, ShardStream
 from dist_gan.data.memory import InMemoryBatches
-from dist_gan.data.shards import expand_urls, local_path, resolve_shards, write_shards
-from dist_gan.data.sources import DATA_SOURCES, DataError, ImageSet, load_mnist_idx, read_idx
+from dist_gan.data.shards import (SHARD_MANIFEST, expand_urls, local_path, read_shard_manifest,
+                                  resolve_shards, write_json_atomically, write_shards)
+from dist_gan.data.sources import (DATA_SOURCES, IMAGE_SUFFIXES, DataError, ImageSet, load_mnist_idx,
+                                   read_idx)
 from dist_gan.data.split import SplitPlan
 
 __all__ = ["BatchStream", "DATA_SOURCES", "DataError", "ImageSet", "InMemoryBatches", "ShardStream",
@@ -64,18 +68,63 @@ def _prepare_if_missing(cfg: DataConfig) -> None:
                         f"files that were not written, e.g. {missing[0]}: fix the pattern or data.shard_size")
 
 
+def folder_fingerprint(folder: Path) -> dict:
+    """What identifies a folder's content cheaply: its image count and a digest of every image's
+    path, size and modification time (a changed, added or removed image changes it)."""
+    digest, count = hashlib.sha256(), 0
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        count += 1
+    return {"path": str(folder.resolve()), "images": count, "digest": digest.hexdigest()}
+
+
+def shards_from_folder(cfg: DataConfig, run_dir: str | Path, may_prepare: bool) -> DataConfig:
+    """``cfg`` pointed at shards of ``cfg.folder``, written first (``may_prepare``: by this process,
+    called inside ``main_process_first``) if there are none yet for the folder as it is now."""
+    folder = Path(cfg.folder)
+    if not folder.is_dir():
+        raise DataError(f"data.folder={cfg.folder} is not a directory")
+    first = local_path(expand_urls(cfg.shards)[0])
+    out_dir = first.parent if cfg.shards != DEFAULT_SHARDS and first is not None else Path(run_dir) / "shards"
+    cfg = dataclasses.replace(cfg, source="folder", root=str(folder), prepare_if_missing=False,
+                              manifest=str(out_dir / SHARD_MANIFEST))
+    manifest_path = out_dir / SHARD_MANIFEST
+    if may_prepare:
+        fingerprint = folder_fingerprint(folder)
+        known = read_shard_manifest(manifest_path).get("folder") if manifest_path.is_file() else None
+        if known == {**fingerprint, "resolution": cfg.resolution, "channels": cfg.channels}:
+            log.info("data.folder %s unchanged since its shards in %s were written: reusing them",
+                     folder, out_dir)
+        else:
+            log.info("data.folder %s: writing shards to %s (%s)", folder, out_dir,
+                     "first time" if known is None else "the folder or the resolution changed")
+            if manifest_path.is_file():
+                manifest_path.unlink()  # another resolution or channel count: start afresh
+            manifest = prepare_shards(cfg, out_dir, "train")
+            manifest["folder"] = {**fingerprint, "resolution": cfg.resolution, "channels": cfg.channels}
+            write_json_atomically(manifest_path, manifest)
+    names = [e["name"] for e in read_shard_manifest(manifest_path)["splits"]["train"]["shards"]]
+    return dataclasses.replace(cfg, shards="::".join(str(out_dir / name) for name in names))
+
+
 def build_batch_stream(cfg: DataConfig, seed: int, rank: int, world_size: int,
                        device: torch.device | str, may_prepare: bool = False,
-                       num_classes: int = 0) -> BatchStream:
+                       num_classes: int = 0, run_dir: str | Path = ".") -> BatchStream:
     """This rank's stream of batches as ``cfg`` says (``may_prepare``: this process may write shards;
-    ``num_classes`` > 0: every label must be a class of a conditional model)."""
+    ``num_classes`` > 0: every label must be a class of a conditional model; ``run_dir``: where
+    ``data.folder``'s shards go unless ``data.shards`` says)."""
+    if cfg.folder:
+        cfg = dataclasses.replace(cfg, source="folder", root=cfg.folder)
     if cfg.format == "memory":
         images = lookup(DATA_SOURCES, "data.source", cfg.source)(cfg)
         log.info("data: %s in memory, %d images", cfg.source, len(images))
         return InMemoryBatches.from_image_set(images, batch_size=cfg.batch_size, seed=seed, rank=rank,
                                               world_size=world_size, device=device,
                                               num_classes=num_classes)
-    if may_prepare:
+    if cfg.folder and cfg.format == "shards":
+        cfg = shards_from_folder(cfg, run_dir, may_prepare)
+    elif may_prepare:
         _prepare_if_missing(cfg)
     shards, manifest = resolve_shards(cfg.shards, cfg.manifest, cfg.resolution, cfg.channels,
                                       cfg.strict)
