@@ -41,6 +41,9 @@ def lookup(registry: Mapping[str, T], key: str, value: str) -> T:
     return registry[value]
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
+
+
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
@@ -49,12 +52,18 @@ class RunConfig:
     sample_every: int = 200
     ckpt_every: int = 500
     keep_last: int = 3
+    # Accelerate's trackers to report to (metrics.jsonl is always written): tensorboard, wandb, mlflow,
+    # aim, comet_ml, clearml, dvclive, swanlab, trackio; several at once, e.g. [tensorboard, wandb].
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
 
     def problems(self) -> list[tuple[str, Any, str]]:
         found = []
         for name in ("log_every", "sample_every", "ckpt_every", "keep_last"):
             if getattr(self, name) < 1:
                 found.append((name, getattr(self, name), "must be >= 1"))
+        unknown = [t for t in self.trackers if t not in TRACKERS]
+        if unknown:
+            found.append(("trackers", self.trackers, f"{unknown} not among {list(TRACKERS)}"))
         if not self.dir:
             found.append(("dir", self.dir, "must name a directory"))
         elif Path(self.dir).exists() and not Path(self.dir).is_dir():
@@ -435,6 +444,12 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             if value == choice or (isinstance(value, str) and str(choice) == value):
                 return choice
         raise fail(f"one of {list(args)}")
+    if origin is list:
+        if isinstance(value, str):  # --run.trackers=tensorboard,wandb
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise fail("a list")
+        return [_coerce(v, args[0], key, source) for v in value]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise fail(f"a list of {len(args)} values")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from dist_gan import backend, runlock
 from dist_gan.checkpoint import (ReplicasDiffer, last_healthy, load_checkpoint, remove_stale_staging,
                                  resolve_resume, save_checkpoint)
-from dist_gan.config import Config, OptimConfig, save_config
+from dist_gan.config import Config, OptimConfig, save_config, to_dict
 from dist_gan.data import BatchStream, build_batch_stream
 from dist_gan.ema import EMA, ema_beta, step_beta
 from dist_gan.guard import GO_ON, STOP, DivergenceGuard, StepTally
@@ -444,7 +444,7 @@ class Trainer:
         self.guard = DivergenceGuard(config.train)
         self.window = StatsWindow()
         self.tally = StepTally(acc.device)
-        self.logger = RunLogger(self.run_dir, enabled=acc.is_main_process)
+        self.logger = RunLogger(self.run_dir, acc.is_main_process, config.run.trackers, to_dict(config))
         cleanup.callback(self.logger.close)
         # real images D reads per step (throughput, kimg); the EMA counts the generator's images
         self.imgs_per_step = config.data.batch_size * config.optim.n_critic * config.optim.accumulate * self.world

@@ -1,11 +1,14 @@
-"""What a run reports: TensorBoard scalars and images, metrics.jsonl, sample PNGs (rank 0 only).
+"""What a run reports: metrics.jsonl, sample PNGs, and Accelerate's trackers (rank 0 only).
 
 ``RunLogger`` is the one place where rank-0-only side effects happen during training: on other ranks
-it is built with ``enabled=False`` and every method does nothing.
+it is built with ``enabled=False`` and every method does nothing. Scalars, sample grids and the config
+go to every tracker named in ``run.trackers`` (Accelerate's: tensorboard, wandb, mlflow, aim,
+comet_ml, clearml, dvclive, swanlab, trackio), ``metrics.jsonl`` always.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -14,31 +17,80 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
+from dist_gan.config import ConfigError
+
+# tracker -> (module to import, what to pip install)
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+                    "mlflow": ("mlflow", "mlflow"), "aim": ("aim", "aim"),
+                    "comet_ml": ("comet_ml", "comet-ml"), "clearml": ("clearml", "clearml"),
+                    "dvclive": ("dvclive", "dvclive"), "swanlab": ("swanlab", "swanlab"),
+                    "trackio": ("trackio", "trackio")}
+
+
+def check_installed(names: list[str]) -> None:
+    """A tracker whose package is missing is a one-line error (on every rank, so none waits)."""
+    for name in names:
+        module, pip_name = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"run.trackers names {name}, whose package is not installed: "
+                              f"pip install {pip_name} (or drop it from run.trackers)")
+
+
+def start_trackers(names: list[str], run_dir: Path) -> list:
+    """Accelerate's tracker objects for ``names``, started, the run named after its directory
+    (TensorBoard writes into the run directory itself)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    trackers = []
+    for name in names:
+        cls = LOGGER_TYPE_TO_CLASS[name]
+        if cls.requires_logging_directory:
+            tracker = cls(run_dir.name, run_dir.parent)
+        else:
+            tracker = cls(run_dir.name)
+        tracker.start()
+        trackers.append(tracker)
+    return trackers
+
+
+def flat(config: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
+    """``{"optim": {"g_lr": ...}}`` -> ``{"optim.g_lr": ...}`` with values every tracker accepts."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value if isinstance(value, (str, int, float, bool)) else str(value)
+    return out
+
 
 class RunLogger:
-    def __init__(self, run_dir: str | Path, enabled: bool):
+    def __init__(self, run_dir: str | Path, enabled: bool, trackers: list[str] | tuple[str, ...] = ("tensorboard",),
+                 config: dict | None = None):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.start = time.time()
+        check_installed(list(trackers))
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(self.run_dir))
+        self.trackers = start_trackers(list(trackers), self.run_dir)
+        for tracker in self.trackers:
+            tracker.store_init_configuration(flat(config or {}))
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
 
     def scalars(self, step: int, values: dict[str, float], tb_prefix: str = "train/") -> None:
-        """Log ``values`` to TensorBoard (under ``tb_prefix``) and as one line of metrics.jsonl."""
+        """Log ``values`` to every tracker (under ``tb_prefix``) and as one line of metrics.jsonl."""
         if not self.enabled:
             return
-        for name, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(tb_prefix + name, value, step)
+        numbers = {tb_prefix + name: value for name, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        for tracker in self.trackers:
+            tracker.log(numbers, step=step)
         self.event(step, values)
 
     def event(self, step: int, values: dict) -> None:
-        """One line of metrics.jsonl without TensorBoard (run start, checks, end)."""
+        """One line of metrics.jsonl, for no tracker (run start, checks, end)."""
         if not self.enabled:
             return
         record = {"step": step, "time_s": round(time.time() - self.start, 3)}
@@ -47,15 +99,26 @@ class RunLogger:
         self.jsonl.write(json.dumps(record) + "\n")
 
     def images(self, step: int, tag: str, images: torch.Tensor) -> None:
-        """A grid of images in [-1, 1] to TensorBoard and to RUN_DIR/samples/<tag>_<step>.png."""
+        """A grid of images in [-1, 1] to RUN_DIR/samples/<tag>_<step>.png and every tracker that
+        takes images (TensorBoard, W&B, Aim, ClearML, SwanLab; MLflow as an image artifact)."""
         if not self.enabled:
             return
         grid = make_grid(images.float().cpu(), nrow=8, normalize=True, value_range=(-1, 1))
-        self.writer.add_image(f"samples/{tag}", grid, step)
         save_image(grid, self.run_dir / "samples" / f"{tag}_{step:08d}.png")
+        pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        for tracker in self.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({f"samples/{tag}": grid[None]}, step=step)
+            elif tracker.name == "mlflow":
+                import mlflow
+
+                mlflow.log_image(pixels, key=f"samples_{tag}", step=step)
+            elif hasattr(tracker, "log_images"):
+                tracker.log_images({f"samples/{tag}": [pixels]}, step=step)
 
     def close(self) -> None:
-        """Flush and close; a second call does nothing."""
+        """Finish the trackers and close metrics.jsonl; a second call does nothing."""
         if self.enabled and not self.jsonl.closed:
-            self.writer.close()
+            for tracker in self.trackers:
+                tracker.finish()
             self.jsonl.close()

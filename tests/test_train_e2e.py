@@ -193,3 +193,36 @@ def test_train_from_a_folder_in_one_command(tmp_path):
     changed = run_cli([*command, "--train.max_steps=6", "--train.resume=auto"])
     assert "the folder or the resolution changed" in changed.stderr
     assert json.loads((run / "shards" / "manifest.json").read_text())["splits"]["train"]["total"] == 25
+
+
+def test_trackers_through_accelerate_tensorboard_and_mlflow(tmp_path, data, monkeypatch):
+    """run.trackers=[tensorboard, mlflow]: scalars, the sample grid and the config reach both (MLflow's
+    local file store, no server; MLflow 3 wants MLFLOW_ALLOW_FILE_STORE for it); metrics.jsonl stays."""
+    from mlflow.tracking import MlflowClient
+
+    run, store = tmp_path / "tracked", f"file:{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    run_cli(["dist_gan.train", "configs/mnist_dcgan.yaml", f"--run.dir={run}", *data, *FAST,
+             "--train.max_steps=10", "--run.trackers=tensorboard,mlflow"],
+            env={"MLFLOW_TRACKING_URI": store})
+    assert [r["step"] for r in read_metrics(run) if "loss_D" in r] == [5, 10]
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss_D")] == [5, 10]
+    client = MlflowClient(tracking_uri=store)
+    [experiment] = [e for e in client.search_experiments() if e.name == "tracked"]
+    [logged] = client.search_runs([experiment.experiment_id])
+    assert [m.step for m in client.get_metric_history(logged.info.run_id, "train/loss_D")] == [5, 10]
+    assert logged.data.params["optim.n_critic"] == "1" and logged.data.params["run.dir"] == str(run)
+    images = [a.path for a in client.list_artifacts(logged.info.run_id, "images")]
+    assert any("samples_ema" in path for path in images), images  # the step-10 grid
+
+
+def test_a_tracker_whose_package_is_missing_is_one_line(tmp_path):
+    proc = run_cli(["dist_gan.train", "configs/mnist_dcgan.yaml", f"--run.dir={tmp_path / 'run'}",
+                    "--data.source=synthetic", "--data.format=memory", "--run.trackers=[tensorboard, aim]"],
+                   check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "run.trackers names aim, whose package is not installed: pip install aim (or drop it from "
+        "run.trackers)")
