@@ -117,6 +117,8 @@ make_network() {
     done
     # what a run that was killed before its teardown left behind (these names are ours)
     ip netns del dgan-n1 2>/dev/null || true; ip netns del dgan-n2 2>/dev/null || true
+    # a run killed half-way can leave the host ends of the veth pairs behind
+    ip link del dgan-v1 2>/dev/null || true; ip link del dgan-v2 2>/dev/null || true
     ip link del dgan-br 2>/dev/null || true
     if ! ip link add dgan-br type bridge 2>"$dir/network.err" \
             || ! ip netns add dgan-n1 2>>"$dir/network.err"; then
