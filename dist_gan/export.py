@@ -28,6 +28,7 @@ from torchvision.utils import save_image
 from dist_gan.checkpoint import find_checkpoint, load_generator_state, read_manifest
 from dist_gan.config import ConfigError, config_from_dict, load_config, to_dict
 from dist_gan.data import DataError
+from dist_gan.loop import real_images_per_step
 from dist_gan.models import build_generator
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,10 @@ def export(source: str | Path, out: str | Path, ema: bool = True) -> Path:
     generator = build_generator(config)
     generator.load_state_dict(load_generator_state(checkpoint, ema))
     generator.eval().requires_grad_(False)
-    step = int(read_manifest(checkpoint)["step"])
-    world = int(read_manifest(checkpoint)["world_size"])
-    images_per_step = config.data.batch_size * config.optim.n_critic * config.optim.accumulate * world
+    manifest = read_manifest(checkpoint)
+    step = int(manifest["step"])
     info = {"format": EXPORT_FORMAT, "weights": "ema" if ema else "raw", "step": step,
-            "kimg": step * images_per_step / 1000, "fid": _latest_fid(checkpoint, step),
+            "kimg": step * real_images_per_step(config, int(manifest["world_size"])) / 1000, "fid": _latest_fid(checkpoint, step),
             "checkpoint": str(checkpoint), "z_dim": config.model.z_dim,
             "num_classes": config.model.num_classes, "resolution": config.data.resolution,
             "channels": config.data.channels, "config": to_dict(config)}

@@ -32,6 +32,7 @@ class DivergenceGuard:
     since_checkpoint: int = 0
     rollbacks: int = 0
     last_bad: dict[str, float] = field(default_factory=dict)
+    last_bad_step: int = 0
 
     @property
     def streak_open(self) -> bool:
@@ -57,9 +58,8 @@ class DivergenceGuard:
         return STOP
 
     def message(self, step: int) -> str:
-        last = getattr(self, "last_bad_step", step)
         return (f"training diverged: {self.in_row} steps in a row with a non-finite loss or gradient, "
-                f"the last at step {last} ({self.last_bad})")
+                f"the last at step {self.last_bad_step or step} ({self.last_bad})")
 
     def why_stopped(self, target: object | None) -> str:
         """Why a rollback was not possible, for the final error ("" when the config said stop)."""

@@ -331,8 +331,13 @@ def check_replicas(accelerator: Accelerator, modules: dict[str, nn.Module]) -> d
 
 
 def images_per_step(config: Config, world_size: int) -> int:
-    """Images the generator makes per step over all ranks (the EMA's and the logs' unit)."""
+    """Images the generator makes per step over all ranks (the EMA's unit, the effective batch)."""
     return config.data.batch_size * world_size * config.optim.accumulate
+
+
+def real_images_per_step(config: Config, world_size: int) -> int:
+    """Real images D reads per step over all ranks (throughput and kimg)."""
+    return images_per_step(config, world_size) * config.optim.n_critic
 
 
 def build_ema(config: Config, generator: nn.Module, world_size: int) -> EMA | None:
@@ -446,8 +451,7 @@ class Trainer:
         self.tally = StepTally(acc.device)
         self.logger = RunLogger(self.run_dir, acc.is_main_process, config.run.trackers, to_dict(config))
         cleanup.callback(self.logger.close)
-        # real images D reads per step (throughput, kimg); the EMA counts the generator's images
-        self.imgs_per_step = config.data.batch_size * config.optim.n_critic * config.optim.accumulate * self.world
+        self.imgs_per_step = real_images_per_step(config, self.world)
 
     def any_rank(self, flag: bool) -> bool:
         return _any_rank(self.accelerator, flag)

@@ -126,12 +126,12 @@ def _open_tar(url: str) -> tarfile.TarFile:
     return tarfile.open(fileobj=wds.gopen(url), mode="r|")
 
 
-def tar_samples(url: str, start: int, stop: int, found: list[int]) -> Iterator[RawSample]:
+def tar_samples(url: str, start: int, stop: int, scan_rest: bool, seen: list[int]) -> Iterator[RawSample]:
     """Samples ``start`` to ``stop`` of shard ``url`` in file order, their bytes not decoded.
 
     The ``start`` samples before are passed over by their headers only. When ``stop`` is the shard's
-    end the rest is scanned too (headers), so ``found[0]`` ends as the number of samples the shard
-    holds, for the manifest check; otherwise it ends as ``stop``.
+    end (``scan_rest``) the rest is scanned too (headers), so ``seen[0]`` ends as the number of samples
+    the shard holds, for the manifest check.
     """
     with _open_tar(url) as tar:
         index, current = -1, None
@@ -143,8 +143,8 @@ def tar_samples(url: str, start: int, stop: int, found: list[int]) -> Iterator[R
                 if current is not None and start <= index < stop:
                     yield current
                 index += 1
-                found[0] = index + 1
-                if index >= stop and found[1] == 0:
+                seen[0] = index + 1
+                if index >= stop and not scan_rest:
                     return
                 current = {"__key__": key, "__url__": url}
             if start <= index < stop:
@@ -244,9 +244,9 @@ class _Share:
     def read_segment(self, segment, start: int, count: bool) -> Iterator[RawSample | None]:
         owner = self.owner
         url, expected = owner.urls[segment.shard], owner.plan.counts[segment.shard]
-        found, produced = [0, int(segment.stop == expected)], 0
+        scan_rest, seen, produced = segment.stop == expected, [0], 0
         try:
-            for sample in tar_samples(url, start, segment.stop, found):
+            for sample in tar_samples(url, start, segment.stop, scan_rest, seen):
                 produced += 1
                 yield sample
         except (tarfile.TarError, OSError, EOFError) as err:
@@ -257,8 +257,8 @@ class _Share:
                 owner.warn(f"skipping the rest of unreadable shard {url} after sample "
                            f"{start + produced}: {err}")
         else:
-            if found[1] and found[0] != expected and count:
-                message = (f"shard {url} holds {found[0]} samples but its manifest entry says "
+            if scan_rest and seen[0] != expected and count:
+                message = (f"shard {url} holds {seen[0]} samples but its manifest entry says "
                            f"{expected}: re-run prepare, or `python -m dist_gan.data verify` the shards")
                 if owner.strict:
                     raise DataError(message + " (data.strict=true)")

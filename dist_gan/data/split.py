@@ -65,6 +65,8 @@ class SplitPlan:
                             for i in range(per_reader)]
         self.batch_starts = list(itertools.accumulate(self.batch_sizes, initial=0))
         self.batches_per_rank = per_reader * self.workers_per_rank
+        self._layout_epoch: int | None = None
+        self._layout: tuple[list[int], list[int]] = ([], [])
 
     @property
     def used_fraction(self) -> float:
@@ -88,7 +90,7 @@ class SplitPlan:
     def _epoch_layout(self, epoch: int) -> tuple[list[int], list[int]]:
         """The epoch's shard order and where each shard ends in the epoch's sample sequence
         (kept for the last epoch asked: every reader of an epoch needs the same)."""
-        if getattr(self, "_layout_epoch", None) != epoch:
+        if self._layout_epoch != epoch:
             order = self.shard_order(epoch)
             self._layout = order, list(itertools.accumulate(self.counts[i] for i in order))
             self._layout_epoch = epoch
