@@ -24,10 +24,13 @@ import math
 import os
 import warnings
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
@@ -82,11 +85,117 @@ def _deepspeed_half_precision(ds: dict, mixed_precision: str) -> str | None:
     return None
 
 
+# What `accelerate launch` was asked for. Accelerate passes no trace of its launch profile to the
+# processes it starts: a run launched with launch/gpu_ddp.yaml on a machine without GPUs looks exactly
+# like one launched with launch/cpu_ddp.yaml and silently trains N processes on the CPU. The profile is
+# only in the launcher's arguments, so on Linux they are read from /proc (the launcher is this
+# process's parent: torchrun's agent runs inside `accelerate launch`). Elsewhere, or under another
+# launcher, nothing is known and nothing is checked.
+_GPU_TYPES = {"MULTI_GPU", "DEEPSPEED", "FSDP"}
+_VALUE_FLAGS = {"--config_file", "--config-file", "--gpu_ids", "--gpu-ids"}
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """The parts of an ``accelerate launch`` invocation that say which devices it wants."""
+
+    profile: Path | None          # the --config_file, or Accelerate's default config when it exists
+    settings: dict                # that profile's YAML (empty without one)
+    flags: tuple[str, ...]        # the launcher's own options, before the training module or script
+
+    def wants_gpu(self, environ: dict[str, str]) -> str | None:
+        """Why this launch needs a GPU ("distributed_type: MULTI_GPU", ...), or None when it does not."""
+        flag_values = dict(zip(self.flags, self.flags[1:]))
+        if "--cpu" in self.flags or "--use_cpu" in self.flags or self.settings.get("use_cpu"):
+            return None
+        if "--multi_gpu" in self.flags:
+            return "--multi_gpu"
+        kind = str(self.settings.get("distributed_type", ""))
+        if kind == "DEEPSPEED" and environ.get("DS_ACCELERATOR", "").lower() == "cpu":
+            return None  # DeepSpeed's CPU accelerator, as the tests and the profile header use it
+        if kind in _GPU_TYPES:
+            return f"distributed_type: {kind}"
+        gpu_ids = flag_values.get("--gpu_ids", flag_values.get("--gpu-ids", self.settings.get("gpu_ids")))
+        if gpu_ids not in (None, "all", ""):
+            return f"gpu_ids: {gpu_ids}"
+        return None
+
+
+def parse_launch(argv: list[str], cwd: Path, default_profile: Path | None) -> LaunchRequest | None:
+    """The launch request in an ``accelerate launch`` command line, or None if ``argv`` is not one."""
+    start = None
+    for i, arg in enumerate(argv[:-1]):
+        if (Path(arg).name == "accelerate" and argv[i + 1] == "launch") or arg == "accelerate.commands.launch":
+            start = i + (2 if argv[i + 1] == "launch" else 1)
+            break
+    if start is None:
+        return None
+    flags: list[str] = []
+    rest = argv[start:]
+    i = 0
+    while i < len(rest) and rest[i].startswith("-") and rest[i] not in ("-m", "--module"):
+        name, has_value, value = rest[i].partition("=")
+        flags.append(name)
+        if has_value:
+            flags.append(value)
+        elif name in _VALUE_FLAGS and i + 1 < len(rest):
+            flags.append(rest[i + 1])
+            i += 1
+        i += 1
+    values = dict(zip(flags, flags[1:]))
+    named = values.get("--config_file", values.get("--config-file"))
+    profile = (cwd / named) if named else default_profile
+    settings: dict = {}
+    if profile is not None and profile.is_file():
+        settings = yaml.safe_load(profile.read_text()) or {}
+    elif not named:
+        profile = None
+    return LaunchRequest(profile=profile, settings=settings, flags=tuple(flags))
+
+
+def current_launch() -> LaunchRequest | None:
+    """The ``accelerate launch`` that started this process (searched up to three ancestors), if any."""
+    from accelerate.commands.config import default_config_file
+
+    default = Path(default_config_file)
+    pid = os.getppid()
+    for _ in range(3):
+        proc = Path("/proc") / str(pid)
+        try:
+            argv = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
+            cwd = Path(os.readlink(proc / "cwd"))
+            request = parse_launch(argv, cwd, default if default.is_file() else None)
+            if request is not None:
+                return request
+            pid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        if pid <= 1:
+            return None
+    return None
+
+
+def refuse_gpu_launch_without_gpu() -> None:
+    """One line, not N processes silently training on the CPU, when the launch profile asks for GPUs
+    that torch cannot see (a GPU profile on a laptop, or a CPU-only build of torch on a GPU node)."""
+    request = current_launch()
+    reason = request.wants_gpu(dict(os.environ)) if request is not None else None
+    if reason is not None:
+        where = f"launch profile {request.profile}" if request.profile else "this accelerate launch"
+        cpu_way = ("DS_ACCELERATOR=cpu to run DeepSpeed on the CPU" if "DEEPSPEED" in reason else
+                   "--config_file launch/cpu_ddp.yaml (or launch/cpu_single.yaml) to train on the CPU")
+        why = (f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None else
+               f"torch {torch.__version__} sees no GPU (driver, CUDA_VISIBLE_DEVICES)")
+        raise ConfigError(f"{where} asks for GPUs ({reason}) but {why}: launch with {cpu_way}")
+
+
 def make_accelerators(config: Config) -> tuple[Accelerator, Accelerator]:
     """The generator's and the discriminator's Accelerator for this run.
 
     Refuses a launch that silently lost its other processes, and a loss DeepSpeed cannot run.
     """
+    if not torch.cuda.is_available():
+        refuse_gpu_launch_without_gpu()
     common = dict(mixed_precision=config.train.mixed_precision, step_scheduler_with_optimizer=False)
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         try:

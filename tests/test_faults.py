@@ -16,12 +16,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
-from conftest import FAST, read_metrics, run_cli, start_cli, wait_for
+from conftest import FAST, REPO, read_metrics, run_cli, start_cli, wait_for
 from test_shards import labels_of, stream, tiny_shards
 
 from dist_gan import runlock
+from dist_gan.backend import parse_launch
 from dist_gan.checkpoint import (MANIFEST_FORMAT, CheckpointError, file_crc32, last_healthy,
                                  list_checkpoints, prune_checkpoints, read_manifest, resolve_resume)
 from dist_gan.config import ConfigError, load_config
@@ -400,3 +402,39 @@ def test_a_deepspeed_launch_without_deepspeed_is_one_line(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "uses DeepSpeed" in last and "pip install -e '.[deepspeed]'" in last, last
+
+
+@pytest.mark.parametrize("profile,asks", [
+    ("gpu_single", "gpu_ids: 0"), ("gpu_ddp", "distributed_type: MULTI_GPU"),
+    ("deepspeed_zero1", "distributed_type: DEEPSPEED"), ("deepspeed_zero2", "distributed_type: DEEPSPEED"),
+    ("multinode", "distributed_type: MULTI_GPU"), ("cpu_ddp", None), ("cpu_single", None)])
+def test_each_shipped_launch_profile_is_read_as_gpu_or_cpu(profile, asks):
+    """What the launcher check decides for every profile we ship, from the launcher's command line."""
+    argv = ["/venv/bin/python3", "/venv/bin/accelerate", "launch", "--config_file", f"launch/{profile}.yaml",
+            "--num_processes", "2", "-m", "dist_gan.train", "--config_file", "ignored.yaml"]
+    request = parse_launch(argv, REPO, default_profile=None)
+    assert request.profile == REPO / "launch" / f"{profile}.yaml"
+    assert request.wants_gpu({}) == asks
+    assert request.wants_gpu({"DS_ACCELERATOR": "cpu"}) == (None if "DEEPSPEED" in str(asks) else asks)
+    assert parse_launch([*argv[:5], "--cpu", *argv[5:]], REPO, None).wants_gpu({}) is None
+    assert parse_launch(["python", "-m", "dist_gan.train"], REPO, None) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPUs")
+@pytest.mark.parametrize("profile,processes", [("gpu_single", 1), ("gpu_ddp", 2)])
+def test_a_gpu_launch_profile_without_gpus_is_one_line(tmp_path, profile, processes):
+    """A GPU profile on a GPU-less machine stops each process with one line naming the profile.
+
+    (Accelerate alone trains every process on the CPU without a word.)"""
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                f"launch/{profile}.yaml", "--num_processes", str(processes)]
+    proc = run_cli(["dist_gan.train", "configs/mnist_dcgan.yaml", f"--run.dir={tmp_path / 'run'}",
+                    "--data.source=synthetic", "--data.format=memory", "--train.max_steps=1"],
+                   launcher=launcher, check=False)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("dist_gan.train: error:")]
+    assert len(ours) == processes, proc.stderr[-3000:]
+    assert f"launch/{profile}.yaml asks for GPUs" in ours[0], ours[0]
+    assert "--config_file launch/cpu_ddp.yaml" in ours[0]
+    assert "dist_gan/" not in proc.stderr  # no traceback through our code (the launcher adds its own)
+    assert not (tmp_path / "run" / "checkpoints").exists()
