@@ -142,6 +142,51 @@ def remove_stale_staging(run_dir: str | Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+BEST = "best"
+
+
+def best_checkpoint(run_dir: str | Path) -> Path:
+    return checkpoint_root(run_dir) / BEST
+
+
+def keep_as_best(checkpoint: Path) -> Path:
+    """Make ``checkpoint`` the run's ``checkpoints/best`` (call on the main process).
+
+    Its files are hard-linked (copied where the filesystem has no hard links) into ``best.tmp``,
+    which then replaces ``best``: the old best is renamed aside first and removed last, so at every
+    moment a complete best exists under one of the two names (``restore_best`` puts it back).
+    ``best`` is not a ``step_*`` folder, so pruning and ``resume=auto`` never see it."""
+    best = best_checkpoint(checkpoint.parent.parent)
+    staging, old = best.with_name(BEST + ".tmp"), best.with_name(BEST + ".old")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(checkpoint, staging, copy_function=_link_or_copy)
+    _fsync_tree(staging)
+    if best.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(best, old)
+    os.replace(staging, best)
+    _fsync_dir(best.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return best
+
+
+def restore_best(run_dir: str | Path) -> None:
+    """After a kill inside ``keep_as_best``: the old best back under its name, the staging gone."""
+    best = best_checkpoint(run_dir)
+    old, staging = best.with_name(BEST + ".old"), best.with_name(BEST + ".tmp")
+    if old.is_dir() and not best.exists():
+        os.replace(old, best)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 class ReplicasDiffer(RuntimeError):
     """The ranks' copies of a network differ at a checkpoint (DDP's invariant broke)."""
 

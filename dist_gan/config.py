@@ -52,6 +52,9 @@ class RunConfig:
     sample_every: int = 200
     ckpt_every: int = 500
     keep_last: int = 3
+    # with eval.every: keep the checkpoint of the lowest FID so far in checkpoints/best (never pruned)
+    keep_best: bool = False
+    sample_truncation: Optional[float] = None  # truncation of the sample grids (see dist-gan sample)
     # Accelerate's trackers to report to (metrics.jsonl is always written): tensorboard, wandb, mlflow,
     # aim, comet_ml, clearml, dvclive, swanlab, trackio; several at once, e.g. [tensorboard, wandb].
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
@@ -61,6 +64,8 @@ class RunConfig:
         for name in ("log_every", "sample_every", "ckpt_every", "keep_last"):
             if getattr(self, name) < 1:
                 found.append((name, getattr(self, name), "must be >= 1"))
+        if self.sample_truncation is not None and not self.sample_truncation > 0:
+            found.append(("sample_truncation", self.sample_truncation, "must be > 0 (null: off)"))
         unknown = [t for t in self.trackers if t not in TRACKERS]
         if unknown:
             found.append(("trackers", self.trackers, f"{unknown} not among {list(TRACKERS)}"))
@@ -120,9 +125,26 @@ class NetConfig:
     spectral_norm: bool = False
     cell: Literal["gru", "lstm"] = "gru"  # rnn only
     mbstd: bool = False  # discriminators: the minibatch standard-deviation feature (Improved-GAN)
+    # resnet: channels = width x one multiplier per doubling, smallest map first (empty: by resolution)
+    channel_mult: list[int] = field(default_factory=list)
+    attention_res: int = 0  # resnet: a self-attention block at this map size (0: none)
+    init: Literal["orthogonal", "normal", "xavier"] = "orthogonal"  # resnet weight initialisation
+    shared_dim: int = 128  # conditional resnet G: size of the class embedding shared by all blocks
+    mapping_layers: int = 8  # stylegan2 G: depth of the mapping network z -> w
+    mapping_lr_mult: float = 0.01  # stylegan2 G: the mapping network's learning-rate multiplier
+    mixing_prob: float = 0.9  # stylegan2 G: probability of style mixing regularisation per batch
 
     def problems(self) -> list[tuple[str, Any, str]]:
-        return [("width", self.width, "must be >= 1")] if self.width < 1 else []
+        found = [("width", self.width, "must be >= 1")] if self.width < 1 else []
+        if any(m < 1 for m in self.channel_mult):
+            found.append(("channel_mult", self.channel_mult, "entries must be >= 1"))
+        if not 0.0 <= self.mixing_prob <= 1.0:
+            found.append(("mixing_prob", self.mixing_prob, "must be in [0, 1]"))
+        if self.mapping_layers < 1:
+            found.append(("mapping_layers", self.mapping_layers, "must be >= 1"))
+        if self.mapping_lr_mult <= 0:
+            found.append(("mapping_lr_mult", self.mapping_lr_mult, "must be > 0"))
+        return found
 
 
 @dataclass
@@ -151,6 +173,12 @@ class LossConfig:
     r1_gamma: float = 0.0  # R1 penalty on real data, any loss; 0 disables
     r1_every: int = 1  # lazy R1: computed every this many D updates, weighted by it (StyleGAN2: 16)
     clip_value: float = 0.01  # wgan (weight clipping) only
+    # StyleGAN2's path length regularisation (model.generator.arch stylegan2): weight (0: off),
+    # interval in G updates (lazy, weighted by it), batch divisor and running-mean decay
+    pl_weight: float = 0.0
+    pl_every: int = 4
+    pl_batch_shrink: int = 2
+    pl_decay: float = 0.01
     # Improved-GAN techniques (Salimans et al. 2016), usable with any family:
     label_smoothing: float = 0.0  # one-sided: D's target for real images is 1 - this (ns loss only)
     feature_matching: float = 0.0  # weight of ||E f(x) - E f(G(z))||^2 on D's features, added to G's loss
@@ -170,6 +198,13 @@ class LossConfig:
             found.append(("clip_value", self.clip_value, "must be > 0"))
         if self.r1_every < 1:
             found.append(("r1_every", self.r1_every, "must be >= 1"))
+        if self.pl_weight < 0:
+            found.append(("pl_weight", self.pl_weight, "must be >= 0"))
+        for name in ("pl_every", "pl_batch_shrink"):
+            if getattr(self, name) < 1:
+                found.append((name, getattr(self, name), "must be >= 1"))
+        if not 0.0 < self.pl_decay <= 1.0:
+            found.append(("pl_decay", self.pl_decay, "must be in (0, 1]"))
         if not 0.0 <= self.label_smoothing < 1.0:
             found.append(("label_smoothing", self.label_smoothing, "must be in [0, 1)"))
         elif self.label_smoothing > 0 and self.name != "ns":
@@ -324,6 +359,12 @@ class Config:
                     "use layer, instance or none",
                 )
             )
+        if self.run.keep_best and not self.eval.every:
+            found.append(("run.keep_best", True, "needs evaluation during training (eval.every > 0)"))
+        if self.loss.pl_weight > 0 and self.model.generator.arch != "stylegan2":
+            found.append(("loss.pl_weight", self.loss.pl_weight,
+                          "path length regularisation needs model.generator.arch: stylegan2 "
+                          f"(a w space); the generator is {self.model.generator.arch}"))
         return found
 
 

@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from dist_gan import backend, runlock
-from dist_gan.checkpoint import (ReplicasDiffer, last_healthy, load_checkpoint, remove_stale_staging,
+from dist_gan.checkpoint import (ReplicasDiffer, keep_as_best, last_healthy, load_checkpoint,
+                                 remove_stale_staging, restore_best,
                                  resolve_resume, save_checkpoint)
 from dist_gan.config import Config, OptimConfig, save_config, to_dict
 from dist_gan.data import BatchStream, build_batch_stream
@@ -64,19 +65,22 @@ class Net:
 @dataclass
 class Nets:
     """G, D and (VAE-GAN only) the encoder E, trained with G by G's accelerator in the generator
-    step; ``D_for_penalty``: what penalties differentiate twice through (backend.penalty_view)."""
+    step; ``D_for_penalty`` / ``G_for_penalty``: what penalties differentiate twice through
+    (backend.penalty_view)."""
 
     G: Net
     D: Net
     D_for_penalty: nn.Module
     num_classes: int = 0
     E: Net | None = None
+    G_for_penalty: nn.Module | None = None
 
     def models(self, z_dim: int) -> Models:
         """The view a loss gets."""
         return Models(self.G.wrapped, self.D.wrapped, self.D.plain, self.D_for_penalty,
                       self.E.wrapped if self.E is not None else None, z_dim, self.num_classes,
-                      functools.partial(backend.loss_scale, self.D.accelerator, self.D.wrapped))
+                      functools.partial(backend.loss_scale, self.D.accelerator, self.D.wrapped),
+                      self.G_for_penalty)
 
     def generator_side(self) -> list[Net]:
         """The networks the generator step updates."""
@@ -142,11 +146,12 @@ def build_nets(config: Config, acc_G: Accelerator, acc_D: Accelerator | None = N
     D_w, opt_D_w = backend.prepare(acc_D, "D", D, opt_D, fixed_buckets=fixed)
     G_plain, D_plain = backend.plain(acc_G, G_w), backend.plain(acc_D, D_w)
     D_for_penalty = backend.penalty_view(acc_D, D_w, D_plain)
+    G_for_penalty = backend.penalty_view(acc_G, G_w, G_plain)
     if config.speed.compile:  # penalties keep the eager module: compile has no double backward
         G_w, D_w = torch.compile(G_w), torch.compile(D_w)
     nets = Nets(Net(G_w, G_plain, opt_G_w, build_schedule(opt_G, opt, steps), acc_G),
                 Net(D_w, D_plain, opt_D_w, build_schedule(opt_D, opt, steps), acc_D),
-                D_for_penalty, config.model.num_classes)
+                D_for_penalty, config.model.num_classes, G_for_penalty=G_for_penalty)
     if E is not None:
         nets.E = Net(E_w, backend.plain(acc_G, E_w), opt_E_w, build_schedule(opt_E, opt, steps), acc_G)
     return nets
@@ -352,10 +357,11 @@ def build_ema(config: Config, generator: nn.Module, world_size: int) -> EMA | No
                                             half_life_kimg=train.ema_kimg, rampup=train.ema_rampup))
 
 
-def _generate_grid(generator: nn.Module, fixed_z: torch.Tensor, num_classes: int) -> torch.Tensor:
+def _generate_grid(generator: nn.Module, fixed_z: torch.Tensor, num_classes: int,
+                   truncation: float | None = None) -> torch.Tensor:
     """The sample grid: fixed latents; for a conditional model row r (of 8) shows class r."""
     labels = torch.arange(len(fixed_z), device=fixed_z.device) // 8 % num_classes if num_classes else None
-    return decode(generator, fixed_z, len(fixed_z), fixed_z.device, labels)
+    return decode(generator, fixed_z, len(fixed_z), fixed_z.device, labels, truncation)
 
 
 def _position_for_rank(state: dict, rank: int, world: int) -> dict:
@@ -452,6 +458,10 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, acc.is_main_process, config.run.trackers, to_dict(config))
         cleanup.callback(self.logger.close)
         self.imgs_per_step = real_images_per_step(config, self.world)
+        # run.keep_best: the lowest FID kept so far ({"fid", "step"}), and a better one waiting for
+        # its checkpoint (saved at the step it was measured)
+        self.best: dict | None = None
+        self.best_candidate: dict | None = None
 
     def any_rank(self, flag: bool) -> bool:
         return _any_rank(self.accelerator, flag)
@@ -466,6 +476,7 @@ class Trainer:
         config, acc = self.config, self.accelerator
         if acc.is_main_process:
             remove_stale_staging(self.run_dir)
+            restore_best(self.run_dir)
         resume_from = resolve_resume(config.train.resume, self.run_dir)
         verified = config.train.resume == "auto"  # resolve_resume checked its checksums
         step = self.restore(resume_from, verified) if resume_from is not None else 0
@@ -497,6 +508,7 @@ class Trainer:
         self.data.load_state_dict(_position_for_rank(state, self.rank, self.world))
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
+        self.best = state.get("best")
         if int(state["world_size"]) != self.world:
             log.warning("checkpoint %s was written by %d process(es), this run has %d: weights, "
                         "optimizers, EMA and step restored; data order and noise re-derived",
@@ -564,10 +576,26 @@ class Trainer:
         config = self.config
         if step % config.run.sample_every == 0 or last:
             self.logger.images(step, "ema" if self.ema is not None else "G",
-                               _generate_grid(self.sampler, self.fixed_z, config.model.num_classes))
+                               _generate_grid(self.sampler, self.fixed_z, config.model.num_classes,
+                                              config.run.sample_truncation))
         if self.evaluator and (step % config.eval.every == 0 or last):
             figures = self.evaluator(self.sampler, self.accelerator)
             self.logger.scalars(step, figures or {}, tb_prefix="eval/")
+            if config.run.keep_best:
+                self.consider_best(step, figures)
+
+    def consider_best(self, step: int, figures: dict[str, float] | None) -> None:
+        """Mark a checkpoint due at ``step`` if its FID (rank 0's figure, shared with every rank:
+        the save is collective) beats the best kept so far."""
+        fid = [figures["fid"] if figures else None]
+        if self.world > 1:
+            fid = broadcast_object_list(fid)
+        self.best_candidate = None
+        if fid[0] is not None and math.isfinite(fid[0]) and (self.best is None or fid[0] < self.best["fid"]):
+            self.best_candidate = {"fid": float(fid[0]), "step": step}
+
+    def best_due(self, step: int) -> bool:
+        return self.best_candidate is not None and self.best_candidate["step"] == step
 
     def checkpoint(self, step: int, last: bool) -> bool:
         """Save at ``step`` unless a bad streak is open; return whether a save is still owed."""
@@ -577,7 +605,8 @@ class Trainer:
             return True
         healthy = self.guard.checkpointed() and _weights_finite(list(self.nets.plain().values()))
         nets = self.nets
-        shared = {"step": step, "lr_scale": self.lr_scale, "loss": self.loss.state_dict(),
+        best = self.best_candidate if self.best_due(step) else self.best
+        shared = {"step": step, "lr_scale": self.lr_scale, "loss": self.loss.state_dict(), "best": best,
                   "ema": self.ema.state_dict() if self.ema is not None else None,
                   **{name: s.state_dict() for name, s in nets.schedulers().items()}}
         weights = {"generator": nets.G.plain, **({"encoder": nets.E.plain} if nets.E is not None else {})}
@@ -596,6 +625,13 @@ class Trainer:
             raise
         self.logger.event(step, {"event": "checkpoint", "path": str(path), "world_size": self.world,
                                  "healthy": healthy, "replicas_identical": replicas})
+        if self.best_due(step):
+            self.best, self.best_candidate = best, None
+            if self.accelerator.is_main_process:
+                kept = keep_as_best(path)
+                self.logger.event(step, {"event": "best", "fid": best["fid"], "path": str(kept),
+                                         "from": str(path)})
+            self.accelerator.wait_for_everyone()
         return False
 
 
@@ -631,7 +667,7 @@ def _run(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: S
         last = step == stop.last_step
         if not stop.preempted:
             run.sample_and_evaluate(step, last)
-        if step % config.run.ckpt_every == 0 or last or checkpoint_owed:
+        if step % config.run.ckpt_every == 0 or last or checkpoint_owed or run.best_due(step):
             if not (measure or due):  # a signal moved the last step here: review before saving
                 step, rolled_back = run.review(step)
                 if rolled_back:

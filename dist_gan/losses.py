@@ -22,6 +22,7 @@ the input gradient is taken at the loss scale and unscaled (``input_gradient``).
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, ContextManager
@@ -42,7 +43,7 @@ class Models:
 
     ``G``, ``D``, ``E``: the wrapped modules for training forwards. ``D_plain``: D itself, read in the
     generator step (the loop freezes its parameters there) and by historical averaging.
-    ``D_penalty``: what penalties differentiate twice through. ``penalty_scale``: the fp16 loss
+    ``D_penalty`` (``G_penalty``): what penalties differentiate twice through. ``penalty_scale``: the fp16 loss
     scale to take the penalty's input gradient at (None: no loss scaling).
     """
 
@@ -54,6 +55,7 @@ class Models:
     z_dim: int
     num_classes: int
     penalty_scale: Callable[[], float | torch.Tensor | None] = lambda: None
+    G_penalty: nn.Module | None = None  # what G-side penalties (path length) differentiate twice through
 
 
 # --- objectives -------------------------------------------------------------------------------------
@@ -375,6 +377,44 @@ class HistoricalAveraging(Term):
             h.load_state_dict(state[name])
 
 
+class PathLength(Term):
+    """StyleGAN2's path length regularisation: for y ~ N(0, I) / sqrt(H W), the length
+    ||J_w^T y|| of the generator's Jacobian at w is pulled towards its running mean ``a``, i.e.
+    loss.pl_weight x (||J_w^T y|| - a)^2, on a batch loss.pl_batch_shrink times smaller, every
+    loss.pl_every G updates. ``a`` moves by loss.pl_decay per evaluation, from the batch mean over
+    every rank (one small all-reduce per evaluation), so every rank holds the same ``a`` and a
+    resume restores it exactly. Computed in fp32 (autocast off), as the other penalties."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.every = cfg.pl_every
+        self.mean = torch.zeros(())
+
+    def generator(self, step):
+        m = step.models
+        n = max(step.real.shape[0] // self.cfg.pl_batch_shrink, 1)
+        z, labels = GANLoss.sample(m, n, step.real.device)
+        with full_precision(step.real.device):
+            images, ws = m.G_penalty(z, labels, return_ws=True)
+            images = images.float()
+            noise = torch.randn_like(images) / math.sqrt(images.shape[2] * images.shape[3])
+            (grad,) = torch.autograd.grad((images * noise).sum(), ws, create_graph=True)
+            lengths = grad.float().square().sum(2).mean(1).sqrt()
+        batch_mean = lengths.mean().detach()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(batch_mean)
+            batch_mean = batch_mean / torch.distributed.get_world_size()
+        self.mean = self.mean.to(batch_mean.device).lerp(batch_mean, self.cfg.pl_decay)
+        value = self.cfg.pl_weight * (lengths - self.mean).square().mean()
+        return value, {"pl": value, "pl_mean": self.mean}
+
+    def state_dict(self):
+        return {"mean": self.mean.detach().cpu()}
+
+    def load_state_dict(self, state):
+        self.mean = state["mean"].clone()
+
+
 # A term's factory: the term when the config switches it on, else None. The order of this table is
 # the order of the sums (and of the logged statistics).
 TERMS: dict[str, Callable[[LossConfig], Term | None]] = {
@@ -384,10 +424,11 @@ TERMS: dict[str, Callable[[LossConfig], Term | None]] = {
     "feature_matching": lambda cfg: FeatureMatching(cfg) if cfg.feature_matching > 0 else None,
     "vaegan": VAEGAN,
     "hist_avg": lambda cfg: HistoricalAveraging(cfg) if cfg.historical_averaging > 0 else None,
+    "pl": lambda cfg: PathLength(cfg) if cfg.pl_weight > 0 else None,
 }
 # Terms every loss gets (each switched on by its own config weight, or by an encoder for vaegan);
 # the others only where a loss's definition names them.
-SHARED_TERMS = ("r1", "feature_matching", "vaegan", "hist_avg")
+SHARED_TERMS = ("r1", "feature_matching", "vaegan", "hist_avg", "pl")
 
 
 @dataclass(frozen=True)

@@ -32,13 +32,33 @@ def load_generator(path: str | Path, ema: bool = True) -> tuple[nn.Module, Path]
 
 def num_classes(generator: nn.Module) -> int:
     """How many classes a conditional generator knows; 0 for an unconditional one."""
+    if isinstance(getattr(generator, "num_classes", None), int):
+        return generator.num_classes
     embed = getattr(getattr(generator, "condition", None), "embed", None)
     return embed.num_embeddings if embed is not None else 0
 
 
+def truncate_latents(z: torch.Tensor, threshold: float, seed: int = 0) -> torch.Tensor:
+    """BigGAN's truncation trick: entries of ``z`` outside [-threshold, threshold] are drawn again
+    (from ``seed``) until none is, i.e. z from a normal truncated at the threshold."""
+    rng = torch.Generator().manual_seed(seed)
+    z = z.clone()
+    outside = z.abs() > threshold
+    while outside.any():
+        z[outside] = torch.randn(int(outside.sum()), generator=rng, dtype=z.dtype)
+        outside = z.abs() > threshold
+    return z
+
+
+def has_w_space(generator: nn.Module) -> bool:
+    """Whether the generator truncates in its own w space (StyleGAN2's mapping with ``w_avg``)."""
+    return hasattr(getattr(generator, "mapping", None), "w_avg")
+
+
 @torch.no_grad()
 def generate(generator: nn.Module, n: int, seed: int = 0, batch_size: int = 256,
-             device: torch.device | str = "cpu", labels: torch.Tensor | None = None) -> torch.Tensor:
+             device: torch.device | str = "cpu", labels: torch.Tensor | None = None,
+             truncation: float | None = None) -> torch.Tensor:
     """``n`` images in [-1, 1] (on the CPU) from latents drawn with ``seed``: same seed, same images.
 
     A conditional generator draws each image's class uniformly (from the same seed) unless ``labels``
@@ -49,10 +69,11 @@ def generate(generator: nn.Module, n: int, seed: int = 0, batch_size: int = 256,
     classes = num_classes(generator)
     if classes and labels is None:
         labels = torch.randint(0, classes, (n,), generator=rng)
-    return decode(generator, z, batch_size, device, labels)
+    return decode(generator, z, batch_size, device, labels, truncation)
 
 
-def latent_walk(generator: nn.Module, steps: int, seed: int = 0) -> torch.Tensor:
+def latent_walk(generator: nn.Module, steps: int, seed: int = 0,
+                truncation: float | None = None) -> torch.Tensor:
     """``steps`` images along the great circle (slerp) from the latent of ``seed`` to ``seed + 1``."""
     ends = [torch.randn(1, generator.z_dim, generator=torch.Generator().manual_seed(s))
             for s in (seed, seed + 1)]
@@ -61,7 +82,7 @@ def latent_walk(generator: nn.Module, steps: int, seed: int = 0) -> torch.Tensor
     t = torch.linspace(0, 1, steps).unsqueeze(1)
     z = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
     labels = torch.zeros(steps, dtype=torch.long) if num_classes(generator) else None
-    return decode(generator, z, steps, "cpu", labels)
+    return decode(generator, z, steps, "cpu", labels, truncation)
 
 
 def write_animation(frames: torch.Tensor, path: str | Path, fps: int = 12) -> None:
@@ -84,7 +105,8 @@ def write_animation(frames: torch.Tensor, path: str | Path, fps: int = 12) -> No
     images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
 
 
-def by_class(generator: nn.Module, classes: list[int], per_class: int, seed: int = 0) -> torch.Tensor:
+def by_class(generator: nn.Module, classes: list[int], per_class: int, seed: int = 0,
+             truncation: float | None = None) -> torch.Tensor:
     """``per_class`` images of each class in turn (one grid row per class), the same latents per row."""
     if not num_classes(generator):
         raise ConfigError("--classes needs a class-conditional model (model.num_classes > 0)")
@@ -93,7 +115,7 @@ def by_class(generator: nn.Module, classes: list[int], per_class: int, seed: int
         raise ConfigError(f"--classes {bad}: this model knows classes 0..{num_classes(generator) - 1}")
     z = torch.randn(per_class, generator.z_dim, generator=torch.Generator().manual_seed(seed))
     labels = torch.tensor(classes).repeat_interleave(per_class)
-    return decode(generator, z.repeat(len(classes), 1), 256, "cpu", labels)
+    return decode(generator, z.repeat(len(classes), 1), 256, "cpu", labels, truncation)
 
 
 @torch.no_grad()
@@ -119,14 +141,26 @@ def reconstructions(checkpoint: Path, generator: nn.Module, n: int,
 
 @torch.no_grad()
 def decode(generator: nn.Module, z: torch.Tensor, batch_size: int, device: torch.device | str,
-           labels: torch.Tensor | None = None) -> torch.Tensor:
+           labels: torch.Tensor | None = None, truncation: float | None = None) -> torch.Tensor:
     """Images (fp32, on the CPU) of latents ``z`` (and ``labels``) in batches, the generator in eval
-    mode meanwhile (BatchNorm uses its running statistics); any weight dtype."""
+    mode meanwhile (BatchNorm uses its running statistics); any weight dtype.
+
+    ``truncation`` (None: off) trades variety for fidelity: for a generator with a w space
+    (stylegan2) w is pulled towards the average w, psi = ``truncation`` (1: none); for the others z
+    is truncated at that threshold (BigGAN's trick: 0.5 to 1 is typical)."""
+    extra = {}
+    if truncation is not None:
+        if not truncation > 0:
+            raise ConfigError(f"truncation = {truncation} must be > 0")
+        if has_w_space(generator):
+            extra = {"truncation": float(truncation)}
+        else:
+            z = truncate_latents(z.cpu(), float(truncation)).to(z.device)
     was_training = generator.training
     generator.eval()
     label_chunks = labels.split(batch_size) if labels is not None else [None] * len(z.split(batch_size))
     images = torch.cat([
-        generator(chunk.to(device), None if y is None else y.to(device)).float().cpu()
+        generator(chunk.to(device), None if y is None else y.to(device), **extra).float().cpu()
         for chunk, y in zip(z.split(batch_size), label_chunks)])
     generator.train(was_training)
     return images
@@ -135,7 +169,8 @@ def decode(generator: nn.Module, z: torch.Tensor, batch_size: int, device: torch
 def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, raw: bool = False,
          nrow: int | None = None, out_dir: str | None = None, interpolate: bool = False,
          classes=None, per_class: int = 8, reconstruct: bool = False,
-         mnist_dir: str | None = None, gif: str | None = None, mp4: str | None = None) -> None:
+         mnist_dir: str | None = None, gif: str | None = None, mp4: str | None = None,
+         truncation: float | None = None) -> None:
     """Write ``n`` samples from ``checkpoint`` (a run directory or a checkpoint).
 
     --out: a grid PNG (default). --out_dir: one PNG per image instead. --interpolate: a latent walk of
@@ -145,6 +180,8 @@ def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, 
     --classes=0,1,2: a conditional model's samples, one row of ``per_class`` per class.
     --reconstruct: a VAE-GAN's reconstructions of ``n`` test images (rows of inputs, then of their
     reconstructions; --mnist_dir if the run's data.mnist_dir is not here).
+    --truncation=0.7: fidelity for variety (stylegan2: w towards its average by psi; the others: z
+    truncated at that threshold, as BigGAN).
     """
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     for name, value in (("n", n), ("per_class", per_class)):
@@ -155,13 +192,13 @@ def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, 
         if classes is not None:
             wanted = [int(c) for c in (classes if isinstance(classes, (list, tuple))
                                        else str(classes).split(","))]
-            images, nrow = by_class(generator, wanted, per_class, seed), per_class
+            images, nrow = by_class(generator, wanted, per_class, seed, truncation), per_class
         elif reconstruct:
             images, nrow = reconstructions(source, generator, n, mnist_dir), 8
         elif interpolate:
-            images = latent_walk(generator, n, seed)
+            images = latent_walk(generator, n, seed, truncation)
         else:
-            images = generate(generator, n, seed)
+            images = generate(generator, n, seed, truncation=truncation)
     except (ConfigError, DataError, FileNotFoundError) as err:
         sys.exit(f"dist_gan.sample: error: {err}")
     n = len(images)

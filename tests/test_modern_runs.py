@@ -1,0 +1,153 @@
+"""The ResNet and StyleGAN2 recipes as users launch them (issue 16): 2-process DDP with lazy R1 and
+path length on, killed and resumed bit-exact; DeepSpeed ZeRO-2 in bf16; keep_best."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, read_metrics, run_cli, start_cli, wait_for
+from test_scale import ACCELERATE, CPU_DDP, assert_same_weights, events
+from test_world_sizes import descendants
+
+from dist_gan.checkpoint import best_checkpoint, keep_as_best, list_checkpoints, restore_best
+
+pytestmark = pytest.mark.slow
+
+# 32 px synthetic RGB images in memory, narrow nets: the recipes' code paths in seconds
+SMALL = ["--data.source=synthetic", "--data.format=memory", "--data.resolution=32", "--data.channels=3",
+         "--data.batch_size=8", "--model.generator.width=4", "--model.discriminator.width=4",
+         "--model.z_dim=32", "--run.log_every=1", "--run.sample_every=100", "--eval.every=0",
+         "--run.keep_best=false"]
+LAZY = ["--loss.r1_gamma=1.0", "--loss.r1_every=2"]
+RECIPES = {
+    "resnet": ["configs/cifar10_resnet.yaml", "--optim.n_critic=2", *LAZY],
+    "stylegan2": ["configs/folder256_stylegan2.yaml", "--data.folder=null", "--loss.pl_every=2",
+                  "--model.generator.mapping_layers=2", *LAZY],
+}
+
+
+def args(arch: str, run: Path, *extra: str) -> list[str]:
+    config, *recipe = RECIPES[arch]
+    return ["dist_gan.train", config, f"--run.dir={run}", *SMALL, *recipe, *extra]
+
+
+@pytest.mark.parametrize("arch", ["resnet", "stylegan2"])
+def test_two_process_ddp_killed_and_resumed_bit_exact_with_lazy_r1_and_path_length(tmp_path, arch):
+    """8 steps straight == killed (SIGKILL to every process) after the step-4 checkpoint, resumed;
+    replicas identical at every checkpoint; the lazy terms ran (and the path-length mean moved)."""
+    common = ["--train.max_steps=8", "--run.ckpt_every=4"]
+    launch = [*CPU_DDP, "--num_processes", "2"]
+    straight = tmp_path / "straight"
+    run_cli(args(arch, straight, *common), launch)
+    logged = [r for r in read_metrics(straight) if "loss_D" in r]
+    assert any("r1" in r for r in logged)
+    if arch == "stylegan2":
+        pl = [r["pl_mean"] for r in logged if "pl_mean" in r]
+        assert len(pl) >= 2 and pl[-1] != pl[0] and all(v > 0 for v in pl)
+    assert all(e["replicas_identical"] == {"G": True, "D": True} for e in events(straight, "checkpoint"))
+
+    killed = tmp_path / "killed"
+    proc = start_cli(args(arch, killed, *common), launch, log=tmp_path / "killed.log")
+
+    def logged_step() -> int:
+        if not (killed / "metrics.jsonl").is_file():
+            return 0
+        return max((r["step"] for r in read_metrics(killed) if "loss_D" in r), default=0)
+
+    wait_for(lambda: logged_step() >= 5, 600, "step 5", proc, interval=0.01)
+    for pid in descendants(proc.pid):
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (killed / "checkpoints" / "step_00000008").exists(), "the run ended before the kill"
+    run_cli(args(arch, killed, *common, "--train.resume=auto"), launch)
+    assert events(killed, "start")[-1]["resumed_from"].endswith("step_00000004")
+    assert_same_weights(straight / "checkpoints" / "step_00000008", killed / "checkpoints" / "step_00000008")
+    a, b = (torch.load(run / "checkpoints" / "step_00000008" / "trainer_state.pt", weights_only=True)["loss"]
+            for run in (straight, killed))
+    assert a["updates"] == b["updates"] and ("pl" in a["terms"]) == (arch == "stylegan2")
+    assert all(torch.equal(x, y) for x, y in zip(_tensors(a), _tensors(b)))
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for key in sorted(tree) for t in _tensors(tree[key])]
+    return []
+
+
+@pytest.mark.parametrize("arch", ["resnet", "stylegan2"])
+def test_deepspeed_zero2_bf16(tmp_path, arch):
+    """Both recipes under DeepSpeed ZeRO-2 with bf16 weights on 2 ranks: the double backward of R1
+    (and of path length) through the plain networks, replicas identical, finite losses."""
+    run = tmp_path / arch
+    launcher = [*ACCELERATE, "--config_file", str(REPO / "launch" / "deepspeed_zero2.yaml"),
+                "--num_processes", "2"]
+    run_cli(args(arch, run, "--train.max_steps=4", "--run.ckpt_every=4", "--train.mixed_precision=bf16",
+                 "--loss.r1_every=1", *(["--loss.pl_every=1"] if arch == "stylegan2" else [])),
+            launcher, env={"DS_ACCELERATOR": "cpu"})
+    start = events(run, "start")[0]
+    assert start["distributed_type"] == "DistributedType.DEEPSPEED" and start["mixed_precision"] == "bf16"
+    assert events(run, "checkpoint")[-1]["replicas_identical"] == {"G": True, "D": True}
+    logged = [r for r in read_metrics(run) if "loss_D" in r]
+    assert logged and all(r["r1"] > 0 for r in logged)
+    if arch == "stylegan2":
+        assert all(r["pl"] >= 0 and r["pl_mean"] > 0 for r in logged)
+
+
+def test_keep_best_survives_pruning_and_is_the_lowest_fid(tmp_path):
+    """Evaluations every 2 steps; checkpoints/best holds the step of the lowest logged FID, pruning
+    (keep_last 1) leaves it alone, and resume=auto still takes the newest checkpoint."""
+    run = tmp_path / "run"
+    common = ["dist_gan.train", "configs/mnist_dcgan.yaml", f"--run.dir={run}", "--data.source=synthetic",
+              "--data.format=memory", "--data.batch_size=16", "--model.generator.width=8",
+              "--model.discriminator.width=8", "--run.keep_best=true", "--eval.every=2",
+              "--eval.n_samples=64", "--eval.feature_net=test_metrics:tiny_feature_net",
+              "--run.keep_last=1", "--run.ckpt_every=100", "--run.log_every=2"]
+    env = {"PYTHONPATH": str(REPO / "tests")}
+    run_cli([*common, "--train.max_steps=12"], env=env)
+    fids = {r["step"]: r["fid"] for r in read_metrics(run) if "fid" in r}
+    assert sorted(fids) == [2, 4, 6, 8, 10, 12]
+    bests = events(run, "best")
+    assert bests and bests[-1]["fid"] == min(fids.values())
+    best_step = min(fids, key=fids.get)
+    best = best_checkpoint(run)
+    manifest = json.loads((best / "manifest.json").read_text())
+    assert manifest["step"] == best_step and bests[-1]["step"] == best_step
+    state = torch.load(best / "trainer_state.pt", weights_only=True)
+    assert state["best"] == {"fid": fids[best_step], "step": best_step}
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000012"]  # pruned to 1; best kept apart
+    run_cli([*common, "--train.max_steps=14", "--train.resume=auto"], env=env)
+    assert events(run, "start")[-1]["resumed_from"].endswith("step_00000012")
+    # the resumed run knows the best so far: a new best must beat it
+    later = [e for e in events(run, "best") if e["step"] > 12]
+    assert all(e["fid"] < fids[best_step] for e in later)
+    run_cli(["dist_gan.sample", str(best), "--n=4", f"--out={tmp_path / 'best.png'}"])
+
+
+def test_keep_as_best_is_atomic_and_a_killed_swap_is_repaired(tmp_path):
+    run = tmp_path / "run"
+    for step in (1, 2):
+        folder = run / "checkpoints" / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps({"step": step}))
+    keep_as_best(run / "checkpoints" / "step_00000001")
+    assert json.loads((best_checkpoint(run) / "manifest.json").read_text())["step"] == 1
+    # a kill between renaming the old best aside and moving the new one in
+    os.replace(best_checkpoint(run), run / "checkpoints" / "best.old")
+    (run / "checkpoints" / "best.tmp").mkdir()
+    restore_best(run)
+    assert json.loads((best_checkpoint(run) / "manifest.json").read_text())["step"] == 1
+    assert not (run / "checkpoints" / "best.old").exists() and not (run / "checkpoints" / "best.tmp").exists()
+    keep_as_best(run / "checkpoints" / "step_00000002")
+    assert json.loads((best_checkpoint(run) / "manifest.json").read_text())["step"] == 2
+    # hard links: the best costs no disk, and deleting the original leaves it whole
+    import shutil
+    shutil.rmtree(run / "checkpoints" / "step_00000002")
+    assert json.loads((best_checkpoint(run) / "manifest.json").read_text())["step"] == 2
