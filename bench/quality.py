@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs")
     parser.add_argument("--runs", default="runs/bench_quality")
     parser.add_argument("--report_only", action="store_true", help="rebuild the report from finished runs")
+    parser.add_argument("--report_name", default="quality", help="OUT/<name>.{md,json,png}")
     args = parser.parse_args()
     out = Path(args.out)
     results = {"minutes": args.minutes, "floor": floor(args.mnist_dir), "runs": {}}
@@ -113,10 +114,10 @@ def main() -> None:
             shutil.copy(grids[-1], out / f"quality_{name}.png")
         if (run_dir / "samples" / "ema_00001500.png").is_file():
             shutil.copy(run_dir / "samples" / "ema_00001500.png", out / f"{name}_1500.png")
-    (out / "quality.json").write_text(json.dumps(results, indent=1))
-    plot(results, out / "quality.png")
+    (out / f"{args.report_name}.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / f"{args.report_name}.png")
     table = report(results)
-    (out / "quality.md").write_text(table + "\n")
+    (out / f"{args.report_name}.md").write_text(table + "\n")
     print(table)
 
 
