@@ -87,7 +87,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| resolution | arch | batch | real img/s | vs dcgan | G params | D params | G fwd / image | "
              "D fwd / image |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['resolution']} | {r['arch']} | {r['batch']} | {r['img_s']:.1f} | "
+        lines.append(f"| {r['resolution']} | {r['arch']} | {r['batch']} | {r['img_s']:.3g} | "
                      f"{r['vs_dcgan']:.2f} | {r['G_params'] / 1e6:.2f} M | {r['D_params'] / 1e6:.2f} M | "
                      f"{r['G_flops'] / 1e9:.2f} GFLOP | {r['D_flops'] / 1e9:.2f} GFLOP |")
     return "\n".join(lines)

@@ -9,7 +9,7 @@
 # Steps: (1) the CUDA-marked tests; (2) fp32 vs bf16 vs fp16 step rates of both benchmark configs at
 # batch 256 and 1024, and DDP over NCCL with one process, with peak GPU memory; (3) DeepSpeed ZeRO-2
 # on one GPU (real training runs through launch/deepspeed_zero2.yaml, bf16 and fp16); (4) the speed switches on the
-# GPU. Results go to $OUT (default /tmp/gpu_check); the summary table is the last thing printed.
+# GPU; (5) the ResNet and StyleGAN2 recipes in bf16 (img/s, peak memory, MFU). Results go to $OUT (default /tmp/gpu_check); the summary table is the last thing printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -75,11 +75,25 @@ step "4. speed switches on this device"
 $PY bench/speed_options.py --configs mnist_wgangp,dcgan64_rgb --batch $SPEED_BATCH --steps $STEPS \
     --rounds $ROUNDS $SPEED_ARGS --out "$OUT/speed_options.md" 2>&1 | tail -14 || status=1
 
+step "5. the modern recipes in bf16: cifar10_resnet (32 px) and folder256_stylegan2 (256 px), synthetic data"
+rm -f "$OUT/recipes.md"
+if [ -n "${GPU_CHECK_CPU_SMOKE:-}" ]; then
+    RECIPE_MINUTES=0.2; RECIPE_EXTRA="--model.generator.width=4 --model.discriminator.width=4 --data.batch_size=4 --data.resolution=32"
+else
+    RECIPE_MINUTES=2; RECIPE_EXTRA=""
+fi
+for recipe in cifar10_resnet folder256_stylegan2; do
+    timeout 300 $PY bench/recipe_check.py configs/$recipe.yaml --minutes=$RECIPE_MINUTES --precision=bf16 \
+        --run_dir="$OUT/recipes" --extra="$RECIPE_EXTRA" > "$OUT/recipe_$recipe.log" 2>&1 \
+        || { status=1; tail -30 "$OUT/recipe_$recipe.log"; }
+    grep "^| $recipe" "$OUT/recipe_$recipe.log" | tee -a "$OUT/recipes.md"
+done
+
 step "summary"
 {
   cat "$OUT/env.txt"
   grep -E "passed|failed|skipped|error" "$OUT/cuda_tests.txt" | tail -1
-  cat "$OUT/gpu_steps.md" "$OUT/deepspeed.md" 2>/dev/null
+  cat "$OUT/gpu_steps.md" "$OUT/deepspeed.md" "$OUT/recipes.md" 2>/dev/null
   tail -n +3 "$OUT/speed_options.md" 2>/dev/null
 } | tee "$OUT/summary.md"
 exit $status

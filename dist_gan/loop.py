@@ -562,6 +562,8 @@ class Trainer:
             lr_G=self.nets.G.scheduler.get_last_lr()[0], lr_D=self.nets.D.scheduler.get_last_lr()[0],
             kimg=step * self.imgs_per_step / 1000, world_size=self.world,
             skipped_steps=self.guard.skipped, rollbacks=self.guard.rollbacks)
+        if self.accelerator.device.type == "cuda":  # the allocator's own count: no device sync
+            values["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 1e9
         self.logger.scalars(step, values)
         self.window.reset()
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}

@@ -26,3 +26,5 @@ def test_gpu_check_script_runs_every_step_on_cpu(tmp_path):
         assert f"| {config} | 8 | no | DDP 1 (DistributedType.MULTI_CPU) |" in summary
     assert "DistributedType.DEEPSPEED | bf16 |" in summary and "finished, checkpointed" in summary
     assert "| channels_last |" in summary
+    for recipe in ("cifar10_resnet", "folder256_stylegan2"):
+        assert f"| {recipe} | bf16 |" in summary and "real img/s" in summary and "MFU" in summary

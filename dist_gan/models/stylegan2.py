@@ -189,7 +189,7 @@ class StyleGAN2Generator(nn.Module):
     def synthesis(self, ws: torch.Tensor) -> torch.Tensor:
         """(N, num_ws, w_dim) -> images. Layer i's toRGB shares its w with the next conv, as in the
         paper: block b uses ws[2b - 1], ws[2b] and (toRGB) ws[2b + 1]."""
-        x = self.first(self.const[None].expand(ws.shape[0], -1, -1, -1), ws[:, 0])
+        x = self.first(self.const.unsqueeze(0).repeat(ws.shape[0], 1, 1, 1), ws[:, 0])
         img = self.to_rgb[0](x, ws[:, 1])
         for b in range(1, len(self.to_rgb)):
             x = self.convs[2 * b - 2](x, ws[:, 2 * b - 1])
