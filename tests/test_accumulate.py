@@ -38,7 +38,9 @@ def gradients(batch, accumulate, acc_G, acc_D):
 acc_G, acc_D = backend.make_accelerators(load_config("configs/mnist_dcgan.yaml", {}))
 whole, split = gradients(64, 1, acc_G, acc_D), gradients(32, 2, acc_G, acc_D)
 worst = max(float((whole[k] - split[k]).abs().max() / whole[k].abs().max().clamp_min(1e-12)) for k in whole)
-print("RESULT", acc_G.process_index, acc_G.num_processes, len(whole), worst, flush=True)
+# One file per rank: two processes printing to one pipe can interleave their lines.
+with open(os.path.join(sys.argv[1], f"result{acc_G.process_index}.txt"), "w") as out:
+    out.write(f"{acc_G.process_index} {acc_G.num_processes} {len(whole)} {worst}\n")
 '''
 
 
@@ -47,11 +49,11 @@ def test_two_micro_batches_of_32_give_the_gradients_of_one_batch_of_64(tmp_path,
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     cmd = [sys.executable, *(["-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
-                             if processes > 1 else []), str(probe)]
+                             if processes > 1 else []), str(probe), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    results = [path.read_text().split() for path in sorted(tmp_path.glob("result*.txt"))]
     assert len(results) == processes
     for rank, world, tensors, worst in results:
         assert int(world) == processes and int(tensors) > 4

@@ -51,8 +51,10 @@ loop.train_step = train_step
 config = load_config(sys.argv[1], dict(arg[2:].split("=", 1) for arg in sys.argv[2:]))
 loop.train(config)
 import os
-print("COUNTS", os.environ.get("RANK", "0"),
-      json.dumps({step: dict(c) for step, c in counts.items()}), flush=True)
+# One file per rank: two processes printing to one pipe can interleave their lines.
+rank = os.environ.get("RANK", "0")
+Path(config.run.dir, f"counts{rank}.json").write_text(
+    json.dumps({"rank": rank, "counts": {step: dict(c) for step, c in counts.items()}}))
 '''
 
 
@@ -64,10 +66,12 @@ def test_steps_between_log_and_checkpoint_steps_never_sync(tmp_path, mnist_dir):
             "--train.max_steps=12", "--optim.n_critic=2", "--optim.accumulate=2"]
     proc = run_cli(["torch.distributed.run", "--nproc_per_node=2", str(probe),
                     "configs/mnist_wgangp.yaml", *args])
-    reports = [line.split(" ", 2) for line in proc.stdout.splitlines() if line.startswith("COUNTS")]
-    assert sorted(int(rank) for _, rank, _ in reports) == [0, 1]
-    for _, rank, text in reports:
-        counts = {int(step): calls for step, calls in json.loads(text).items()}
+    assert proc.returncode == 0
+    reports = [json.loads(path.read_text()) for path in sorted((tmp_path / "run").glob("counts*.json"))]
+    assert sorted(int(report["rank"]) for report in reports) == [0, 1]
+    for report in reports:
+        rank = report["rank"]
+        counts = {int(step): calls for step, calls in report["counts"].items()}
         quiet = [s for s in range(1, 13) if s % 4 and s % 6 and s != 12]
         assert {s: counts[s] for s in quiet if counts.get(s)} == {}, f"rank {rank} synced in a step"
         for step in (4, 6, 12):  # the counters do see the log / checkpoint steps' reads
