@@ -105,13 +105,24 @@ class DataConfig:
     batch_size: int = 64  # per process
     pin_memory: Optional[bool] = None  # page-locked host batches for async copies; None: on CUDA only
     prefetch_factor: int = 4  # batches each loader worker reads ahead
+    # Horizontal flips of the data set: every image is shown mirrored in alternate epochs (which
+    # epoch first is drawn per image), so any two epochs hold the doubled set. Off for digits.
+    xflip: bool = False
+    # Train on this many images of the source (a seeded subset, the same for every run and seed);
+    # 0: all. Read into memory (data.format: memory) or written by `python -m dist_gan.data prepare
+    # --limit=N`.
+    limit: int = 0
 
     def problems(self) -> list[tuple[str, Any, str]]:
         found = []
         for name, low in (("batch_size", 1), ("resolution", 8), ("shard_size", 1), ("workers", 0),
-                          ("shuffle_buffer", 0), ("prefetch_factor", 1)):
+                          ("shuffle_buffer", 0), ("prefetch_factor", 1), ("limit", 0)):
             if getattr(self, name) < low:
                 found.append((name, getattr(self, name), f"must be >= {low}"))
+        if self.limit and self.format == "shards":
+            found.append(("limit", self.limit, "applies to data.format: memory; for shards, write a "
+                          "limited set with `python -m dist_gan.data prepare --limit=N` and point "
+                          "data.shards at it"))
         if self.format == "shards" and not self.shards:
             found.append(("shards", self.shards, "must name the shards when data.format is shards"))
         return found
@@ -313,16 +324,67 @@ class TrainConfig:
         return found
 
 
+AUGMENT_POLICIES = {"diffaugment": ("color", "translation", "cutout"), "ada": ("blit", "geom", "color")}
+
+
+@dataclass
+class AugmentConfig:
+    """Differentiable augmentation of every image D sees (real, fake and the penalties' inputs)."""
+
+    # none | diffaugment (Zhao et al. 2020) | ada (Karras et al. 2020, adaptive p)
+    kind: Literal["none", "diffaugment", "ada"] = "none"
+    # The groups, a list or comma-separated. diffaugment: color, translation, cutout; ada: blit,
+    # geom, color. Empty: all of the kind's groups.
+    policy: list[str] = field(default_factory=list)
+    # Probability of each transform per image. diffaugment: fixed (the paper: 1). ada: the start
+    # value, then tuned towards `target` (fixed when target is null).
+    p: Optional[float] = None
+    target: Optional[float] = 0.6  # ada: the aim for r_t = E[sign(D(real))]; null: p stays fixed
+    speed_kimg: float = 500.0  # ada: thousands of real images for p to move 0 -> 1 at most
+
+    def groups(self) -> list[str]:
+        default = AUGMENT_POLICIES.get(self.kind, ())
+        return list(self.policy) if self.policy else list(default)
+
+    def start_p(self) -> float:
+        return self.p if self.p is not None else (1.0 if self.kind == "diffaugment" else 0.0)
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        found = []
+        if self.kind != "none":
+            allowed = AUGMENT_POLICIES[self.kind]
+            unknown = [g for g in self.groups() if g not in allowed]
+            if unknown or not self.groups():
+                found.append(("policy", self.policy, f"{self.kind} groups are {list(allowed)}"))
+        if self.p is not None and not 0.0 <= self.p <= 1.0:
+            found.append(("p", self.p, "must be in [0, 1]"))
+        if self.target is not None and not 0.0 < self.target < 1.0:
+            found.append(("target", self.target, "must be in (0, 1), or null for a fixed p"))
+        if self.speed_kimg <= 0:
+            found.append(("speed_kimg", self.speed_kimg, "must be > 0"))
+        return found
+
+
+FEATURE_NET_NAMES = ("auto", "inception", "mnist_classifier", "torchvision")
+
+
 @dataclass
 class EvalConfig:
     every: int = 0  # evaluate FID/KID/IS every this many steps (and at the end); 0 disables
     n_samples: int = 5000  # generated samples per evaluation, shared over the ranks
-    # mnist_classifier | torchvision | "package.module:build" (see dist_gan.metrics.networks)
-    feature_net: str = "mnist_classifier"
+    # auto (mnist_classifier for data.source mnist, else inception) | inception (the FID
+    # Inception-v3, 2048-d pool features at 299 px) | mnist_classifier | torchvision |
+    # "package.module:build" (see dist_gan.metrics.networks)
+    feature_net: str = "auto"
     classifier_path: Optional[str] = None  # mnist_classifier weights; default: the user cache
     feature_arch: str = "resnet18"  # torchvision only
-    feature_weights: Optional[str] = None  # torchvision only: a local state_dict file
+    # inception: the FID Inception weights file (pt_inception-2015-12-05-6726825d.pth) on machines
+    # without internet (default: fetched once into torch's hub cache); torchvision: a state_dict file
+    feature_weights: Optional[str] = None
     real_split: Literal["train", "test"] = "train"  # real reference statistics
+    # Reference statistics written by `dist-gan evaluate --reference DATA --out stats.npz`, used
+    # instead of embedding the real data in the run
+    reference_stats: Optional[str] = None
     batch_size: int = 500
 
     def problems(self) -> list[tuple[str, Any, str]]:
@@ -330,10 +392,19 @@ class EvalConfig:
         for name, low in (("every", 0), ("n_samples", 10), ("batch_size", 1)):
             if getattr(self, name) < low:
                 found.append((name, getattr(self, name), f"must be >= {low}"))
-        if self.feature_net not in ("mnist_classifier", "torchvision") and ":" not in self.feature_net:
+        if self.feature_net not in FEATURE_NET_NAMES and ":" not in self.feature_net:
             found.append(("feature_net", self.feature_net,
-                          "is not mnist_classifier, torchvision or a 'package.module:function'"))
+                          f"is not one of {list(FEATURE_NET_NAMES)} or a 'package.module:function'"))
+        if self.reference_stats and not Path(self.reference_stats).is_file():
+            found.append(("reference_stats", self.reference_stats,
+                          "no such file (write it with dist-gan evaluate --reference DATA --out FILE)"))
         return found
+
+    def resolved_feature_net(self, data: DataConfig) -> str:
+        """The feature network ``auto`` stands for: the MNIST classifier for MNIST, else Inception."""
+        if self.feature_net != "auto":
+            return self.feature_net
+        return "mnist_classifier" if data.source == "mnist" else "inception"
 
 
 @dataclass
@@ -346,6 +417,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def problems(self) -> list[tuple[str, Any, str]]:
         found = []

@@ -23,6 +23,7 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from dist_gan import backend, runlock
+from dist_gan.augment import Augmentation, AugmentedDiscriminator, build_augmentation
 from dist_gan.checkpoint import (ReplicasDiffer, keep_as_best, last_healthy, load_checkpoint,
                                  remove_stale_staging, restore_best,
                                  resolve_resume, save_checkpoint)
@@ -66,7 +67,7 @@ class Net:
 class Nets:
     """G, D and (VAE-GAN only) the encoder E, trained with G by G's accelerator in the generator
     step; ``D_for_penalty`` / ``G_for_penalty``: what penalties differentiate twice through
-    (backend.penalty_view)."""
+    (backend.penalty_view); ``augment``: what every image D judges goes through first (augment.kind)."""
 
     G: Net
     D: Net
@@ -74,12 +75,15 @@ class Nets:
     num_classes: int = 0
     E: Net | None = None
     G_for_penalty: nn.Module | None = None
+    augment: Augmentation | None = None
 
     def models(self, z_dim: int) -> Models:
-        """The view a loss gets."""
-        return Models(self.G.wrapped, self.D.wrapped, self.D.plain, self.D_for_penalty,
-                      self.E.wrapped if self.E is not None else None, z_dim, self.num_classes,
-                      functools.partial(backend.loss_scale, self.D.accelerator, self.D.wrapped),
+        """The view a loss gets: with augmentation, each view of D augments its input first."""
+        D_views = [self.D.wrapped, self.D.plain, self.D_for_penalty]
+        if self.augment is not None:
+            D_views = [AugmentedDiscriminator(view, self.augment) for view in D_views]
+        return Models(self.G.wrapped, *D_views, self.E.wrapped if self.E is not None else None, z_dim,
+                      self.num_classes, functools.partial(backend.loss_scale, self.D.accelerator, self.D.wrapped),
                       self.G_for_penalty)
 
     def generator_side(self) -> list[Net]:
@@ -151,7 +155,8 @@ def build_nets(config: Config, acc_G: Accelerator, acc_D: Accelerator | None = N
         G_w, D_w = torch.compile(G_w), torch.compile(D_w)
     nets = Nets(Net(G_w, G_plain, opt_G_w, build_schedule(opt_G, opt, steps), acc_G),
                 Net(D_w, D_plain, opt_D_w, build_schedule(opt_D, opt, steps), acc_D),
-                D_for_penalty, config.model.num_classes, G_for_penalty=G_for_penalty)
+                D_for_penalty, config.model.num_classes, G_for_penalty=G_for_penalty,
+                augment=build_augmentation(config.augment))
     if E is not None:
         nets.E = Net(E_w, backend.plain(acc_G, E_w), opt_E_w, build_schedule(opt_E, opt, steps), acc_G)
     return nets
@@ -335,6 +340,12 @@ def check_replicas(accelerator: Accelerator, modules: dict[str, nn.Module]) -> d
     return result
 
 
+def same_on_every_rank(accelerator: Accelerator, value: float) -> bool:
+    """Whether every rank holds exactly ``value`` (one small all-gather)."""
+    gathered = accelerator.gather(torch.tensor([value], dtype=torch.float64, device=accelerator.device))
+    return bool((gathered == gathered[0]).all())
+
+
 def images_per_step(config: Config, world_size: int) -> int:
     """Images the generator makes per step over all ranks (the EMA's unit, the effective batch)."""
     return config.data.batch_size * world_size * config.optim.accumulate
@@ -448,7 +459,7 @@ class Trainer:
             from dist_gan.metrics import Evaluator
 
             with acc.main_process_first():  # rank 0 trains/caches the reference network once
-                self.evaluator = Evaluator(config)
+                self.evaluator = Evaluator(config, acc.device)
         self.fixed_z = torch.randn(SAMPLE_GRID_SIZE, config.model.z_dim,
                                    generator=torch.Generator().manual_seed(config.run.seed)).to(acc.device)
         self.lr_scale = 1.0
@@ -503,6 +514,8 @@ class Trainer:
         for name, scheduler in self.nets.schedulers().items():
             scheduler.load_state_dict(state[name])
         self.loss.load_state_dict(state["loss"])
+        if self.nets.augment is not None and state.get("augment") is not None:
+            self.nets.augment.load_state_dict(state["augment"])
         self.lr_scale = float(state["lr_scale"])
         _set_learning_rates(self.nets, self.config, self.lr_scale)
         self.data.load_state_dict(_position_for_rank(state, self.rank, self.world))
@@ -562,6 +575,10 @@ class Trainer:
             lr_G=self.nets.G.scheduler.get_last_lr()[0], lr_D=self.nets.D.scheduler.get_last_lr()[0],
             kimg=step * self.imgs_per_step / 1000, world_size=self.world,
             skipped_steps=self.guard.skipped, rollbacks=self.guard.rollbacks)
+        augment = self.nets.augment
+        if augment is not None:  # ADA's p moves on the window's reduced r_t: the same on every rank
+            augment.adjust(values.get("D_real_sign", math.nan), self.imgs_per_step * self.window.steps)
+            values["augment_p"] = augment.p
         if self.accelerator.device.type == "cuda":  # the allocator's own count: no device sync
             values["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 1e9
         self.logger.scalars(step, values)
@@ -608,7 +625,9 @@ class Trainer:
         healthy = self.guard.checkpointed() and _weights_finite(list(self.nets.plain().values()))
         nets = self.nets
         best = self.best_candidate if self.best_due(step) else self.best
+        augment = self.nets.augment.state_dict() if self.nets.augment is not None else None
         shared = {"step": step, "lr_scale": self.lr_scale, "loss": self.loss.state_dict(), "best": best,
+                  "augment": augment,
                   "ema": self.ema.state_dict() if self.ema is not None else None,
                   **{name: s.state_dict() for name, s in nets.schedulers().items()}}
         weights = {"generator": nets.G.plain, **({"encoder": nets.E.plain} if nets.E is not None else {})}
@@ -616,6 +635,8 @@ class Trainer:
 
         def replicas_agree() -> dict[str, bool]:
             replicas.update(check_replicas(self.accelerator, nets.plain()))
+            if nets.augment is not None:  # ADA's p: agreed by arithmetic on reduced values, checked here
+                replicas["augment_p"] = same_on_every_rank(self.accelerator, nets.augment.p)
             return replicas
 
         try:

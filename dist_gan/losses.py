@@ -499,7 +499,9 @@ class GANLoss:
         loss = self.objective.d_real(real_logits) + self.objective.d_fake(fake_logits)
         step = DiscriminatorStep(m, self.objective, real, labels, fake, fake_logits, self.autocast)
         d_real, d_fake = real_logits.mean().detach(), fake_logits.mean().detach()
-        stats = {"D_real": d_real, "D_fake": d_fake, "wasserstein": d_real - d_fake}
+        # D_real_sign: E[sign(D(real))], ADA's over-fitting heuristic r_t (1: D sure of every real)
+        stats = {"D_real": d_real, "D_fake": d_fake, "wasserstein": d_real - d_fake,
+                 "D_real_sign": real_logits.sign().mean().detach()}
         for term, weight in self._due("D"):
             added, logged = term.discriminator(step)
             loss = loss + (added * weight if weight > 1 else added)

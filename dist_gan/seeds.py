@@ -14,6 +14,7 @@ epoch 1). The purposes:
   shard_shuffle    a loader worker's shuffle buffer, by epoch, rank and worker
   loader           the DataLoader's worker base seed, by epoch
   memory_order     the in-memory stream's permutation, by epoch
+  xflip            (``mirrored``) which epochs show a sample mirrored, by the sample's name
 """
 
 from __future__ import annotations
@@ -28,3 +29,10 @@ def derive(seed: int, purpose: str, *keys: int) -> int:
     seed ``seed`` and ``keys``."""
     entropy = [int(seed) & 0xFFFFFFFF, zlib.crc32(purpose.encode()), *(int(k) for k in keys)]
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint32)[0])
+
+
+def mirrored(seed: int, sample: str, epoch: int) -> bool:
+    """Whether ``data.xflip`` shows ``sample`` (a name unique in the data set) mirrored in ``epoch``:
+    alternate epochs, starting with a parity drawn from the seed and the name. Any two consecutive
+    epochs show every image both ways, the doubled data set of StyleGAN2-ADA's --mirror."""
+    return (zlib.crc32(f"{int(seed)}/xflip/{sample}".encode()) + int(epoch)) % 2 == 1

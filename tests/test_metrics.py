@@ -134,8 +134,8 @@ def test_feature_network_errors_name_the_key(tmp_path):
     from dist_gan.config import ConfigError, load_config
     from dist_gan.metrics import build_feature_net
 
-    with pytest.raises(ConfigError, match="eval.feature_net = 'inception'"):
-        load_config(None, {"eval.feature_net": "inception"})
+    with pytest.raises(ConfigError, match="eval.feature_net = 'inceptoin'"):
+        load_config(None, {"eval.feature_net": "inceptoin"})
     with pytest.raises(ConfigError, match="needs eval.feature_weights"):
         build_feature_net(load_config(None, {"eval.feature_net": "torchvision"}))
     with pytest.raises(ConfigError, match="cannot import 'nope' from 'test_metrics'"):

@@ -20,8 +20,8 @@ from dist_gan.data.loader import ShardReader, ShardStream
 from dist_gan.data.memory import InMemoryBatches
 from dist_gan.data.shards import (SHARD_MANIFEST, expand_urls, local_path, read_shard_manifest,
                                   resolve_shards, write_json_atomically, write_shards)
-from dist_gan.data.sources import (DATA_SOURCES, IMAGE_SUFFIXES, DataError, ImageSet, load_mnist_idx,
-                                   read_idx)
+from dist_gan.data.sources import (DATA_SOURCES, IMAGE_SUFFIXES, DataError, ImageSet, limit_images,
+                                   load_mnist_idx, read_idx)
 from dist_gan.data.split import SplitPlan
 
 __all__ = ["BatchStream", "DATA_SOURCES", "DataError", "ImageSet", "InMemoryBatches", "ShardStream",
@@ -43,6 +43,8 @@ def prepare_shards(cfg: DataConfig, out_dir: str | Path, split: str = "train",
     with ``shards_multiple_of`` = m, as a multiple of m shards of one size (the last one shorter),
     e.g. m = GPUs x loader workers."""
     images = lookup(DATA_SOURCES, "data.source", cfg.source)(cfg, split)
+    if split == "train":
+        images = limit_images(images, cfg.limit)
     shard_size = cfg.shard_size
     if shards_multiple_of > 1:
         count = shards_multiple_of * -(-len(images) // (cfg.shard_size * shards_multiple_of))
@@ -117,11 +119,12 @@ def build_batch_stream(cfg: DataConfig, seed: int, rank: int, world_size: int,
     if cfg.folder:
         cfg = dataclasses.replace(cfg, source="folder", root=cfg.folder)
     if cfg.format == "memory":
-        images = lookup(DATA_SOURCES, "data.source", cfg.source)(cfg)
-        log.info("data: %s in memory, %d images", cfg.source, len(images))
+        images = limit_images(lookup(DATA_SOURCES, "data.source", cfg.source)(cfg), cfg.limit)
+        log.info("data: %s in memory, %d images%s", cfg.source, len(images),
+                 ", each mirrored in alternate epochs (data.xflip)" if cfg.xflip else "")
         return InMemoryBatches.from_image_set(images, batch_size=cfg.batch_size, seed=seed, rank=rank,
                                               world_size=world_size, device=device,
-                                              num_classes=num_classes)
+                                              num_classes=num_classes, xflip=cfg.xflip)
     if cfg.folder and cfg.format == "shards":
         cfg = shards_from_folder(cfg, run_dir, may_prepare)
     elif may_prepare:
@@ -130,7 +133,8 @@ def build_batch_stream(cfg: DataConfig, seed: int, rank: int, world_size: int,
                                       cfg.strict)
     plan = SplitPlan([count for _, count in shards], world_size, cfg.workers, cfg.batch_size, seed,
                      cfg.resampled)
-    reader = ShardReader(shards, plan, rank, cfg.resolution, cfg.channels, cfg.shuffle_buffer, cfg.strict)
+    reader = ShardReader(shards, plan, rank, cfg.resolution, cfg.channels, cfg.shuffle_buffer, cfg.strict,
+                         cfg.xflip)
     stream = ShardStream(reader, cfg.workers, device, cfg.pin_memory, cfg.prefetch_factor, num_classes)
     log.info("data: %d shards, %d samples (%s), %d ranks x %d readers, %d batches per rank per epoch, "
              "%.1f%% of the samples used per epoch", len(shards), plan.total, manifest.get("source"),

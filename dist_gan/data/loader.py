@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dist_gan.data.shards import local_path, shard_name
 from dist_gan.data.sources import DataError, check_labels, to_model_range
 from dist_gan.data.split import SplitPlan
-from dist_gan.seeds import derive
+from dist_gan.seeds import derive, mirrored
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -163,8 +163,8 @@ class ShardReader(IterableDataset):
     """
 
     def __init__(self, shards: list[tuple[str, int]], plan: SplitPlan, rank: int, resolution: int,
-                 channels: int, shuffle_buffer: int, strict: bool):
-        self.urls = [url for url, _ in shards]
+                 channels: int, shuffle_buffer: int, strict: bool, xflip: bool = False):
+        self.urls, self.xflip = [url for url, _ in shards], xflip
         self.plan, self.rank = plan, rank
         self.resolution, self.channels = resolution, channels
         self.block, self.strict = max(shuffle_buffer, 1), strict
@@ -223,7 +223,11 @@ class _Share:
             if sample is None:  # lost with an unreadable shard: already reported
                 continue
             try:
-                good.append(decode_sample(sample, owner.resolution, owner.channels))
+                image, label = decode_sample(sample, owner.resolution, owner.channels)
+                if owner.xflip and mirrored(owner.plan.seed, f"{shard_name(sample['__url__'])}/"
+                                            f"{sample['__key__']}", owner.epoch):
+                    image = image.flip(-1)
+                good.append((image, label))
             except BadSample as bad:
                 message = f"sample {sample['__key__']!r} of shard {sample['__url__']}: {bad}"
                 if owner.strict:

@@ -252,6 +252,33 @@ def synthetic_source(cfg: DataConfig, split: str = "train") -> TensorImageSet:
     return TensorImageSet(images, labels, [str(i) for i in range(10)])
 
 
+@dataclass
+class SubsetImageSet:
+    """The images of ``base`` at ``indices``."""
+
+    base: ImageSet
+    indices: list[int]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.base.class_names
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.base[self.indices[index]]
+
+
+def limit_images(images: ImageSet, limit: int) -> ImageSet:
+    """``limit`` images of ``images`` (all when 0 or more than there are): a subset drawn with a fixed
+    seed, so every run, seed and process trains on the same images (StyleGAN2-ADA's --subset)."""
+    if not limit or limit >= len(images):
+        return images
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    return SubsetImageSet(images, sorted(order[:limit].tolist()))
+
+
 DATA_SOURCES: dict[str, Callable[..., ImageSet]] = {
     "mnist": mnist_source,
     "cifar10": cifar10_source,

@@ -32,6 +32,7 @@ class MnistClassifier(nn.Module):
     """LeNet-style CNN on 28x28 grey images in [-1, 1]: 128-d features, 10 logits."""
 
     num_features = FEATURES
+    data_classes = True  # its logits are the digits: the class histogram means something
 
     def __init__(self) -> None:
         super().__init__()

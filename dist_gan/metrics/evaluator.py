@@ -1,4 +1,5 @@
-"""Quality of a generator against cached real-data embeddings, in training and from a checkpoint."""
+"""Quality of a generator against real-data statistics, in training and from a checkpoint, and the
+reference statistics of a data set (``dist-gan evaluate --reference DATA --out stats.npz``)."""
 
 from __future__ import annotations
 
@@ -9,27 +10,38 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from dist_gan.config import Config, DataConfig, load_config
-from dist_gan.data.sources import DATA_SOURCES, to_model_range
+from dist_gan.config import Config, ConfigError, DataConfig, load_config
+from dist_gan.data.sources import DATA_SOURCES, ImageSet, limit_images, to_model_range
 from dist_gan.metrics.classifier import cache_dir, fingerprint
-from dist_gan.seeds import derive
 from dist_gan.metrics.networks import build_feature_net
-from dist_gan.metrics.quality import Embedder, quality
+from dist_gan.metrics.quality import Embedder, Reference, quality
 from dist_gan.sample import generate, load_generator
+from dist_gan.seeds import derive
 
 log = logging.getLogger(__name__)
 
 
+def embed_image_set(images: ImageSet, embed: Embedder) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and logits of every image of ``images``, read ``embed.batch_size`` at a time (a large
+    folder never sits in memory whole)."""
+    feats, logits = [], []
+    for start in range(0, len(images), embed.batch_size):
+        chunk = [images[i][0] for i in range(start, min(start + embed.batch_size, len(images)))]
+        f, l = embed(to_model_range(torch.stack(chunk)))
+        feats.append(f)
+        logits.append(l)
+    return torch.cat(feats), torch.cat(logits)
+
+
 def real_embeddings(data: DataConfig, split: str, embed: Embedder) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and logits of the real ``split``, cached per dataset, resolution and network."""
+    """Features and logits of the real ``split`` (all of it: data.limit does not apply, so a
+    limited-data run is measured against the whole set), cached per dataset, size and network."""
     key = f"{data.source}-{split}-{data.resolution}px-{data.channels}ch-{fingerprint(embed.network)}"
     path = cache_dir() / "real_embeddings" / f"{key}.pt"
     if path.is_file():
         cached = torch.load(path, weights_only=True)
         return cached["features"], cached["logits"]
-    images = DATA_SOURCES[data.source](data, split)
-    pixels = to_model_range(torch.stack([images[i][0] for i in range(len(images))]))
-    feats, logits = embed(pixels)
+    feats, logits = embed_image_set(DATA_SOURCES[data.source](data, split), embed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"features": feats, "logits": logits}, tmp)
@@ -38,16 +50,52 @@ def real_embeddings(data: DataConfig, split: str, embed: Embedder) -> tuple[torc
     return feats, logits
 
 
-class Evaluator:
-    """Built once per run: the reference network and the real embeddings; called every eval.every."""
+def reference_meta(config: Config, network: nn.Module, description: str) -> dict:
+    """What identifies a feature space and the data its statistics came from."""
+    return {"feature_net": config.eval.resolved_feature_net(config.data), "fingerprint": fingerprint(network),
+            "num_features": int(getattr(network, "num_features", 0)), "data": description,
+            "resolution": config.data.resolution, "channels": config.data.channels}
 
-    def __init__(self, config: Config):
+
+def load_reference(path: str | Path, config: Config, network: nn.Module) -> Reference:
+    """Reference statistics from ``path``, refused (naming the file) when another feature network
+    made them: an FID across two feature spaces means nothing."""
+    try:
+        reference = Reference.load(path)
+    except ValueError as err:
+        raise ConfigError(f"eval.reference_stats: {err}") from None
+    expected = reference_meta(config, network, "")
+    meta = reference.meta
+    if meta.get("fingerprint") and meta["fingerprint"] != expected["fingerprint"]:
+        raise ConfigError(f"eval.reference_stats={path} was computed with feature network "
+                          f"{meta.get('feature_net')} (weights {meta['fingerprint']}); this run's is "
+                          f"{expected['feature_net']} (weights {expected['fingerprint']}): recompute it "
+                          "with dist-gan evaluate --reference DATA --out FILE and the same eval.feature_net")
+    if expected["num_features"] and len(reference.mean) != expected["num_features"]:
+        raise ConfigError(f"eval.reference_stats={path} holds {len(reference.mean)}-d statistics; "
+                          f"{expected['feature_net']} gives {expected['num_features']}-d features")
+    if meta.get("resolution") not in (None, config.data.resolution):
+        log.warning("eval.reference_stats %s was computed from %s px images; this run's data is %d px",
+                    path, meta["resolution"], config.data.resolution)
+    return reference
+
+
+class Evaluator:
+    """Built once per run: the feature network and the real statistics; called every eval.every."""
+
+    def __init__(self, config: Config, device: torch.device | str = "cpu"):
         self.config = config
-        self.embed = Embedder(build_feature_net(config), config.eval.batch_size)
-        self.real_feats, _ = real_embeddings(config.data, config.eval.real_split, self.embed)
+        network = build_feature_net(config)
+        self.data_classes = bool(getattr(network, "data_classes", True))
+        self.embed = Embedder(network, config.eval.batch_size, device)
+        if config.eval.reference_stats:
+            self.reference = load_reference(config.eval.reference_stats, config, network)
+        else:
+            real_feats, _ = real_embeddings(config.data, config.eval.real_split, self.embed)
+            self.reference = Reference.from_features(real_feats, keep=len(real_feats))
 
     def __call__(self, generator: nn.Module, accelerator) -> dict[str, float] | None:
-        """Every rank generates its share; rank 0 gets the figures, the others None."""
+        """Every rank generates and embeds its share; rank 0 gets the figures, the others None."""
         cfg = self.config.eval
         share = math.ceil(cfg.n_samples / accelerator.num_processes)
         # The same latents at every evaluation (per rank), so the curve shows the generator changing.
@@ -58,22 +106,48 @@ class Evaluator:
         logits = accelerator.gather(logits.to(accelerator.device))[: cfg.n_samples].cpu()
         if not accelerator.is_main_process:
             return None
-        return quality(self.real_feats, feats, logits, seed=self.config.run.seed)
+        return quality(self.reference, feats, logits, seed=self.config.run.seed,
+                       data_classes=self.data_classes)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, n: int, ema: bool = True, seed: int = 0,
-                        mnist_dir: str | None = None) -> dict[str, dict[str, float]]:
-    """Figures for a checkpoint's generator and, as the floor, for real test data vs real train."""
+                        mnist_dir: str | None = None, reference_stats: str | None = None,
+                        feature_weights: str | None = None) -> dict[str, dict[str, float]]:
+    """Figures for a checkpoint's generator and, as the floor, for real test data vs real train
+    (the floor only when the real data is at hand: not with ``reference_stats``)."""
     generator, source = load_generator(checkpoint, ema=ema)
     config = load_config(source / "config.yaml")
-    if mnist_dir:
-        config.data.mnist_dir = mnist_dir
-    embed = Embedder(build_feature_net(config), config.eval.batch_size)
-    train_feats, _ = real_embeddings(config.data, "train", embed)
-    test_feats, test_logits = real_embeddings(config.data, "test", embed)
-    images = generate(generator, n, seed, config.eval.batch_size)
-    fake_feats, fake_logits = embed(images)
-    m = min(n, len(test_feats))
-    return {"generated": quality(train_feats, fake_feats, fake_logits, seed),
-            "real test (floor)": quality(train_feats, test_feats[:m], test_logits[:m], seed),
-            "_source": {"checkpoint": str(source), "n": n, "ema": ema}}
+    config.data.mnist_dir = mnist_dir or config.data.mnist_dir
+    config.eval.reference_stats = reference_stats or config.eval.reference_stats
+    config.eval.feature_weights = feature_weights or config.eval.feature_weights
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    evaluator = Evaluator(config, device)
+    images = generate(generator.to(device), n, seed, config.eval.batch_size, device)
+    fake_feats, fake_logits = evaluator.embed(images)
+    results = {"generated": quality(evaluator.reference, fake_feats, fake_logits, seed, evaluator.data_classes)}
+    if not config.eval.reference_stats:
+        test_feats, test_logits = real_embeddings(config.data, "test", evaluator.embed)
+        m = min(n, len(test_feats))
+        results["real test (floor)"] = quality(evaluator.reference, test_feats[:m], test_logits[:m], seed,
+                                               evaluator.data_classes)
+    results["_source"] = {"checkpoint": str(source), "n": n, "ema": ema,
+                          "feature_net": config.eval.resolved_feature_net(config.data)}
+    return results
+
+
+def write_reference(config: Config, split: str, out: str | Path, description: str) -> Reference:
+    """Embed all of ``config.data``'s ``split`` (data.limit applied) with ``config.eval``'s feature
+    network and save its Reference to ``out`` (on the GPU when there is one)."""
+    network = build_feature_net(config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    embed = Embedder(network, config.eval.batch_size, device)
+    images = DATA_SOURCES[config.data.source](config.data, split)
+    if split == "train":
+        images = limit_images(images, config.data.limit)
+    log.info("embedding %d images of %s with %s on %s", len(images), description,
+             config.eval.resolved_feature_net(config.data), device)
+    feats, _ = embed_image_set(images, embed)
+    reference = Reference.from_features(feats, reference_meta(config, network, description))
+    reference.save(out)
+    log.info("reference statistics of %d images written to %s", reference.count, out)
+    return reference

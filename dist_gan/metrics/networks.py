@@ -1,15 +1,23 @@
 """Feature networks by name (``eval.feature_net``) for FID/KID/IS and class coverage.
 
 A feature network is an ``nn.Module`` with ``embed(images in [-1, 1], N x C x H x W) -> (features
-N x d, logits N x classes)``. Built in: ``mnist_classifier`` (trained on first use, cached) and
-``torchvision`` (``eval.feature_arch``, e.g. resnet18, with a local ``eval.feature_weights`` file:
-nothing is downloaded). Your own: ``eval.feature_net: my_package.my_module:build`` names a function
-``build(config) -> module``.
+N x d, logits N x classes)``; ``data_classes = True`` when its logits are the data set's own classes
+(then the class histogram is reported). Built in:
+
+- ``inception``: the FID Inception-v3 of pytorch-fid, torch-fidelity, clean-fid and torchmetrics
+  (TensorFlow's 2015 graph ported), 2048-d pool features, so FIDs compare with papers. The default
+  for any data but MNIST (``auto``).
+- ``mnist_classifier``: a small MNIST classifier (trained on first use, cached); the default for MNIST.
+- ``torchvision`` (``eval.feature_arch``, e.g. resnet18, with a local ``eval.feature_weights`` file).
+
+Your own: ``eval.feature_net: my_package.my_module:build`` names a function ``build(config) -> module``.
 """
 
 from __future__ import annotations
 
 import importlib
+import pickle
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -26,6 +34,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class TorchvisionFeatures(nn.Module):
     """A torchvision classifier with a final ``fc`` layer (ResNets, Inception v3, GoogLeNet):
     features before ``fc``, logits after it. Inputs are resized and ImageNet-normalised."""
+
+    data_classes = False  # ImageNet's classes, not the data's
 
     def __init__(self, arch: str, weights_path: str, size: int = 224):
         super().__init__()
@@ -50,6 +60,79 @@ class TorchvisionFeatures(nn.Module):
         return features, self.head(features)
 
 
+INCEPTION_SIZE = 299
+# torch-fidelity's layer names, input to pool, of the FID Inception-v3
+INCEPTION_TRUNK = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1",
+                   "Conv2d_4a_3x3", "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
+                   "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "AvgPool")
+
+
+def inception_weights_help() -> str:
+    """Where the FID Inception weights come from, and how to supply them without internet."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[-1]
+    return (f"download {URL_INCEPTION_V3} (the same network as pytorch-fid's pt_inception-2015-12-05-"
+            f"6726825d.pth) on a machine with internet and set eval.feature_weights=/path/to/that/file "
+            f"(dist-gan evaluate: --feature_weights), or copy it to {cached}")
+
+
+class InceptionFeatures(nn.Module):
+    """The FID Inception-v3, as torch-fidelity builds it (the network torchmetrics'
+    ``FrechetInceptionDistance(feature=2048)`` uses): 2048-d pool features; logits are its 1008
+    unbiased logits (torch-fidelity's Inception Score).
+
+    Preprocessing, as clean-fid's "clean" mode: images in [-1, 1] are quantised to 8 bits (what a
+    saved PNG holds, so real and generated images are treated alike), grey is repeated to RGB, then
+    resized to 299 x 299 by ``torch.nn.functional.interpolate(mode="bicubic", antialias=True)`` on
+    float values in [0, 255] (PIL's antialiased bicubic filter, a = -0.5) with no re-quantisation,
+    and scaled to [-1, 1) by (x - 128) / 128 as the network expects. Inputs run in chunks of
+    ``chunk`` images (a 299 px batch of 500 would need ~10 GB of activations).
+    """
+
+    num_features = 2048
+    data_classes = False
+
+    def __init__(self, weights_path: str | None = None, chunk: int = 50):
+        super().__init__()
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError as err:
+            raise ConfigError("eval.feature_net=inception needs torch-fidelity: pip install torch-fidelity") from err
+        if weights_path is not None and not Path(weights_path).is_file():
+            raise ConfigError(f"eval.feature_weights={weights_path}: no such file; "
+                              f"{inception_weights_help()}")
+        try:
+            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                   feature_extractor_weights_path=weights_path)
+        except (OSError, RuntimeError, pickle.UnpicklingError, KeyError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            where = f"from eval.feature_weights={weights_path}" if weights_path else "(download failed)"
+            raise ConfigError(f"eval.feature_net=inception: cannot load the FID Inception weights "
+                              f"{where}: {reason}; {inception_weights_help()}") from None
+        self.chunk = chunk
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [self._embed(part) for part in images.split(self.chunk)]
+        return torch.cat([f for f, _ in pairs]), torch.cat([l for _, l in pairs])
+
+    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = ((images.float() + 1) * 127.5).round().clamp(0, 255)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bicubic", antialias=True,
+                          align_corners=False)
+        x = (x - 128) / 128
+        for name in INCEPTION_TRUNK:
+            x = getattr(self.net, name)(x)
+        features = x.flatten(1)
+        return features, features @ self.net.fc.weight.T
+
+
+def _inception(config: Config) -> nn.Module:
+    return InceptionFeatures(config.eval.feature_weights)
+
+
 def _mnist_classifier(config: Config) -> nn.Module:
     return load_or_train_classifier(config.data.mnist_dir, config.eval.classifier_path)
 
@@ -61,14 +144,16 @@ def _torchvision(config: Config) -> nn.Module:
 
 
 FEATURE_NETS: dict[str, Callable[[Config], nn.Module]] = {
+    "inception": _inception,
     "mnist_classifier": _mnist_classifier,
     "torchvision": _torchvision,
 }
 
 
 def build_feature_net(config: Config) -> nn.Module:
-    """The feature network ``config.eval.feature_net`` names, in eval mode with gradients off."""
-    name = config.eval.feature_net
+    """The feature network ``config.eval.feature_net`` names (``auto`` resolved), in eval mode with
+    gradients off."""
+    name = config.eval.resolved_feature_net(config.data)
     if name in FEATURE_NETS:
         network = FEATURE_NETS[name](config)
     else:
