@@ -126,9 +126,12 @@ class Reference:
 
 
 def kid_and_is(real_feats: torch.Tensor, fake_feats: torch.Tensor, fake_logits: torch.Tensor,
-               kid_subset: int = 1000) -> dict[str, float]:
-    """KID (torchmetrics, 50 subsets; NaN without real features) and the Inception Score of the logits."""
-    with warnings.catch_warnings():  # "will save all extracted features": expected, they are small
+               kid_subset: int = 1000, seed: int = 0) -> dict[str, float]:
+    """KID (torchmetrics, 50 subsets; NaN without real features) and the Inception Score of the
+    logits. Their random subsets and splits come from ``seed`` in a forked generator: the same
+    figures for the same embeddings, and the training run's random streams untouched."""
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # "will save all extracted features": expected, they are small
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         score = InceptionScore(feature=Precomputed(fake_logits.shape[1]), splits=10)
         out = {"kid": float("nan"), "kid_std": float("nan")}
@@ -140,17 +143,17 @@ def kid_and_is(real_feats: torch.Tensor, fake_feats: torch.Tensor, fake_logits: 
             kid.update(fake_feats, real=False)
             kid_mean, kid_std = kid.compute()
             out = {"kid": float(kid_mean), "kid_std": float(kid_std)}
-    score.update(fake_logits)
-    is_mean, is_std = score.compute()
+        score.update(fake_logits)
+        is_mean, is_std = score.compute()
     return {**out, "is": float(is_mean), "is_std": float(is_std)}
 
 
 def fid_kid_is(real: torch.Tensor | Reference, fake_feats: torch.Tensor, fake_logits: torch.Tensor,
-               kid_subset: int = 1000) -> dict[str, float]:
+               kid_subset: int = 1000, seed: int = 0) -> dict[str, float]:
     """FID against ``real`` (features, or their Reference), KID and IS."""
     reference = real if isinstance(real, Reference) else Reference.from_features(real, keep=len(real))
     fid = frechet_distance(reference.mean, reference.cov, *feature_statistics(fake_feats))
-    return {"fid": fid, **kid_and_is(reference.features, fake_feats, fake_logits, kid_subset)}
+    return {"fid": fid, **kid_and_is(reference.features, fake_feats, fake_logits, kid_subset, seed)}
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3,
@@ -187,7 +190,7 @@ def quality(real: torch.Tensor | Reference, fake_feats: torch.Tensor, fake_logit
     Precision and recall compare equal-sized sets: the real set is subsampled (seeded) to the size of
     the generated one, which also keeps their k-NN search quadratic in the smaller size.
     """
-    out = fid_kid_is(real, fake_feats, fake_logits)
+    out = fid_kid_is(real, fake_feats, fake_logits, seed=seed)
     if data_classes:
         out.update(class_coverage(fake_logits))
     real_feats = real.features if isinstance(real, Reference) else real
