@@ -11,6 +11,7 @@ USAGE = """usage: dist-gan COMMAND [ARGS]
   train CONFIG.yaml [--section.key=value ...]   train (see README: Train)
   sample RUN_OR_CHECKPOINT [--n=64 --out=...]     write samples from a trained generator
   evaluate RUN_OR_CHECKPOINT [...]                FID / KID / IS of a checkpoint
+  evaluate --reference DATA --out stats.npz       reference statistics of a data set
   export RUN_OR_CHECKPOINT --out=DIR              the generator as model.safetensors + config.json
 
 `dist-gan COMMAND --help` shows a command's options."""
