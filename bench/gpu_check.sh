@@ -9,7 +9,10 @@
 # Steps: (1) the CUDA-marked tests; (2) fp32 vs bf16 vs fp16 step rates of both benchmark configs at
 # batch 256 and 1024, and DDP over NCCL with one process, with peak GPU memory; (3) DeepSpeed ZeRO-2
 # on one GPU (real training runs through launch/deepspeed_zero2.yaml, bf16 and fp16); (4) the speed switches on the
-# GPU; (5) the ResNet and StyleGAN2 recipes in bf16 (img/s, peak memory, MFU). Results go to $OUT (default /tmp/gpu_check); the summary table is the last thing printed.
+# GPU; (5) the ResNet and StyleGAN2 recipes in bf16 (img/s, peak memory, MFU); (6) Inception FID of
+# real CIFAR-10 test vs train (the floor) and of the step-5 cifar10_resnet generator, when
+# FID_INCEPTION_WEIGHTS (the FID Inception file) and CIFAR10_ROOT (holding cifar-10-batches-py) are set.
+# Results go to $OUT (default /tmp/gpu_check); the summary table is the last thing printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -89,11 +92,24 @@ for recipe in cifar10_resnet folder256_stylegan2; do
     grep "^| $recipe" "$OUT/recipe_$recipe.log" | tee -a "$OUT/recipes.md"
 done
 
+step "6. Inception FID: CIFAR-10 test vs train (floor) and cifar10_resnet after 3 minutes"
+if [ -n "${FID_INCEPTION_WEIGHTS:-}" ] && [ -n "${CIFAR10_ROOT:-}" ]; then
+    $PY -m dist_gan evaluate --reference=cifar10 --root="$CIFAR10_ROOT" --out="$OUT/cifar10_train.npz" \
+        --feature_weights="$FID_INCEPTION_WEIGHTS" --batch_size=250 > "$OUT/fid_reference.log" 2>&1 || status=1
+    timeout 480 $PY bench/inception_fid.py --reference "$OUT/cifar10_train.npz" --root "$CIFAR10_ROOT" \
+        --weights "$FID_INCEPTION_WEIGHTS" --minutes 3 --run "$OUT/cifar10_fid" > "$OUT/fid.log" 2>&1 \
+        || { status=1; tail -30 "$OUT/fid.log"; }
+    grep "^|" "$OUT/fid.log" | tee "$OUT/fid.md"
+else
+    echo "skipped: set FID_INCEPTION_WEIGHTS and CIFAR10_ROOT (no internet on the GPU machine to fetch either)" \
+        | tee "$OUT/fid.md"
+fi
+
 step "summary"
 {
   cat "$OUT/env.txt"
   grep -E "passed|failed|skipped|error" "$OUT/cuda_tests.txt" | tail -1
-  cat "$OUT/gpu_steps.md" "$OUT/deepspeed.md" "$OUT/recipes.md" 2>/dev/null
+  cat "$OUT/gpu_steps.md" "$OUT/deepspeed.md" "$OUT/recipes.md" "$OUT/fid.md" 2>/dev/null
   tail -n +3 "$OUT/speed_options.md" 2>/dev/null
 } | tee "$OUT/summary.md"
 exit $status

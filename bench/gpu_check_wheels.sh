@@ -9,7 +9,7 @@ PY=${PYTHON:-.venv/bin/python}
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
 mkdir -p .whl
 for pkg in webdataset braceexpand fire termcolor hjson pydantic pydantic-core annotated-types \
-           typing-inspection ninja; do
+           typing-inspection ninja torch-fidelity scipy; do
     $PY -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         --platform manylinux_2_5_x86_64 -d .whl "$pkg"
