@@ -65,7 +65,8 @@ def export(source: str | Path, out: str | Path, ema: bool = True) -> Path:
             "kimg": step * real_images_per_step(config, int(manifest["world_size"])) / 1000, "fid": _latest_fid(checkpoint, step),
             "checkpoint": str(checkpoint), "z_dim": config.model.z_dim,
             "num_classes": config.model.num_classes, "resolution": config.data.resolution,
-            "channels": config.data.channels, "config": to_dict(config)}
+            "channels": config.data.channels, "config": to_dict(config),
+            "fid_feature_net": config.eval.resolved_feature_net(config.data)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in generator.state_dict().items()}, out / WEIGHTS)
@@ -81,7 +82,8 @@ def export(source: str | Path, out: str | Path, ema: bool = True) -> Path:
 def model_card(info: dict) -> str:
     config = info["config"]
     model, data = config["model"], config["data"]
-    fid = f"{info['fid']:.2f} (`eval.feature_net={config['eval']['feature_net']}`)" if info["fid"] else "not measured"
+    feature_net = info.get("fid_feature_net", config["eval"]["feature_net"])
+    fid = f"{info['fid']:.2f} (`eval.feature_net={feature_net}`)" if info["fid"] else "not measured"
     return f"""---
 library_name: dist_gan
 tags: [gan, image-generation, dist_gan]

@@ -1,5 +1,5 @@
 """The ResNet and StyleGAN2 recipes as users launch them (issue 16): 2-process DDP with lazy R1 and
-path length on, killed and resumed bit-exact; DeepSpeed ZeRO-2 in bf16; keep_best."""
+path length on, killed and resumed bit-exact; DeepSpeed ZeRO-2 in bf16 (with ADA); keep_best."""
 
 from __future__ import annotations
 
@@ -89,14 +89,16 @@ def test_deepspeed_zero2_bf16(tmp_path, arch):
     run = tmp_path / arch
     launcher = [*ACCELERATE, "--config_file", str(REPO / "launch" / "deepspeed_zero2.yaml"),
                 "--num_processes", "2"]
+    # with ADA at a fixed p: R1's double backward runs through the resampling of bf16 D's inputs too
     run_cli(args(arch, run, "--train.max_steps=4", "--run.ckpt_every=4", "--train.mixed_precision=bf16",
-                 "--loss.r1_every=1", *(["--loss.pl_every=1"] if arch == "stylegan2" else [])),
+                 "--loss.r1_every=1", *(["--loss.pl_every=1"] if arch == "stylegan2" else []),
+                 "--augment.kind=ada", "--augment.p=0.5", "--augment.target=null"),
             launcher, env={"DS_ACCELERATOR": "cpu"})
     start = events(run, "start")[0]
     assert start["distributed_type"] == "DistributedType.DEEPSPEED" and start["mixed_precision"] == "bf16"
-    assert events(run, "checkpoint")[-1]["replicas_identical"] == {"G": True, "D": True}
+    assert events(run, "checkpoint")[-1]["replicas_identical"] == {"G": True, "D": True, "augment_p": True}
     logged = [r for r in read_metrics(run) if "loss_D" in r]
-    assert logged and all(r["r1"] > 0 for r in logged)
+    assert logged and all(r["r1"] > 0 and r["augment_p"] == 0.5 for r in logged)
     if arch == "stylegan2":
         assert all(r["pl"] >= 0 and r["pl_mean"] > 0 for r in logged)
 
