@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from dist_gan.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 # tracker -> (module to import, what to pip install)
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
@@ -117,8 +120,19 @@ class RunLogger:
                 tracker.log_images({f"samples/{tag}": [pixels]}, step=step)
 
     def close(self) -> None:
-        """Finish the trackers and close metrics.jsonl; a second call does nothing."""
+        """Finish the trackers and close metrics.jsonl; a second call does nothing.
+
+        A tracker that cannot flush (a full disk, a lost server) is reported and the others still
+        close: this runs on the way out of a run, often with the error that stopped it in flight,
+        and must not replace that error's one line with its own traceback."""
         if self.enabled and not self.jsonl.closed:
             for tracker in self.trackers:
-                tracker.finish()
-            self.jsonl.close()
+                try:
+                    tracker.finish()
+                except Exception as err:  # noqa: BLE001 - any tracker, any failure: report, go on
+                    log.warning("could not finish the %s tracker (its last values may be lost): %s",
+                                tracker.name, err)
+            try:
+                self.jsonl.close()
+            except OSError as err:
+                log.warning("could not close %s (its last lines may be lost): %s", self.jsonl.name, err)
