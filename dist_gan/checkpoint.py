@@ -43,6 +43,7 @@ from accelerate.utils import gather_object
 
 from dist_gan.backend import check_resumable
 from dist_gan.config import Config, ConfigError, save_config, to_dict
+from dist_gan.data.shards import mount_point
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ ENCODER_WEIGHTS = "encoder.safetensors"
 DISK_FULL_BYTES = 1 << 20
 # The parts of a config that decide tensor shapes: a checkpoint only loads into the same ones.
 SHAPE_KEYS = ("model", "data.resolution", "data.channels")
+# What a resume must keep besides the shapes: kimg, the EMA's unit and the saved data position are
+# counted in these batches
+BATCH_KEYS = ("data.batch_size", "optim.accumulate")
 
 
 class CheckpointError(ConfigError):
@@ -108,6 +112,14 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
                      checkpoint_root(run_dir))
         return found
     return find_checkpoint(resume)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a complete checkpoint was saved at (from its manifest)."""
+    try:
+        return int(json.loads((path / MANIFEST).read_text())["step"])
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path / MANIFEST} cannot be read: {err}") from None
 
 
 def newest_verified(candidates: list[Path]) -> Path | None:
@@ -286,17 +298,10 @@ def _describe_failure(err: Exception | None, staging: Path) -> str | None:
         return None
     full = getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(staging.parent).free < DISK_FULL_BYTES
     if full:
-        return f"no space left on {_mount_point(staging)} while writing checkpoint {staging.name[:-4]}"
+        return f"no space left on {mount_point(staging)} while writing checkpoint {staging.name[:-4]}"
     if isinstance(err, RuntimeError) and not isinstance(err, OSError) and "write" not in str(err).lower():
         raise err  # not a failed write: a bug, with its traceback
     return f"cannot write checkpoint {staging.name[:-4]}: {err}"
-
-
-def _mount_point(path: Path) -> Path:
-    path = path.resolve()
-    while not os.path.ismount(path) and path.parent != path:
-        path = path.parent
-    return path
 
 
 def file_crc32(path: Path) -> str:
@@ -406,6 +411,11 @@ def check_compatible(path: Path, config: Config) -> None:
     ]
     if differ:
         raise CheckpointError(f"checkpoint {path} was made for another model:\n" + "\n".join(differ))
+    batch = [f"{key}={current.get(key)!r} (the checkpoint has {saved.get(key)!r})" for key in BATCH_KEYS
+             if key in saved and saved.get(key) != current.get(key)]
+    if batch:
+        raise CheckpointError(f"cannot resume {path} with {', '.join(batch)}: its step count, kimg and data "
+                              "position are in its own batches; keep them, or start a new run.dir")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Collection, Mapping
@@ -52,6 +53,9 @@ class RunConfig:
     sample_every: int = 200
     ckpt_every: int = 500
     keep_last: int = 3
+    # a fresh run (train.resume unset) in a run.dir holding another run's checkpoints is refused;
+    # true deletes that run's checkpoints and metrics.jsonl first
+    overwrite: bool = False
     # with eval.every: keep the checkpoint of the lowest FID so far in checkpoints/best (never pruned)
     keep_best: bool = False
     sample_truncation: Optional[float] = None  # truncation of the sample grids (see dist-gan sample)
@@ -144,9 +148,22 @@ class NetConfig:
     mapping_layers: int = 8  # stylegan2 G: depth of the mapping network z -> w
     mapping_lr_mult: float = 0.01  # stylegan2 G: the mapping network's learning-rate multiplier
     mixing_prob: float = 0.9  # stylegan2 G: probability of style mixing regularisation per batch
+    # r3gan: channels per stage, smallest map first (empty: `width` at each stage up to 32 px, halved
+    # per stage after the fourth above), residual blocks per stage (empty: 2 each), channels per group
+    # of the 3x3 convs, and the blocks' inverted-bottleneck expansion ratio
+    widths: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    group_size: int = 16
+    expansion: int = 2
 
     def problems(self) -> list[tuple[str, Any, str]]:
         found = [("width", self.width, "must be >= 1")] if self.width < 1 else []
+        for name in ("widths", "blocks"):
+            if any(v < 1 for v in getattr(self, name)):
+                found.append((name, getattr(self, name), "entries must be >= 1"))
+        for name in ("group_size", "expansion"):
+            if getattr(self, name) < 1:
+                found.append((name, getattr(self, name), "must be >= 1"))
         if any(m < 1 for m in self.channel_mult):
             found.append(("channel_mult", self.channel_mult, "entries must be >= 1"))
         if not 0.0 <= self.mixing_prob <= 1.0:
@@ -183,6 +200,9 @@ class LossConfig:
     gp_weight: float = 10.0  # wgan_gp only
     r1_gamma: float = 0.0  # R1 penalty on real data, any loss; 0 disables
     r1_every: int = 1  # lazy R1: computed every this many D updates, weighted by it (StyleGAN2: 16)
+    # R2 (R3GAN): the zero-centred penalty on fake data, weight r2_gamma / 2, every r2_every D updates
+    r2_gamma: float = 0.0
+    r2_every: int = 1
     clip_value: float = 0.01  # wgan (weight clipping) only
     # StyleGAN2's path length regularisation (model.generator.arch stylegan2): weight (0: off),
     # interval in G updates (lazy, weighted by it), batch divisor and running-mean decay
@@ -201,14 +221,15 @@ class LossConfig:
 
     def problems(self) -> list[tuple[str, Any, str]]:
         found = []
-        for name in ("gp_weight", "r1_gamma", "feature_matching", "historical_averaging", "kl_weight",
+        for name in ("gp_weight", "r1_gamma", "r2_gamma", "feature_matching", "historical_averaging", "kl_weight",
                      "recon_weight"):
             if getattr(self, name) < 0:
                 found.append((name, getattr(self, name), "must be >= 0"))
         if self.clip_value <= 0:
             found.append(("clip_value", self.clip_value, "must be > 0"))
-        if self.r1_every < 1:
-            found.append(("r1_every", self.r1_every, "must be >= 1"))
+        for name in ("r1_every", "r2_every"):
+            if getattr(self, name) < 1:
+                found.append((name, getattr(self, name), "must be >= 1"))
         if self.pl_weight < 0:
             found.append(("pl_weight", self.pl_weight, "must be >= 0"))
         for name in ("pl_every", "pl_batch_shrink"):
@@ -408,6 +429,47 @@ class EvalConfig:
 
 
 @dataclass
+class Ramp:
+    """A value that moves from ``start`` to ``end`` over the first ``kimg`` thousand real images of
+    training (cosine, as R3GAN's schedules, or linear) and then stays at ``end``."""
+
+    start: float = 0.0
+    end: float = 0.0
+    kimg: float = 1.0
+    shape: Literal["cosine", "linear"] = "cosine"
+
+    def at(self, kimg: float) -> float:
+        t = min(max(kimg / self.kimg, 0.0), 1.0)
+        weight = 0.5 * (1.0 - math.cos(math.pi * t)) if self.shape == "cosine" else t
+        return self.start + (self.end - self.start) * weight
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        return [("kimg", self.kimg, "must be > 0")] if self.kimg <= 0 else []
+
+
+@dataclass
+class ScheduleConfig:
+    """Values ramped over training in images (so a config means the same on 1 or 64 GPUs), each
+    ``{start, end, kimg, shape}`` or null (the fixed value from its own key). Logged under its name;
+    a resume recomputes it from the step, so it continues exactly."""
+
+    r1_gamma: Optional[Ramp] = None  # loss.r1_gamma (which must be > 0: the term is on)
+    r2_gamma: Optional[Ramp] = None  # loss.r2_gamma (likewise)
+    g_lr: Optional[Ramp] = None  # optim.g_lr
+    d_lr: Optional[Ramp] = None  # optim.d_lr
+    beta2: Optional[Ramp] = None  # Adam's beta2 of every optimiser (optim.betas[1])
+    ema_kimg: Optional[Ramp] = None  # train.ema_kimg, the EMA's half-life
+    augment_p: Optional[Ramp] = None  # augment.p, with augment.target: null (a fixed ramp, as R3GAN's)
+
+    def ramps(self) -> dict[str, Ramp]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None}
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        return []
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -418,10 +480,11 @@ class Config:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def problems(self) -> list[tuple[str, Any, str]]:
-        found = []
-        penalised = self.loss.name == "wgan_gp" or self.loss.r1_gamma > 0
+        found = self._schedule_problems()
+        penalised = self.loss.name == "wgan_gp" or self.loss.r1_gamma > 0 or self.loss.r2_gamma > 0
         if penalised and self.model.discriminator.norm == "batch":
             found.append(
                 (
@@ -437,6 +500,32 @@ class Config:
             found.append(("loss.pl_weight", self.loss.pl_weight,
                           "path length regularisation needs model.generator.arch: stylegan2 "
                           f"(a w space); the generator is {self.model.generator.arch}"))
+        if self.loss.name == "rpgan" and self.model.encoder.arch != "none":
+            found.append(("loss.name", "rpgan", "pairs real and fake logits; a VAE-GAN (model.encoder) "
+                          "needs ns, hinge or wgan_gp"))
+        return found
+
+    def _schedule_problems(self) -> list[tuple[str, Any, str]]:
+        ramps, found = self.schedule.ramps(), []
+        for name in ("r1_gamma", "r2_gamma"):
+            if name in ramps and getattr(self.loss, name) <= 0:
+                found.append((f"schedule.{name}", "set", f"ramps loss.{name}, which is 0 (the term is "
+                              f"off): set loss.{name} > 0"))
+        if "augment_p" in ramps and (self.augment.kind == "none" or self.augment.target is not None):
+            found.append(("schedule.augment_p", "set", "needs augment.kind diffaugment or ada with "
+                          "augment.target: null (a fixed ramp instead of ADA's tuning)"))
+        if ("g_lr" in ramps or "d_lr" in ramps) and self.optim.lr_schedule != "constant":
+            found.append(("optim.lr_schedule", self.optim.lr_schedule, "cannot be combined with a "
+                          "learning-rate ramp (schedule.g_lr / d_lr)"))
+        if "ema_kimg" in ramps and self.train.ema_decay is not None:
+            found.append(("schedule.ema_kimg", "set", "ramps the half-life in images; train.ema_decay "
+                          "(per step) is set: unset it"))
+        for name, ramp in ramps.items():
+            low = {"beta2": (0.0, 1.0), "augment_p": (0.0, 1.0)}.get(name)
+            values = (ramp.start, ramp.end)
+            if any(v < 0 for v in values) or (low and any(v > low[1] for v in values)):
+                found.append((f"schedule.{name}", [ramp.start, ramp.end],
+                              "must be >= 0" + (f" and <= {low[1]}" if low else "")))
         return found
 
 
@@ -531,7 +620,10 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         if name not in raw:
             continue
         key, hint, value = prefix + name, hints[name], raw[name]
-        if dataclasses.is_dataclass(hint):
+        optional = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(optional) == 1 and dataclasses.is_dataclass(optional[0]):  # Optional[Ramp]
+            kwargs[name] = None if value is None else _build(optional[0], value, key + ".", source)
+        elif dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, key + ".", source)
         else:
             kwargs[name] = _coerce(value, hint, key, source)
@@ -576,14 +668,19 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             return value
         raise fail("an integer")
     if hint is float:
+        number = None
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; a number is meant
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise fail("a number") from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise fail("a number")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        if number is None:
+            raise fail("a number")
+        if not math.isfinite(number):  # nan passes every range check (nan < 0 is false)
+            raise fail("a finite number")
+        return number
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +25,10 @@ from tqdm.auto import tqdm
 
 from dist_gan import backend, runlock
 from dist_gan.augment import Augmentation, AugmentedDiscriminator, build_augmentation
-from dist_gan.checkpoint import (ReplicasDiffer, keep_as_best, last_healthy, load_checkpoint,
-                                 remove_stale_staging, restore_best,
-                                 resolve_resume, save_checkpoint)
-from dist_gan.config import Config, OptimConfig, save_config, to_dict
+from dist_gan.checkpoint import (ReplicasDiffer, checkpoint_root, checkpoint_step, keep_as_best,
+                                 last_healthy, list_checkpoints, load_checkpoint, remove_stale_staging,
+                                 restore_best, resolve_resume, save_checkpoint)
+from dist_gan.config import Config, ConfigError, OptimConfig, save_config, to_dict
 from dist_gan.data import BatchStream, build_batch_stream
 from dist_gan.ema import EMA, ema_beta, step_beta
 from dist_gan.guard import GO_ON, STOP, DivergenceGuard, StepTally
@@ -434,7 +435,36 @@ def train(config: Config, stop_request: StopRequest | None = None) -> RunResult:
         lock = _lock_run_dir(acc_G, Path(config.run.dir))
         if lock is not None:
             cleanup.callback(runlock.release, lock)
-        return _run(config, acc_G, acc_D, stop_request, cleanup)
+        resume_from = _claim_run_dir(config, acc_G)
+        return _run(config, acc_G, acc_D, stop_request, cleanup, resume_from)
+
+
+def _claim_run_dir(config: Config, accelerator: Accelerator) -> Path | None:
+    """The checkpoint to resume from (None: start fresh), once the run directory may be used:
+    a fresh run never writes over another run's checkpoints (unless ``run.overwrite``), and a
+    resume that would train no step changes nothing. Raises ConfigError naming the way out."""
+    run_dir = Path(config.run.dir)
+    resume_from = resolve_resume(config.train.resume, run_dir)
+    if resume_from is not None:
+        at = checkpoint_step(resume_from)
+        if at >= config.train.max_steps:
+            raise ConfigError(f"checkpoint {resume_from} is at step {at} and train.max_steps="
+                              f"{config.train.max_steps}: there is nothing to train (the run was left "
+                              "as it is); raise train.max_steps to continue it")
+        return resume_from
+    existing = list_checkpoints(run_dir)
+    if existing and not config.run.overwrite:
+        raise ConfigError(f"run.dir {run_dir} holds another run's checkpoints (newest {existing[-1].name}): "
+                          "continue it with --train.resume=auto, or start afresh with --run.overwrite=true "
+                          "(deletes them) or another --run.dir")
+    if existing:
+        if accelerator.is_main_process:
+            log.warning("run.overwrite: deleting %d checkpoint(s) and metrics.jsonl of the earlier run in %s",
+                        len(existing), run_dir)
+            shutil.rmtree(checkpoint_root(run_dir))
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        accelerator.wait_for_everyone()
+    return None
 
 
 class Trainer:
@@ -482,13 +512,13 @@ class Trainer:
         """What samples and evaluations come from: the EMA generator, else G itself."""
         return self.ema.model if self.ema is not None else self.nets.G.plain
 
-    def start(self) -> int:
-        """Clean up, resume if asked, record the start; return the step to continue from."""
+    def start(self, resume_from: Path | None) -> int:
+        """Clean up, resume from ``resume_from`` if given, record the start; return the step to
+        continue from."""
         config, acc = self.config, self.accelerator
         if acc.is_main_process:
             remove_stale_staging(self.run_dir)
             restore_best(self.run_dir)
-        resume_from = resolve_resume(config.train.resume, self.run_dir)
         verified = config.train.resume == "auto"  # resolve_resume checked its checksums
         step = self.restore(resume_from, verified) if resume_from is not None else 0
         self.tally.reset(step)
@@ -622,7 +652,8 @@ class Trainer:
             log.warning("step %d: checkpoint deferred until the divergence guard's bad streak ends%s",
                         step, "; stopping without one" if last else "")
             return True
-        healthy = self.guard.checkpointed() and _weights_finite(list(self.nets.plain().values()))
+        averaged = [self.ema.model] if self.ema is not None else []
+        healthy = self.guard.checkpointed() and _weights_finite(list(self.nets.plain().values()) + averaged)
         nets = self.nets
         best = self.best_candidate if self.best_due(step) else self.best
         augment = self.nets.augment.state_dict() if self.nets.augment is not None else None
@@ -659,10 +690,10 @@ class Trainer:
 
 
 def _run(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: StopRequest,
-         cleanup: contextlib.ExitStack) -> RunResult:
+         cleanup: contextlib.ExitStack, resume_from: Path | None) -> RunResult:
     """Build -> resume -> loop -> finish; ``cleanup`` closes the data stream and the logger."""
     run = Trainer(config, acc_G, acc_D, cleanup)
-    step = run.start()
+    step = run.start(resume_from)
     stop = StopPolicy(config.train.max_steps, config.train.time_limit_min, stop_request, run.any_rank,
                       agree_every_step=run.world == 1)
     bar = tqdm(total=config.train.max_steps, initial=step, disable=not acc_G.is_main_process,

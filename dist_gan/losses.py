@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dist_gan.backend import eager, full_precision
-from dist_gan.config import LossConfig, lookup
+from dist_gan.config import ConfigError, LossConfig, lookup
 
 Stats = dict[str, torch.Tensor]
 
@@ -61,10 +61,22 @@ class Models:
 # --- objectives -------------------------------------------------------------------------------------
 
 class Objective:
-    """The game on D's logits: D's loss on real and on fake logits, and G's loss."""
+    """The game on D's logits: D's loss on real and on fake logits, and G's loss.
+
+    ``d_loss`` / ``g_loss`` see both sides' logits; the default splits D's loss into a real and a
+    fake part and G's into a fake part. A relativistic objective (``pairs_real_and_fake``) overrides
+    both, and the generator step then also judges the real batch (D frozen, no gradient)."""
+
+    pairs_real_and_fake = False
 
     def __init__(self, cfg: LossConfig):
         self.cfg = cfg
+
+    def d_loss(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+        return self.d_real(real_logits) + self.d_fake(fake_logits)
+
+    def g_loss(self, fake_logits: torch.Tensor, real_logits: torch.Tensor | None) -> torch.Tensor:
+        return self.g_objective(fake_logits)
 
     def d_real(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -119,7 +131,31 @@ class Hinge(Objective):
         return -fake_logits.mean()
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"ns": NonSaturating, "wasserstein": Wasserstein, "hinge": Hinge}
+class RelativisticPairing(Objective):
+    """R3GAN's relativistic pairing (RpGAN; Jolicoeur-Martineau 2019, Huang et al. 2024): real image i
+    of the batch is paired with fake i, D minimises softplus(D(fake_i) - D(real_i)) and G minimises
+    softplus(D(real_i) - D(fake_i)), means over pairs. Pairs never cross ranks or micro-batches:
+    each rank pairs its own micro-batch's reals with the fakes it generated for them, and DDP then
+    averages the pair losses' gradients, so the game is the same at any world size and accumulation.
+    """
+
+    pairs_real_and_fake = True
+
+    def d_loss(self, real_logits, fake_logits):
+        return F.softplus(fake_logits - real_logits).mean()
+
+    def g_loss(self, fake_logits, real_logits):
+        return F.softplus(real_logits - fake_logits).mean()
+
+    def _unpaired(self, *_):
+        raise ConfigError("loss.name = 'rpgan' judges real and fake logits in pairs; it has no loss on "
+                          "one side alone (a VAE-GAN's reconstructions need ns, hinge or wgan_gp)")
+
+    d_real = d_fake = g_objective = _unpaired
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"ns": NonSaturating, "wasserstein": Wasserstein, "hinge": Hinge,
+                                          "rpgan": RelativisticPairing}
 
 
 # --- penalties --------------------------------------------------------------------------------------
@@ -163,14 +199,27 @@ def gradient_penalty(discriminator: nn.Module, real: torch.Tensor, fake: torch.T
         return (grad.flatten(1).norm(2, dim=1) - 1.0).pow(2).mean()
 
 
+def zero_centred_penalty(logits: torch.Tensor, x: torch.Tensor,
+                         scale: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch of ||grad_x D(x)||^2 for ``logits`` = D(``x``) computed from an ``x`` that
+    requires grad (R1 at reals, R2 at fakes); ``scale``: see ``input_gradient``."""
+    with full_precision(x.device):
+        return input_gradient(logits, x, scale).flatten(1).pow(2).sum(1).mean()
+
+
+def penalty_input(images: torch.Tensor) -> torch.Tensor:
+    """A fp32 leaf copy of ``images`` that requires grad: what a zero-centred penalty differentiates by."""
+    return images.detach().float().requires_grad_(True)
+
+
 def r1_penalty(discriminator: nn.Module, real: torch.Tensor, labels: torch.Tensor | None = None,
                scale: float | torch.Tensor | None = None) -> torch.Tensor:
-    """Mescheder et al.'s R1: mean over the batch of ||grad_x D(x)||^2 at real samples (unweighted);
-    ``scale``: see ``input_gradient``."""
-    x = real.detach().float().requires_grad_(True)
+    """Mescheder et al.'s R1 with a forward of its own: mean over the batch of ||grad_x D(x)||^2 at
+    real samples (unweighted); ``scale``: see ``input_gradient``. The loss shares D's forward instead
+    (``GANLoss.discriminator_loss``); this is the reference it is tested against."""
+    x = penalty_input(real)
     with full_precision(real.device):
-        grad = input_gradient(_judge(discriminator, x, labels), x, scale)
-        return grad.flatten(1).pow(2).sum(1).mean()
+        return zero_centred_penalty(_judge(discriminator, x, labels), x, scale)
 
 
 class HistoricalAverage:
@@ -216,6 +265,12 @@ class DiscriminatorStep:
     fake: torch.Tensor
     fake_logits: torch.Tensor
     autocast: Callable[[], ContextManager]
+    real_logits: torch.Tensor | None = None
+    # the inputs D's logits were computed from, requiring grad, when a due term asked for them
+    # (``Term.input_gradient_of``): the penalty then shares the loss's forward
+    real_input: torch.Tensor | None = None
+    fake_input: torch.Tensor | None = None
+    fake_labels: torch.Tensor | None = None
 
 
 @dataclass
@@ -240,6 +295,9 @@ class Term:
 
     needs_real_features = False  # D's features of the real batch, in the generator step
     every = 1  # > 1: lazy regularisation, on every ``every``-th update of its side, weighted by it
+    # "real" / "fake": D's forward on that side takes an input that requires grad (in fp32, autocast
+    # off) when this term is due, and the term differentiates the loss's own logits by it
+    input_gradient_of: tuple[str, ...] = ()
 
     def __init__(self, cfg: LossConfig):
         self.cfg = cfg
@@ -264,17 +322,36 @@ class Term:
 
 
 class R1(Term):
-    """Mescheder et al.'s R1 on real data, weight loss.r1_gamma / 2, every loss.r1_every D updates
-    (StyleGAN2's lazy regularisation: 16)."""
+    """Mescheder et al.'s R1 on real data, weight loss.r1_gamma / 2 (``gamma``, which a schedule may
+    ramp), every loss.r1_every D updates (StyleGAN2's lazy regularisation: 16). It differentiates the
+    loss's own D(real) (StyleGAN2-ADA's "Dboth"): no second forward."""
+
+    input_gradient_of = ("real",)
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.every = cfg.r1_every
+        self.every, self.gamma = cfg.r1_every, cfg.r1_gamma
 
     def discriminator(self, step):
-        value = 0.5 * self.cfg.r1_gamma * r1_penalty(step.models.D_penalty, step.real, step.labels,
-                                                     step.models.penalty_scale())
+        penalty = zero_centred_penalty(step.real_logits, step.real_input, step.models.penalty_scale())
+        value = 0.5 * self.gamma * penalty
         return value, {"r1": value}
+
+
+class R2(Term):
+    """The zero-centred penalty on fake data (R3GAN's R2): weight loss.r2_gamma / 2 (``gamma``, which a
+    schedule may ramp), every loss.r2_every D updates, from the loss's own D(fake)."""
+
+    input_gradient_of = ("fake",)
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.every, self.gamma = cfg.r2_every, cfg.r2_gamma
+
+    def discriminator(self, step):
+        penalty = zero_centred_penalty(step.fake_logits, step.fake_input, step.models.penalty_scale())
+        value = 0.5 * self.gamma * penalty
+        return value, {"r2": value}
 
 
 class GradientPenalty(Term):
@@ -419,6 +496,7 @@ class PathLength(Term):
 # the order of the sums (and of the logged statistics).
 TERMS: dict[str, Callable[[LossConfig], Term | None]] = {
     "r1": lambda cfg: R1(cfg) if cfg.r1_gamma > 0 else None,
+    "r2": lambda cfg: R2(cfg) if cfg.r2_gamma > 0 else None,
     "gp": GradientPenalty,
     "clip": WeightClipping,
     "feature_matching": lambda cfg: FeatureMatching(cfg) if cfg.feature_matching > 0 else None,
@@ -428,7 +506,7 @@ TERMS: dict[str, Callable[[LossConfig], Term | None]] = {
 }
 # Terms every loss gets (each switched on by its own config weight, or by an encoder for vaegan);
 # the others only where a loss's definition names them.
-SHARED_TERMS = ("r1", "feature_matching", "vaegan", "hist_avg", "pl")
+SHARED_TERMS = ("r1", "r2", "feature_matching", "vaegan", "hist_avg", "pl")
 
 
 @dataclass(frozen=True)
@@ -444,6 +522,7 @@ LOSSES: dict[str, LossSpec] = {
     "wgan": LossSpec("wasserstein", ("clip",)),
     "wgan_gp": LossSpec("wasserstein", ("gp",)),
     "hinge": LossSpec("hinge"),
+    "rpgan": LossSpec("rpgan"),
 }
 
 
@@ -460,9 +539,10 @@ class GANLoss:
         self.updates = {"D": 0, "G": 0}  # updates of each side so far: when lazy terms are due
 
     def _due(self, side: str) -> list[tuple[Term, int]]:
-        """The terms due at this ``side`` update, each with its weight (its interval)."""
+        """The terms due at this ``side`` update, each with its weight (its interval). Updates are
+        counted by ``after_*_step`` (once per optimiser step), so every micro-batch of an
+        accumulated update sees the same terms."""
         count = self.updates[side]
-        self.updates[side] += 1
         return [(t, t.every) for t in self.terms.values() if count % t.every == 0]
 
     # the objective's functions, for callers that judge logits directly
@@ -487,22 +567,36 @@ class GANLoss:
         labels = torch.randint(0, m.num_classes, (n,), device=device) if m.num_classes else None
         return z, labels
 
+    def _judge_for(self, m: Models, images: torch.Tensor, labels: torch.Tensor | None,
+                   with_input_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """D's fp32 logits on ``images`` and, when a due penalty differentiates them
+        (``with_input_grad``), the fp32 input that requires grad they were computed from: then the
+        forward runs through the penalty's view of D with autocast off, and serves loss and penalty."""
+        if not with_input_grad:
+            with self.autocast():
+                return m.D(images, labels).float(), None
+        x = penalty_input(images)
+        with full_precision(x.device):
+            return _judge(m.D_penalty, x, labels), x
+
     def discriminator_loss(self, m: Models, real: torch.Tensor,
                            labels: torch.Tensor) -> tuple[torch.Tensor, Stats]:
         labels = self.real_labels(m, labels)
         z, fake_labels = self.sample(m, real.shape[0], real.device)
         with torch.no_grad(), self.autocast():
             fake = m.G(z, fake_labels)
-        with self.autocast():
-            real_logits = m.D(real, labels).float()
-            fake_logits = m.D(fake, fake_labels).float()
-        loss = self.objective.d_real(real_logits) + self.objective.d_fake(fake_logits)
-        step = DiscriminatorStep(m, self.objective, real, labels, fake, fake_logits, self.autocast)
+        due = self._due("D")
+        wanted = {side for term, _ in due for side in term.input_gradient_of}
+        real_logits, real_input = self._judge_for(m, real, labels, "real" in wanted)
+        fake_logits, fake_input = self._judge_for(m, fake, fake_labels, "fake" in wanted)
+        loss = self.objective.d_loss(real_logits, fake_logits)
+        step = DiscriminatorStep(m, self.objective, real, labels, fake, fake_logits, self.autocast,
+                                 real_logits, real_input, fake_input, fake_labels)
         d_real, d_fake = real_logits.mean().detach(), fake_logits.mean().detach()
         # D_real_sign: E[sign(D(real))], ADA's over-fitting heuristic r_t (1: D sure of every real)
         stats = {"D_real": d_real, "D_fake": d_fake, "wasserstein": d_real - d_fake,
                  "D_real_sign": real_logits.sign().mean().detach()}
-        for term, weight in self._due("D"):
+        for term, weight in due:
             added, logged = term.discriminator(step)
             loss = loss + (added * weight if weight > 1 else added)
             stats.update({name: value.detach() for name, value in logged.items()})
@@ -512,18 +606,21 @@ class GANLoss:
     def generator_loss(self, m: Models, real: torch.Tensor,
                        labels: torch.Tensor) -> tuple[torch.Tensor, Stats]:
         """G's objective through the frozen D, plus the terms (with an encoder, the VAE-GAN terms,
-        which train the encoder by this same loss)."""
+        which train the encoder by this same loss). A relativistic objective also judges the real
+        batch (no gradient: D is frozen and the reals are data)."""
         labels = self.real_labels(m, labels)
         z, fake_labels = self.sample(m, real.shape[0], real.device)
         with self.autocast():
             fake = m.G(z, fake_labels)
             fake_logits, fake_features = m.D_plain(fake, fake_labels, return_features=True)
-        loss = self.objective.g_objective(fake_logits.float())
-        real_features = None
-        if any(t.needs_real_features and (m.E is not None or not isinstance(t, VAEGAN))
-               for t in self.terms.values()):
+        real_logits = real_features = None
+        wants_features = any(t.needs_real_features and (m.E is not None or not isinstance(t, VAEGAN))
+                             for t in self.terms.values())
+        if wants_features or self.objective.pairs_real_and_fake:
             with torch.no_grad(), self.autocast():
-                real_features = m.D_plain(real, labels, return_features=True)[1].float()
+                real_logits, real_features = m.D_plain(real, labels, return_features=True)
+            real_logits, real_features = real_logits.float(), real_features.float()
+        loss = self.objective.g_loss(fake_logits.float(), real_logits)
         step = GeneratorStep(m, self.objective, real, labels, fake_features, real_features, self.autocast)
         stats: Stats = {}
         for term, weight in self._due("G"):
@@ -535,13 +632,16 @@ class GANLoss:
 
     @torch.no_grad()
     def after_discriminator_step(self, discriminator: nn.Module) -> None:
+        """After each D update (all its micro-batches): terms act, the update is counted."""
         for term in self.terms.values():
             term.after_discriminator_step(discriminator)
+        self.updates["D"] += 1
 
     @torch.no_grad()
     def after_generator_step(self, generator: nn.Module) -> None:
         for term in self.terms.values():
             term.after_generator_step(generator)
+        self.updates["G"] += 1
 
     def state_dict(self) -> dict:
         """What a resume needs (update counts, the historical averages), weights_only-loadable."""

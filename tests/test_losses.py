@@ -207,12 +207,28 @@ def test_lazy_r1_runs_every_n_updates_weighted_by_n_and_resumes_its_count():
     for _ in range(6):
         total, stats = loss.discriminator_loss(models(d, torch.zeros(4, 2)), torch.randn(4, 2),
                                                torch.zeros(4))
+        loss.after_discriminator_step(d)  # the loop's call after each D update
         seen.append(round(stats["r1"].item(), 6) if "r1" in stats else None)
     assert seen == [5.0, None, None, None, 5.0, None]  # logged unweighted by the interval
     resumed = build_loss(LossConfig(name="ns", r1_gamma=2.0, r1_every=4))
     resumed.load_state_dict(loss.state_dict())
     _, stats = resumed.discriminator_loss(models(d, torch.zeros(4, 2)), torch.randn(4, 2), torch.zeros(4))
     assert "r1" not in stats  # update 6: not due; 8 would be
+
+
+def test_lazy_intervals_count_updates_not_micro_batches():
+    """Under optim.accumulate every micro-batch of a due update gets the penalty; the interval counts
+    optimiser updates (after_*_step), not loss calls."""
+    d = Linear([1.0, 2.0])
+    loss = build_loss(LossConfig(name="ns", r1_gamma=2.0, r1_every=2))
+    seen = []
+    for _ in range(3):  # three D updates of two micro-batches each
+        for _ in range(2):
+            _, stats = loss.discriminator_loss(models(d, torch.zeros(4, 2)), torch.randn(4, 2), torch.zeros(4))
+            seen.append("r1" in stats)
+        loss.after_discriminator_step(d)
+    assert seen == [True, True, False, False, True, True]
+    assert loss.updates["D"] == 3
 
 
 def test_losses_are_an_objective_and_their_terms():

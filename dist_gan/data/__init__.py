@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -19,7 +20,7 @@ from dist_gan.config import DEFAULT_SHARDS, DataConfig, lookup
 from dist_gan.data.loader import ShardReader, ShardStream
 from dist_gan.data.memory import InMemoryBatches
 from dist_gan.data.shards import (SHARD_MANIFEST, expand_urls, local_path, read_shard_manifest,
-                                  resolve_shards, write_json_atomically, write_shards)
+                                  resolve_shards, shard_dir_lock, write_shards)
 from dist_gan.data.sources import (DATA_SOURCES, IMAGE_SUFFIXES, DataError, ImageSet, limit_images,
                                    load_mnist_idx, read_idx)
 from dist_gan.data.split import SplitPlan
@@ -41,7 +42,15 @@ def prepare_shards(cfg: DataConfig, out_dir: str | Path, split: str = "train",
                    progress: bool = True, shards_multiple_of: int = 1) -> dict:
     """Write ``cfg.source``'s ``split`` as shards of at most ``cfg.shard_size`` samples into ``out_dir``;
     with ``shards_multiple_of`` = m, as a multiple of m shards of one size (the last one shorter),
-    e.g. m = GPUs x loader workers."""
+    e.g. m = GPUs x loader workers. The directory is locked while it is written."""
+    with shard_dir_lock(out_dir):
+        return _write_source_shards(cfg, out_dir, split, progress, shards_multiple_of)
+
+
+def _write_source_shards(cfg: DataConfig, out_dir: str | Path, split: str, progress: bool = True,
+                         shards_multiple_of: int = 1, extra: dict | None = None,
+                         replace: bool = False) -> dict:
+    """``prepare_shards`` under a lock the caller holds (``extra``, ``replace``: see write_shards)."""
     images = lookup(DATA_SOURCES, "data.source", cfg.source)(cfg, split)
     if split == "train":
         images = limit_images(images, cfg.limit)
@@ -52,18 +61,29 @@ def prepare_shards(cfg: DataConfig, out_dir: str | Path, split: str = "train",
         log.info("%d images in %d shards of %d (a multiple of %d shards)", len(images), count,
                  shard_size, shards_multiple_of)
     return write_shards(images, out_dir, split, shard_size, cfg.source, cfg.resolution,
-                        cfg.channels, progress, cfg.strict)
+                        cfg.channels, progress, cfg.strict, extra, replace)
 
 
 def _prepare_if_missing(cfg: DataConfig) -> None:
-    """Rank 0 (called inside main_process_first) writes the configured shards when none exist yet."""
+    """Rank 0 (called inside main_process_first) writes the configured shards when none exist yet;
+    a second run preparing the same directory waits for the first and then reuses its shards."""
     paths = [local_path(u) for u in expand_urls(cfg.shards)]
     if not cfg.prepare_if_missing or any(p is None or p.exists() for p in paths):
         return
     out_dir, name = paths[0].parent, paths[0].name
     split = name.split("-")[0]
-    log.info("no shards at %s: preparing them from %s (data.prepare_if_missing)", cfg.shards, cfg.source)
-    prepare_shards(cfg, out_dir, split)
+    if split not in ("train", "test") or not re.fullmatch(rf"{split}-\d{{6}}\.tar", name):
+        raise DataError(f"data.shards={cfg.shards} names files like {name} that do not exist yet; shards "
+                        f"written from data.source={cfg.source} are named train-NNNNNN.tar (or test-) "
+                        "with six digits: name them so, or write them first with "
+                        "`python -m dist_gan.data prepare`")
+    with shard_dir_lock(out_dir):
+        if any(p.exists() for p in paths):
+            log.info("shards at %s were written by another run meanwhile: reusing them", cfg.shards)
+        else:
+            log.info("no shards at %s: preparing them from %s (data.prepare_if_missing)", cfg.shards,
+                     cfg.source)
+            _write_source_shards(cfg, out_dir, split)
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise DataError(f"prepared {cfg.source} shards in {out_dir}, but data.shards={cfg.shards} names "
@@ -81,32 +101,66 @@ def folder_fingerprint(folder: Path) -> dict:
     return {"path": str(folder.resolve()), "images": count, "digest": digest.hexdigest()}
 
 
+def _folder_owner_problem(folder: Path, out_dir: Path, manifest_path: Path) -> str | None:
+    """Why ``data.folder`` may not write shards into ``out_dir`` (None: it may): the directory holds
+    shards that this folder did not write (another source, or another folder)."""
+    if manifest_path.is_file():
+        manifest = read_shard_manifest(manifest_path)
+        known = manifest.get("folder")
+        if known is not None and known.get("path") == str(folder.resolve()):
+            return None
+        held = f"folder {known.get('path')}" if known else f"data.source={manifest.get('source')}"
+        return (f"{out_dir} holds the shards of {held} ({manifest_path}); data.folder={folder} would "
+                "overwrite them")
+    strays = sorted(out_dir.glob("train-*.tar"))
+    if strays:
+        return f"{out_dir} holds shards with no manifest (e.g. {strays[0].name}); data.folder={folder} would overwrite them"
+    return None
+
+
+def _refuse_inside(folder: Path, name: str, path: Path) -> None:
+    """A run or shard directory inside the image folder would feed its own outputs back as images."""
+    if path.resolve().is_relative_to(folder.resolve()):
+        raise DataError(f"{name} {path} is inside data.folder={folder}: its sample grids and shards would "
+                        "become training images (their folders classes); put it outside the image folder")
+
+
 def shards_from_folder(cfg: DataConfig, run_dir: str | Path, may_prepare: bool) -> DataConfig:
     """``cfg`` pointed at shards of ``cfg.folder``, written first (``may_prepare``: by this process,
-    called inside ``main_process_first``) if there are none yet for the folder as it is now."""
+    called inside ``main_process_first``) if there are none yet for the folder as it is now.
+
+    Only shards this folder wrote are ever replaced (staged, then swapped, the manifest last); the
+    directory is locked while it is checked and written, so runs sharing it take turns."""
     folder = Path(cfg.folder)
     if not folder.is_dir():
         raise DataError(f"data.folder={cfg.folder} is not a directory")
     first = local_path(expand_urls(cfg.shards)[0])
     out_dir = first.parent if cfg.shards != DEFAULT_SHARDS and first is not None else Path(run_dir) / "shards"
+    _refuse_inside(folder, "the shard directory", out_dir)
     cfg = dataclasses.replace(cfg, source="folder", root=str(folder), prepare_if_missing=False,
                               manifest=str(out_dir / SHARD_MANIFEST))
     manifest_path = out_dir / SHARD_MANIFEST
     if may_prepare:
-        fingerprint = folder_fingerprint(folder)
-        known = read_shard_manifest(manifest_path).get("folder") if manifest_path.is_file() else None
-        if known == {**fingerprint, "resolution": cfg.resolution, "channels": cfg.channels}:
-            log.info("data.folder %s unchanged since its shards in %s were written: reusing them",
-                     folder, out_dir)
-        else:
-            log.info("data.folder %s: writing shards to %s (%s)", folder, out_dir,
-                     "first time" if known is None else "the folder or the resolution changed")
-            if manifest_path.is_file():
-                manifest_path.unlink()  # another resolution or channel count: start afresh
-            manifest = prepare_shards(cfg, out_dir, "train")
-            manifest["folder"] = {**fingerprint, "resolution": cfg.resolution, "channels": cfg.channels}
-            write_json_atomically(manifest_path, manifest)
+        with shard_dir_lock(out_dir):
+            problem = _folder_owner_problem(folder, out_dir, manifest_path)
+            if problem:
+                raise DataError(f"{problem}: nothing was changed; set data.shards to another directory, "
+                                "or leave it unset to use RUN_DIR/shards")
+            fingerprint = {**folder_fingerprint(folder), "resolution": cfg.resolution,
+                           "channels": cfg.channels}
+            known = read_shard_manifest(manifest_path).get("folder") if manifest_path.is_file() else None
+            if known == fingerprint:
+                log.info("data.folder %s unchanged since its shards in %s were written: reusing them",
+                         folder, out_dir)
+            else:
+                log.info("data.folder %s: writing shards to %s (%s)", folder, out_dir,
+                         "first time" if known is None else "the folder or the resolution changed")
+                _write_source_shards(cfg, out_dir, "train", extra={"folder": fingerprint}, replace=True)
     names = [e["name"] for e in read_shard_manifest(manifest_path)["splits"]["train"]["shards"]]
+    missing = [name for name in names if not (out_dir / name).is_file()]
+    if missing:
+        raise DataError(f"{manifest_path} lists {missing[0]}, which is not in {out_dir}: delete "
+                        f"{manifest_path} and the run rewrites the shards from data.folder={folder}")
     return dataclasses.replace(cfg, shards="::".join(str(out_dir / name) for name in names))
 
 
@@ -117,6 +171,7 @@ def build_batch_stream(cfg: DataConfig, seed: int, rank: int, world_size: int,
     ``num_classes`` > 0: every label must be a class of a conditional model; ``run_dir``: where
     ``data.folder``'s shards go unless ``data.shards`` says)."""
     if cfg.folder:
+        _refuse_inside(Path(cfg.folder), "run.dir", Path(run_dir))
         cfg = dataclasses.replace(cfg, source="folder", root=cfg.folder)
     if cfg.format == "memory":
         images = limit_images(lookup(DATA_SOURCES, "data.source", cfg.source)(cfg), cfg.limit)

@@ -8,6 +8,9 @@ The loader needs the counts to give every rank the same number of batches withou
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -16,6 +19,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import braceexpand
 import numpy as np
@@ -52,26 +56,71 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def mount_point(path: Path) -> Path:
+    """The mount point holding ``path`` (named in disk-full messages)."""
+    path = Path(path).resolve()
+    while not os.path.ismount(path) and path.parent != path:
+        path = path.parent
+    return path
+
+
+@contextlib.contextmanager
+def shard_dir_lock(out_dir: str | Path) -> Iterator[None]:
+    """Hold ``out_dir/.lock`` exclusively while shards are checked and written there.
+
+    A second writer (another run preparing the same directory) waits, then finds the shards
+    written and reuses them. ``flock`` holds between processes of one host; across hosts it holds
+    only where the shared filesystem implements it (NFSv4 and Lustre mounted with ``flock`` do;
+    others may grant every host the lock), so on a cluster prepare shards once, before the job.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is writing shards in %s: waiting for it", out_dir)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def write_shards(images: ImageSet, out_dir: str | Path, split: str, shard_size: int, source: str,
-                 resolution: int, channels: int, progress: bool = True, strict: bool = False) -> dict:
+                 resolution: int, channels: int, progress: bool = True, strict: bool = False,
+                 extra: dict | None = None, replace: bool = False) -> dict:
     """Write ``images`` as ``out_dir/<split>-NNNNNN.tar`` shards and record them in the manifest.
 
-    Nothing in ``out_dir`` changes until every image has been read: the shards are written into a
-    staging folder, checked, then moved over the old ones, and the manifest is replaced last
-    (atomically). A corrupt source or an incompatible manifest leaves the existing shards whole.
+    Nothing in ``out_dir`` changes until every image has been read and the new manifest is on disk:
+    the shards are written into a staging folder, checked, the new manifest written beside the old
+    one, then the shards moved over the old ones and the manifest replaced last (atomically). A corrupt
+    source, a full disk or an incompatible manifest leaves the existing shards and manifest whole.
     Unreadable images are skipped, counted and logged (``strict``: the first one is an error).
+    ``extra``: entries added to the manifest (a folder's fingerprint); ``replace``: start a new
+    manifest instead of adding this split to the existing one (the caller wrote that one). The
+    caller holds ``shard_dir_lock(out_dir)``.
     """
     out_dir = Path(out_dir)
     manifest_path = out_dir / SHARD_MANIFEST
-    manifest = read_shard_manifest(manifest_path) if manifest_path.is_file() else {}
+    manifest = read_shard_manifest(manifest_path) if manifest_path.is_file() and not replace else {}
     if manifest and (manifest["resolution"], manifest["channels"]) != (resolution, channels):
         raise DataError(f"{manifest_path} describes {manifest['resolution']}px x "
                         f"{manifest['channels']} channels; refusing to add {resolution}px x {channels} "
                         "(nothing was changed: write them to another directory)")
+    if manifest and manifest.get("source") != source:
+        raise DataError(f"{manifest_path} describes {manifest.get('source')} shards; refusing to add "
+                        f"{source} ones beside them (nothing was changed: write them to another directory)")
+    manifest.pop("folder", None)  # only the folder path, which passes replace, may keep a fingerprint
     staging = out_dir / f".{split}-prepare.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    pending = manifest_path.with_name(manifest_path.name + ".tmp")
     try:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed writer (we hold the lock)
+        staging.mkdir(parents=True)
         written, skipped = _write_tars(images, staging, split, shard_size, progress, strict)
         if written == 0:
             raise DataError(f"no readable image among the {len(images)} of {source}: no shards written")
@@ -82,8 +131,18 @@ def write_shards(images: ImageSet, out_dir: str | Path, split: str, shard_size: 
         for path in new:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    except BaseException:
+        manifest.update(format=SHARD_MANIFEST_FORMAT, source=source, resolution=resolution,
+                        channels=channels, class_names=list(images.class_names), **(extra or {}))
+        manifest.setdefault("splits", {})[split] = {"total": written, "skipped_unreadable": skipped,
+                                                    "shards": entries}
+        _write_json_synced(pending, manifest)  # the last write that can fail for want of space
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        pending.unlink(missing_ok=True)
+        if _disk_full(err):
+            raise DataError(f"no space left on {mount_point(out_dir)} while writing {split} shards into "
+                            f"{out_dir}: nothing there was changed; free space or choose another "
+                            "directory") from None
         raise
     names = {p.name for p in new}
     for path in new:
@@ -92,11 +151,7 @@ def write_shards(images: ImageSet, out_dir: str | Path, split: str, shard_size: 
         if stale.name not in names:
             stale.unlink()
     staging.rmdir()
-    manifest.update(format=SHARD_MANIFEST_FORMAT, source=source, resolution=resolution, channels=channels,
-                    class_names=list(images.class_names))
-    manifest.setdefault("splits", {})[split] = {"total": written, "skipped_unreadable": skipped,
-                                                "shards": entries}
-    write_json_atomically(manifest_path, manifest)
+    os.replace(pending, manifest_path)
     log.info("wrote %d %s samples in %d shards to %s%s", written, split, len(new), out_dir,
              f" ({skipped} unreadable images skipped)" if skipped else "")
     return manifest
@@ -124,12 +179,16 @@ def _write_tars(images: ImageSet, out_dir: Path, split: str, shard_size: int, pr
     return written, skipped
 
 
-def write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+def _write_json_synced(path: Path, data: dict) -> None:
+    with open(path, "w") as f:
         json.dump(data, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    _write_json_synced(tmp, data)
     os.replace(tmp, path)
 
 

@@ -9,16 +9,18 @@ from dist_gan.backend import accept_fp32_io
 from dist_gan.config import Config, NetConfig, lookup
 from dist_gan.models.dcgan import DCGANDiscriminator, DCGANEncoder, DCGANGenerator
 from dist_gan.models.mlp import MLPDiscriminator, MLPGenerator
+from dist_gan.models.r3gan import R3GANDiscriminator, R3GANGenerator
 from dist_gan.models.resnet import ResNetDiscriminator, ResNetGenerator
 from dist_gan.models.rnn import RNNDiscriminator, RNNGenerator
 from dist_gan.models.stylegan2 import StyleGAN2Discriminator, StyleGAN2Generator
 
 GENERATORS: dict[str, type[nn.Module]] = {"dcgan": DCGANGenerator, "mlp": MLPGenerator,
                                           "rnn": RNNGenerator, "resnet": ResNetGenerator,
-                                          "stylegan2": StyleGAN2Generator}
+                                          "stylegan2": StyleGAN2Generator, "r3gan": R3GANGenerator}
 DISCRIMINATORS: dict[str, type[nn.Module]] = {"dcgan": DCGANDiscriminator, "mlp": MLPDiscriminator,
                                               "rnn": RNNDiscriminator, "resnet": ResNetDiscriminator,
-                                              "stylegan2": StyleGAN2Discriminator}
+                                              "stylegan2": StyleGAN2Discriminator,
+                                              "r3gan": R3GANDiscriminator}
 ENCODERS: dict[str, type[nn.Module]] = {"dcgan": DCGANEncoder}  # model.encoder.arch "none": no encoder
 
 
