@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # Evaluate roughly every 3 minutes at each config's CPU speed (steps/s measured on 2 cores).
-EVAL_EVERY = {"mnist_dcgan": 1500, "mnist_wgangp": 300, "mnist_resnet": 400}
+EVAL_EVERY = {"mnist_dcgan": 1500, "mnist_wgangp": 300, "mnist_resnet": 400, "mnist_r3gan": 400}
 TARGETS = {"is": 9.5, "fid_vs_floor": 2.0, "min_class_share": 0.05}
 
 

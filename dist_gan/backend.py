@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import math
 import os
 import warnings
@@ -35,6 +36,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from dist_gan.config import Config, ConfigError, SpeedConfig
+
+log = logging.getLogger(__name__)
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:
@@ -66,7 +69,7 @@ def _deepspeed_plugins(config: Config) -> dict:
         ds["gradient_accumulation_steps"] = config.optim.accumulate
         ds["gradient_clipping"] = config.optim.grad_clip
         ds.pop("train_batch_size", None)
-        half = _deepspeed_half_precision(ds, config.train.mixed_precision
+        half = _deepspeed_half_precision(ds, resolve_mixed_precision(config)
                                          or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
         if half:
             # DeepSpeed casts only the parameters to bf16/fp16; BatchNorm's running statistics and
@@ -189,6 +192,19 @@ def refuse_gpu_launch_without_gpu() -> None:
         raise ConfigError(f"{where} asks for GPUs ({reason}) but {why}: launch with {cpu_way}")
 
 
+def resolve_mixed_precision(config: Config) -> str | None:
+    """train.mixed_precision, else the launcher's; r3gan networks default to bf16 on a GPU (R3GAN's
+    authors found fp16 harmful to it; fp16 is allowed, with a warning)."""
+    chosen = config.train.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
+    r3gan = "r3gan" in (config.model.generator.arch, config.model.discriminator.arch)
+    if r3gan and chosen is None and torch.cuda.is_available():
+        log.info("r3gan: bf16 mixed precision on GPU by default (train.mixed_precision=no for fp32)")
+        return "bf16"
+    if r3gan and chosen == "fp16":
+        log.warning("r3gan in fp16: R3GAN's authors found fp16 cripples its training; use bf16")
+    return config.train.mixed_precision
+
+
 def make_accelerators(config: Config) -> tuple[Accelerator, Accelerator]:
     """The generator's and the discriminator's Accelerator for this run.
 
@@ -196,7 +212,7 @@ def make_accelerators(config: Config) -> tuple[Accelerator, Accelerator]:
     """
     if not torch.cuda.is_available():
         refuse_gpu_launch_without_gpu()
-    common = dict(mixed_precision=config.train.mixed_precision, step_scheduler_with_optimizer=False)
+    common = dict(mixed_precision=resolve_mixed_precision(config), step_scheduler_with_optimizer=False)
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         try:
             importlib.import_module("deepspeed")

@@ -9,6 +9,7 @@ import fire
 USAGE = """usage: dist-gan COMMAND [ARGS]
 
   train CONFIG.yaml [--section.key=value ...]   train (see README: Train)
+  launch [ACCELERATE OPTIONS] CONFIG.yaml [...]   train under accelerate launch, with the run's exit status
   sample RUN_OR_CHECKPOINT [--n=64 --out=...]     write samples from a trained generator
   evaluate RUN_OR_CHECKPOINT [...]                FID / KID / IS of a checkpoint
   evaluate --reference DATA --out stats.npz       reference statistics of a data set
@@ -20,9 +21,18 @@ USAGE = """usage: dist-gan COMMAND [ARGS]
 def main() -> None:
     if len(sys.argv) < 2:
         sys.exit(USAGE)  # status 1: a script that forgot the command must not pass
-    from dist_gan import evaluate, export, sample, train
+    if sys.argv[1] == "launch":  # accelerate launch's options are not ours to check
+        from dist_gan.launch import main as launch
 
-    fire.Fire({"train": train.main, "sample": sample.main, "evaluate": evaluate.main, "export": export.main})
+        sys.exit(launch(sys.argv[2:]))
+    from dist_gan import evaluate, export, sample, train
+    from dist_gan.cliargs import run_command
+
+    commands = {"train": train.main, "sample": sample.main, "evaluate": evaluate.main, "export": export.main}
+    if sys.argv[1] in commands:
+        run_command(commands[sys.argv[1]], f"dist-gan {sys.argv[1]}", sys.argv[2:])
+    else:
+        fire.Fire(commands)
 
 
 if __name__ == "__main__":

@@ -386,6 +386,7 @@ class AugmentConfig:
         return found
 
 
+MIN_EVAL_SAMPLES = 10  # the fewest generated samples an evaluation accepts (eval.n_samples, evaluate --n)
 FEATURE_NET_NAMES = ("auto", "inception", "mnist_classifier", "torchvision")
 
 
@@ -410,7 +411,7 @@ class EvalConfig:
 
     def problems(self) -> list[tuple[str, Any, str]]:
         found = []
-        for name, low in (("every", 0), ("n_samples", 10), ("batch_size", 1)):
+        for name, low in (("every", 0), ("n_samples", MIN_EVAL_SAMPLES), ("batch_size", 1)):
             if getattr(self, name) < low:
                 found.append((name, getattr(self, name), f"must be >= {low}"))
         if self.feature_net not in FEATURE_NET_NAMES and ":" not in self.feature_net:
@@ -622,7 +623,8 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         key, hint, value = prefix + name, hints[name], raw[name]
         optional = [a for a in typing.get_args(hint) if a is not type(None)]
         if len(optional) == 1 and dataclasses.is_dataclass(optional[0]):  # Optional[Ramp]
-            kwargs[name] = None if value is None else _build(optional[0], value, key + ".", source)
+            empty = value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))
+            kwargs[name] = None if empty else _build(optional[0], value, key + ".", source)
         elif dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, key + ".", source)
         else:

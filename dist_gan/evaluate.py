@@ -21,9 +21,8 @@ import logging
 import sys
 from pathlib import Path
 
-import fire
 
-from dist_gan.config import ConfigError, load_config
+from dist_gan.config import MIN_EVAL_SAMPLES, ConfigError, load_config
 from dist_gan.data.sources import DataError
 
 COLUMNS = ["fid", "kid", "is", "precision", "recall", "classes_covered", "min_class_share"]
@@ -93,16 +92,27 @@ def main(checkpoint: str | None = None, n: int = 10000, json_out: str | None = N
             return
         if checkpoint is None:
             raise ConfigError("give a run directory or checkpoint to evaluate, or --reference=DATA --out=FILE")
+        if isinstance(n, bool) or not isinstance(n, int) or n < MIN_EVAL_SAMPLES:
+            raise ConfigError(f"--n={n!r} must be a whole number >= {MIN_EVAL_SAMPLES} (training's eval.n_samples "
+                              "minimum; FID needs thousands to mean much: 10000 is the default)")
+        if json_out and Path(json_out).is_dir():
+            raise ConfigError(f"--json_out={json_out} is a directory: name a file")
         results = evaluate_checkpoint(checkpoint, n, ema=not raw, seed=seed, mnist_dir=mnist_dir,
-                                      reference_stats=reference_stats, feature_weights=feature_weights)
+                                      reference_stats=reference_stats, feature_weights=feature_weights,
+                                      feature_net=feature_net)
     except (ConfigError, DataError, FileNotFoundError) as err:
         sys.exit(f"dist_gan.evaluate: error: {err}")
     print(f"{results['_source']['checkpoint']} ({'raw' if raw else 'EMA'} weights, n={n}, "
           f"{results['_source']['feature_net']} features)")
     print(format_table(results))
     if json_out:
-        Path(json_out).write_text(json.dumps(results, indent=1))
+        try:
+            Path(json_out).write_text(json.dumps(results, indent=1))
+        except OSError as err:
+            sys.exit(f"dist_gan.evaluate: error: cannot write --json_out={json_out}: {err.strerror or err}")
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from dist_gan.cliargs import run_command
+
+    run_command(main, "dist_gan.evaluate")

@@ -28,12 +28,17 @@ from torchvision.utils import save_image
 from dist_gan.checkpoint import find_checkpoint, load_generator_state, read_manifest
 from dist_gan.config import ConfigError, config_from_dict, load_config, to_dict
 from dist_gan.data import DataError
+from dist_gan.data.shards import sha256_of
 from dist_gan.loop import real_images_per_step
 from dist_gan.models import build_generator
 
 log = logging.getLogger(__name__)
 EXPORT_FORMAT = "dist_gan.generator/1"
 WEIGHTS, CONFIG, CARD, GRID = "model.safetensors", "config.json", "README.md", "samples.png"
+# Config entries that name files on the training machine: a shared export keeps only their last part
+LOCAL_PATHS = (("run", "dir"), ("data", "shards"), ("data", "manifest"), ("data", "mnist_dir"),
+               ("data", "root"), ("data", "folder"), ("train", "resume"), ("eval", "classifier_path"),
+               ("eval", "feature_weights"), ("eval", "reference_stats"))
 
 
 def _latest_fid(checkpoint: Path, step: int) -> float | None:
@@ -52,8 +57,31 @@ def _latest_fid(checkpoint: Path, step: int) -> float | None:
     return found
 
 
-def export(source: str | Path, out: str | Path, ema: bool = True) -> Path:
-    """Write the generator of ``source`` (a run directory or a checkpoint) as a model folder ``out``."""
+def _refuse_used_out(out: Path, overwrite: bool) -> None:
+    """An export never writes among other files, unless asked (``--overwrite``)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out={out} is a file: name a folder for the export")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        raise ConfigError(f"--out={out} is not empty ({len(held)} entries, e.g. {held[0]}): choose an empty "
+                          "or new folder, or pass --overwrite to replace the export there")
+
+
+def _shareable(config: dict) -> dict:
+    """The config without the training machine's paths (each kept as its last component)."""
+    config = json.loads(json.dumps(config))
+    for section, key in LOCAL_PATHS:
+        value = config[section].get(key)
+        if isinstance(value, str) and value:
+            config[section][key] = Path(value.split("::")[0]).name
+    return config
+
+
+def export(source: str | Path, out: str | Path, ema: bool = True, overwrite: bool = False) -> Path:
+    """Write the generator of ``source`` (a run directory or a checkpoint) as a model folder ``out``
+    (refused if ``out`` holds other files, unless ``overwrite``)."""
+    out = Path(out)
+    _refuse_used_out(out, overwrite)
     checkpoint = find_checkpoint(source)
     config = load_config(checkpoint / "config.yaml")
     generator = build_generator(config)
@@ -63,13 +91,16 @@ def export(source: str | Path, out: str | Path, ema: bool = True) -> Path:
     step = int(manifest["step"])
     info = {"format": EXPORT_FORMAT, "weights": "ema" if ema else "raw", "step": step,
             "kimg": step * real_images_per_step(config, int(manifest["world_size"])) / 1000, "fid": _latest_fid(checkpoint, step),
-            "checkpoint": str(checkpoint), "z_dim": config.model.z_dim,
+            "checkpoint": checkpoint.name, "z_dim": config.model.z_dim,
             "num_classes": config.model.num_classes, "resolution": config.data.resolution,
-            "channels": config.data.channels, "config": to_dict(config),
+            "channels": config.data.channels, "config": _shareable(to_dict(config)),
             "fid_feature_net": config.eval.resolved_feature_net(config.data)}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in generator.state_dict().items()}, out / WEIGHTS)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in generator.state_dict().items()}, out / WEIGHTS)
+    except OSError as err:
+        raise ConfigError(f"cannot write the export into --out={out}: {err.strerror or err}") from None
+    info["sha256"] = {WEIGHTS: sha256_of(out / WEIGHTS)}  # load_generator checks it
     (out / CONFIG).write_text(json.dumps(info, indent=1))
     from dist_gan.sample import generate
 
@@ -91,7 +122,8 @@ tags: [gan, image-generation, dist_gan]
 
 # {model['generator']['arch']} generator, {data['source']} {data['resolution']}px
 
-A GAN generator trained with [dist_gan](https://github.com/) ({config['loss']['name']} loss), exported from
+A GAN generator trained with dist_gan, a GAN training toolkit over Hugging Face Accelerate
+({config['loss']['name']} loss), exported from
 `{Path(info['checkpoint']).name}`: the {'EMA' if info['weights'] == 'ema' else 'trained (raw)'} weights.
 
 | | |
@@ -117,19 +149,33 @@ images = G(z, None)                           # (16, {data['channels']}, {data['
 
 
 def load_generator(directory: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """The generator exported into ``directory``, in eval mode on ``device``."""
+    """The generator exported into ``directory``, in eval mode on ``device``. A missing, malformed or
+    damaged file is a ConfigError naming it (the weights are checked against their sha256)."""
     directory = Path(directory)
+    config_file, weights = directory / CONFIG, directory / WEIGHTS
     try:
-        info = json.loads((directory / CONFIG).read_text())
+        info = json.loads(config_file.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{directory / CONFIG} not found: export a run with `dist-gan export "
+        raise FileNotFoundError(f"{config_file} not found: export a run with `dist-gan export "
                                 "RUN --out DIR` first") from None
-    if info.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{directory / CONFIG} is not a dist_gan generator export "
-                         f"(format {info.get('format')!r})")
-    config = config_from_dict(info["config"], str(directory / CONFIG))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{config_file} is not valid JSON ({err}): the export is damaged; export again") from None
+    if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
+        raise ConfigError(f"{config_file} is not a dist_gan generator export "
+                          f"(format {info.get('format') if isinstance(info, dict) else None!r})")
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: the export is incomplete; export again")
+    expected = info.get("sha256", {}).get(WEIGHTS)
+    if expected is not None and sha256_of(weights) != expected:
+        raise ConfigError(f"{weights} does not match the sha256 in {config_file}: the file is damaged "
+                          "or was replaced; export again")
+    config = config_from_dict(info["config"], str(config_file))
     generator = build_generator(config)
-    generator.load_state_dict(load_file(directory / WEIGHTS))
+    try:
+        generator.load_state_dict(load_file(weights))
+    except Exception as err:  # safetensors raises its own error types for a damaged header
+        raise ConfigError(f"{weights} cannot be loaded into a {config.model.generator.arch} generator: "
+                          f"{str(err).splitlines()[0]}") from None
     return generator.to(device).eval().requires_grad_(False)
 
 
@@ -144,14 +190,16 @@ def upload_to_hub(directory: Path, repo: str) -> None:
     api.upload_folder(folder_path=str(directory), repo_id=repo)
 
 
-def main(checkpoint: str, out: str, raw: bool = False, push_to_hub: str | None = None) -> None:
+def main(checkpoint: str, out: str, raw: bool = False, push_to_hub: str | None = None,
+         overwrite: bool = False) -> None:
     """Export ``checkpoint`` (a run directory or a checkpoint) to the folder ``out``.
 
     --raw: the trained weights instead of their EMA. --push_to_hub=USER/REPO: upload it too.
+    --overwrite: replace an export already in ``out`` (otherwise a non-empty ``out`` is refused).
     """
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        folder = export(checkpoint, out, ema=not raw)
+        folder = export(checkpoint, out, ema=not raw, overwrite=overwrite)
         if push_to_hub:
             upload_to_hub(folder, push_to_hub)
     except (ConfigError, DataError, FileNotFoundError) as err:
@@ -159,6 +207,6 @@ def main(checkpoint: str, out: str, raw: bool = False, push_to_hub: str | None =
 
 
 if __name__ == "__main__":
-    import fire
+    from dist_gan.cliargs import run_command
 
-    fire.Fire(main)
+    run_command(main, "dist_gan.export")

@@ -28,13 +28,14 @@ from dist_gan.augment import Augmentation, AugmentedDiscriminator, build_augment
 from dist_gan.checkpoint import (ReplicasDiffer, checkpoint_root, checkpoint_step, keep_as_best,
                                  last_healthy, list_checkpoints, load_checkpoint, remove_stale_staging,
                                  restore_best, resolve_resume, save_checkpoint)
-from dist_gan.config import Config, ConfigError, OptimConfig, save_config, to_dict
+from dist_gan.config import Config, ConfigError, OptimConfig, Ramp, save_config, to_dict
 from dist_gan.data import BatchStream, build_batch_stream
 from dist_gan.ema import EMA, ema_beta, step_beta
 from dist_gan.guard import GO_ON, STOP, DivergenceGuard, StepTally
 from dist_gan.losses import GANLoss, Models, build_loss
 from dist_gan.models import build_discriminator, build_encoder, build_generator
 from dist_gan.sample import decode
+from dist_gan.schedules import build_schedules
 from dist_gan.seeds import derive
 from dist_gan.stop import StopPolicy, StopRequest, is_preemption
 from dist_gan.tracking import RunLogger
@@ -121,8 +122,13 @@ def build_adam(params, lr: float, betas: tuple[float, float], impl: str) -> torc
     return torch.optim.Adam(params, lr=lr, betas=betas, **flags)
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
-                   max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int,
+                   ramp: Ramp | None = None, base_lr: float = 1.0,
+                   kimg_per_step: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate factor per step: 1, a linear decay to 0 at ``max_steps``, or ``ramp`` (a
+    schedule over kimg, as a factor of the config's ``base_lr``)."""
+    if ramp is not None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: ramp.at(s * kimg_per_step) / base_lr)
     if cfg.lr_schedule == "linear":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max_steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -154,12 +160,15 @@ def build_nets(config: Config, acc_G: Accelerator, acc_D: Accelerator | None = N
     G_for_penalty = backend.penalty_view(acc_G, G_w, G_plain)
     if config.speed.compile:  # penalties keep the eager module: compile has no double backward
         G_w, D_w = torch.compile(G_w), torch.compile(D_w)
-    nets = Nets(Net(G_w, G_plain, opt_G_w, build_schedule(opt_G, opt, steps), acc_G),
-                Net(D_w, D_plain, opt_D_w, build_schedule(opt_D, opt, steps), acc_D),
+    kimg_per_step = real_images_per_step(config, acc_G.num_processes) / 1000
+    ramp_G, ramp_D = config.schedule.g_lr, config.schedule.d_lr
+    nets = Nets(Net(G_w, G_plain, opt_G_w, build_schedule(opt_G, opt, steps, ramp_G, opt.g_lr, kimg_per_step), acc_G),
+                Net(D_w, D_plain, opt_D_w, build_schedule(opt_D, opt, steps, ramp_D, opt.d_lr, kimg_per_step), acc_D),
                 D_for_penalty, config.model.num_classes, G_for_penalty=G_for_penalty,
                 augment=build_augmentation(config.augment))
     if E is not None:
-        nets.E = Net(E_w, backend.plain(acc_G, E_w), opt_E_w, build_schedule(opt_E, opt, steps), acc_G)
+        nets.E = Net(E_w, backend.plain(acc_G, E_w), opt_E_w,
+                     build_schedule(opt_E, opt, steps, ramp_G, opt.g_lr, kimg_per_step), acc_G)
     return nets
 
 
@@ -358,15 +367,24 @@ def real_images_per_step(config: Config, world_size: int) -> int:
 
 
 def build_ema(config: Config, generator: nn.Module, world_size: int) -> EMA | None:
-    """The generator's EMA as ``train`` says: by images (ema_kimg), by steps (ema_decay), or none."""
-    train = config.train
+    """The generator's EMA as ``train`` says: by images (ema_kimg, or its ramp schedule.ema_kimg),
+    by steps (ema_decay), or none."""
+    train, ramp = config.train, config.schedule.ema_kimg
     if train.ema_decay is not None:
         beta_at = functools.partial(step_beta, decay=train.ema_decay)
         return EMA(generator, beta_at) if train.ema_decay > 0 else None
+    ips = images_per_step(config, world_size)
+    if ramp is not None:  # the half-life follows the ramp over the real images seen
+        kimg_per_step = real_images_per_step(config, world_size) / 1000
+
+        def ramped(step: int) -> float:
+            return ema_beta(step, ips, ramp.at(step * kimg_per_step), train.ema_rampup)
+
+        return EMA(generator, ramped)
     if train.ema_kimg <= 0:
         return None
-    return EMA(generator, functools.partial(ema_beta, images_per_step=images_per_step(config, world_size),
-                                            half_life_kimg=train.ema_kimg, rampup=train.ema_rampup))
+    return EMA(generator, functools.partial(ema_beta, images_per_step=ips, half_life_kimg=train.ema_kimg,
+                                            rampup=train.ema_rampup))
 
 
 def _generate_grid(generator: nn.Module, fixed_z: torch.Tensor, num_classes: int,
@@ -499,6 +517,9 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, acc.is_main_process, config.run.trackers, to_dict(config))
         cleanup.callback(self.logger.close)
         self.imgs_per_step = real_images_per_step(config, self.world)
+        sides = {"G": [n.optimizer for n in self.nets.generator_side()], "D": [self.nets.D.optimizer]}
+        self.schedules = build_schedules(config.schedule, self.imgs_per_step, self.loss, sides,
+                                         self.nets.augment)
         # run.keep_best: the lowest FID kept so far ({"fid", "step"}), and a better one waiting for
         # its checkpoint (saved at the step it was measured)
         self.best: dict | None = None
@@ -609,6 +630,8 @@ class Trainer:
         if augment is not None:  # ADA's p moves on the window's reduced r_t: the same on every rank
             augment.adjust(values.get("D_real_sign", math.nan), self.imgs_per_step * self.window.steps)
             values["augment_p"] = augment.p
+        if self.schedules is not None:  # the values the step just taken used
+            values.update({f"schedule/{k}": v for k, v in self.schedules.values(step - 1).items()})
         if self.accelerator.device.type == "cuda":  # the allocator's own count: no device sync
             values["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 1e9
         self.logger.scalars(step, values)
@@ -668,6 +691,9 @@ class Trainer:
             replicas.update(check_replicas(self.accelerator, nets.plain()))
             if nets.augment is not None:  # ADA's p: agreed by arithmetic on reduced values, checked here
                 replicas["augment_p"] = same_on_every_rank(self.accelerator, nets.augment.p)
+            if self.schedules is not None:  # ramps: the same function of the step on every rank
+                for name, value in self.schedules.values(step).items():
+                    replicas[f"schedule/{name}"] = same_on_every_rank(self.accelerator, value)
             return replicas
 
         try:
@@ -701,6 +727,8 @@ def _run(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: S
     checkpoint_owed = False  # one fell due during a bad streak
     while step < stop.last_step:
         measure = (step + 1) % config.run.log_every == 0 or step + 1 == stop.last_step
+        if run.schedules is not None:
+            run.schedules.apply(step)
         stats, applied = train_step(run.nets, run.loss, run.data, config, measure)
         step += 1
         run.after_step(step, stats, applied)

@@ -7,7 +7,6 @@ import math
 import sys
 from pathlib import Path
 
-import fire
 import torch
 import torch.nn as nn
 from torchvision.utils import save_image
@@ -212,20 +211,31 @@ def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, 
             sys.exit(f"dist_gan.sample: error: {err}")
         log.info("wrote a %d-step latent walk from %s to %s", n, source, animation)
         return
+    try:
+        target = _write_images(images, out, out_dir, seed, nrow or (n if interpolate else int(math.ceil(math.sqrt(n)))))
+    except (OSError, ValueError) as err:  # read-only, a folder named as the file, an unknown suffix
+        where = f"--out_dir={out_dir}" if out_dir else f"--out={out}"
+        sys.exit(f"dist_gan.sample: error: cannot write {where}: {getattr(err, 'strerror', None) or err}")
+    log.info("wrote %d %s %s from %s to %s", n, "raw" if raw else "EMA",
+             "interpolation steps" if interpolate else "samples", source, target)
+
+
+def _write_images(images: torch.Tensor, out: str, out_dir: str | None, seed: int, rows: int) -> str:
+    """A grid PNG at ``out``, or one PNG per image in ``out_dir``; returns where."""
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(images):
             save_image(image, Path(out_dir) / f"{seed:04d}_{index:05d}.png", normalize=True,
                        value_range=(-1, 1))
-        target = out_dir
-    else:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        rows = nrow or (n if interpolate else int(math.ceil(math.sqrt(n))))
-        save_image(images, out, nrow=rows, normalize=True, value_range=(-1, 1))
-        target = out
-    log.info("wrote %d %s %s from %s to %s", n, "raw" if raw else "EMA",
-             "interpolation steps" if interpolate else "samples", source, target)
+        return out_dir
+    if Path(out).is_dir():
+        raise IsADirectoryError(f"{out} is a folder: name a file (or use --out_dir)")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, out, nrow=rows, normalize=True, value_range=(-1, 1))
+    return out
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from dist_gan.cliargs import run_command
+
+    run_command(main, "dist_gan.sample")

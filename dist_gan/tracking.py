@@ -30,6 +30,12 @@ TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wa
                     "trackio": ("trackio", "trackio")}
 
 
+# What each tracker needs besides its package, for the error when it cannot start
+TRACKER_SETUP = {"mlflow": "set MLFLOW_TRACKING_URI, e.g. file:./mlruns or http://HOST:5000",
+                 "wandb": "wandb login, or WANDB_MODE=offline", "comet_ml": "set COMET_API_KEY",
+                 "clearml": "clearml-init", "aim": "aim init"}
+
+
 def check_installed(names: list[str]) -> None:
     """A tracker whose package is missing is a one-line error (on every rank, so none waits)."""
     for name in names:
@@ -47,13 +53,23 @@ def start_trackers(names: list[str], run_dir: Path) -> list:
     trackers = []
     for name in names:
         cls = LOGGER_TYPE_TO_CLASS[name]
-        if cls.requires_logging_directory:
-            tracker = cls(run_dir.name, run_dir.parent)
-        else:
-            tracker = cls(run_dir.name)
-        tracker.start()
+        try:
+            if cls.requires_logging_directory:
+                tracker = cls(run_dir.name, run_dir.parent)
+            else:
+                tracker = cls(run_dir.name)
+            tracker.start()
+        except Exception as err:  # each service raises its own types (no URI, no login, offline)
+            raise ConfigError(f"run.trackers: {name} could not start ({_first_line(err)}); configure it "
+                              f"({TRACKER_SETUP.get(name, 'see its documentation')}) or drop it from "
+                              "run.trackers") from None
         trackers.append(tracker)
     return trackers
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
 def flat(config: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
@@ -79,7 +95,11 @@ class RunLogger:
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
         self.trackers = start_trackers(list(trackers), self.run_dir)
         for tracker in self.trackers:
-            tracker.store_init_configuration(flat(config or {}))
+            try:
+                tracker.store_init_configuration(flat(config or {}))
+            except Exception as err:
+                raise ConfigError(f"run.trackers: {tracker.name} could not record the config "
+                                  f"({_first_line(err)}); configure it or drop it from run.trackers") from None
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
 
     def scalars(self, step: int, values: dict[str, float], tb_prefix: str = "train/") -> None:

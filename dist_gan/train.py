@@ -20,6 +20,41 @@ def setup_logging() -> None:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
 
 
+def _write_to_launcher_terminal() -> None:
+    """Under ``dist-gan launch``: write to its terminal directly, not through the launcher."""
+    paths = os.environ.get("DIST_GAN_OUTPUT")
+    if not paths:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, path in zip((1, 2), paths.split(",")):
+        try:
+            target = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except OSError:
+            return  # not on Linux, or the command is gone: keep the launcher's pipe
+        os.dup2(target, fd)
+        os.close(target)
+
+
+def _record_status(code: int) -> None:
+    """Under ``dist-gan launch``: this rank's exit status, for the command's own."""
+    directory = os.environ.get("DIST_GAN_STATUS_DIR")
+    if directory:
+        rank = os.environ.get("RANK", "0")
+        with open(os.path.join(directory, f"rank{rank}.status"), "w") as f:
+            f.write(str(code))
+
+
+def _peer_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another rank went away."""
+    import torch.distributed as dist
+
+    text = str(err)
+    return isinstance(err, getattr(dist, "DistError", ())) or any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                      "NCCL communicator was aborted", "socket closed"))
+
+
 def main(config: str | None = None, debug: bool = False, **overrides) -> None:
     """Train from the YAML file ``config`` (none: the defaults); any ``--section.key=value`` overrides
     a config value, e.g. ``dist-gan train --data.folder=DIR --data.resolution=64 --data.channels=3``.
@@ -28,6 +63,20 @@ def main(config: str | None = None, debug: bool = False, **overrides) -> None:
     SIGUSR1/SIGTERM after saving a checkpoint, also when the signal came during start-up (resume
     with --train.resume=auto).
     """
+    code = 1
+    try:
+        _write_to_launcher_terminal()
+        _train(config, debug, **overrides)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        raise
+    finally:
+        _record_status(code)
+
+
+def _train(config: str | None = None, debug: bool = False, **overrides) -> None:
+    """The body of ``main`` (signals caught, errors as one line)."""
     # The stop signals are caught from here on; the slow imports (torch, accelerate) come after.
     with StopRequest() as stop_request:
         setup_logging()
@@ -36,12 +85,19 @@ def main(config: str | None = None, debug: bool = False, **overrides) -> None:
         from dist_gan.loop import TrainingDiverged, train
         from dist_gan.registry import registered_names
 
+        rank = int(os.environ.get("RANK", "0"))
         try:
             result = train(load_config(config, overrides, registered_names()), stop_request)
         except (ConfigError, DataError, FileNotFoundError, TrainingDiverged) as err:
             if debug:
                 raise
             sys.exit(f"dist_gan.train: error: {err}")
+        except Exception as err:
+            if debug or rank == 0 or not _peer_failure(err):
+                raise
+            # rank 0 stopped (its own one-line error says why): no gloo/NCCL traceback on top
+            sys.exit(f"dist_gan.train: error: rank {rank}: rank 0 stopped (its message says why); "
+                     f"this rank's collective failed with it ({type(err).__name__})")
     if result.preempted:  # checkpoint saved; tell the scheduler to requeue
         sys.exit(PREEMPTED_EXIT_CODE)
 

@@ -59,6 +59,19 @@ def reference_classifier(mnist_dir, tmp_path_factory):
     return model, default_classifier_path()
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 24 MiB tmpfs (root only); skipped where mounts are not allowed."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
 def run_cli(args: list[str], launcher: list[str] | None = None, check: bool = True,
             timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m <args>`` (or ``launcher + args``) from the repo root; fail with its output."""

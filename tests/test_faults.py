@@ -335,19 +335,6 @@ def test_a_corrupted_newest_checkpoint_is_skipped_on_resume(tmp_path, shard_data
     assert events(run, "end")[-1]["step"] == 6
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 24 MiB tmpfs (root only); skipped where mounts are not allowed."""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)])
-
-
 @pytest.mark.slow
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, shard_data, small_tmpfs):
     """Disk full while checkpointing: one line naming the device, the previous checkpoint stays newest."""

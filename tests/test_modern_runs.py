@@ -1,9 +1,11 @@
-"""The ResNet and StyleGAN2 recipes as users launch them (issue 16): 2-process DDP with lazy R1 and
-path length on, killed and resumed bit-exact; DeepSpeed ZeRO-2 in bf16 (with ADA); keep_best."""
+"""The ResNet, StyleGAN2 and R3GAN recipes as users launch them (issues 16, 26): 2-process DDP with lazy
+R1, R2, path length and schedules on, killed and resumed bit-exact; DeepSpeed ZeRO-2 in bf16 (with
+ADA); keep_best."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -29,6 +31,14 @@ RECIPES = {
     "resnet": ["configs/cifar10_resnet.yaml", "--optim.n_critic=2", *LAZY],
     "stylegan2": ["configs/folder256_stylegan2.yaml", "--data.folder=null", "--loss.pl_every=2",
                   "--model.generator.mapping_layers=2", *LAZY],
+    # rpgan with R1 and R2 (lazy, on different intervals), class-conditional r3gan nets, every
+    # schedule ramping within the run (0.1 kimg: 8 steps x 8 images x 2 ranks = 0.128)
+    "r3gan": ["configs/cifar10_r3gan.yaml", "--optim.accumulate=1", "--train.mixed_precision=no",
+              *[f"--model.{net}.{key}={value}" for net in ("generator", "discriminator")
+                for key, value in (("widths", "[16,16,16,16]"), ("blocks", "[1,1,1,1]"))],
+              "--loss.r1_every=2", "--loss.r2_every=3",
+              *[f"--schedule.{name}.kimg=0.1" for name in ("r1_gamma", "r2_gamma", "g_lr", "d_lr", "beta2",
+                                                          "ema_kimg", "augment_p")]],
 }
 
 
@@ -37,7 +47,7 @@ def args(arch: str, run: Path, *extra: str) -> list[str]:
     return ["dist_gan.train", config, f"--run.dir={run}", *SMALL, *recipe, *extra]
 
 
-@pytest.mark.parametrize("arch", ["resnet", "stylegan2"])
+@pytest.mark.parametrize("arch", ["resnet", "stylegan2", "r3gan"])
 def test_two_process_ddp_killed_and_resumed_bit_exact_with_lazy_r1_and_path_length(tmp_path, arch):
     """8 steps straight == killed (SIGKILL to every process) after the step-4 checkpoint, resumed;
     replicas identical at every checkpoint; the lazy terms ran (and the path-length mean moved)."""
@@ -50,7 +60,15 @@ def test_two_process_ddp_killed_and_resumed_bit_exact_with_lazy_r1_and_path_leng
     if arch == "stylegan2":
         pl = [r["pl_mean"] for r in logged if "pl_mean" in r]
         assert len(pl) >= 2 and pl[-1] != pl[0] and all(v > 0 for v in pl)
-    assert all(e["replicas_identical"] == {"G": True, "D": True} for e in events(straight, "checkpoint"))
+    checks = [e["replicas_identical"] for e in events(straight, "checkpoint")]
+    if arch == "r3gan":  # both penalties ran; every ramp moved and agreed on both ranks at each save
+        assert any("r2" in r for r in logged) and any("r1" in r and "r2" not in r for r in logged)
+        gammas = [r["schedule/r1_gamma"] for r in logged]
+        assert gammas == sorted(gammas, reverse=True) and gammas[0] > gammas[-1]
+        assert [r["augment_p"] for r in logged] == sorted(r["augment_p"] for r in logged)
+        assert all(len(c) == 10 and all(c.values()) for c in checks)  # G, D, augment_p, 7 ramps
+    else:
+        assert all(c == {"G": True, "D": True} for c in checks)
 
     killed = tmp_path / "killed"
     proc = start_cli(args(arch, killed, *common), launch, log=tmp_path / "killed.log")
@@ -82,7 +100,7 @@ def _tensors(tree) -> list[torch.Tensor]:
     return []
 
 
-@pytest.mark.parametrize("arch", ["resnet", "stylegan2"])
+@pytest.mark.parametrize("arch", ["resnet", "stylegan2", "r3gan"])
 def test_deepspeed_zero2_bf16(tmp_path, arch):
     """Both recipes under DeepSpeed ZeRO-2 with bf16 weights on 2 ranks: the double backward of R1
     (and of path length) through the plain networks, replicas identical, finite losses."""
@@ -92,15 +110,21 @@ def test_deepspeed_zero2_bf16(tmp_path, arch):
     # with ADA at a fixed p: R1's double backward runs through the resampling of bf16 D's inputs too
     run_cli(args(arch, run, "--train.max_steps=4", "--run.ckpt_every=4", "--train.mixed_precision=bf16",
                  "--loss.r1_every=1", *(["--loss.pl_every=1"] if arch == "stylegan2" else []),
-                 "--augment.kind=ada", "--augment.p=0.5", "--augment.target=null"),
+                 "--augment.kind=ada", "--augment.p=0.5", "--augment.target=null",
+                 *(["--schedule.augment_p=null", "--loss.r2_every=1"] if arch == "r3gan" else [])),
             launcher, env={"DS_ACCELERATOR": "cpu"})
     start = events(run, "start")[0]
     assert start["distributed_type"] == "DistributedType.DEEPSPEED" and start["mixed_precision"] == "bf16"
-    assert events(run, "checkpoint")[-1]["replicas_identical"] == {"G": True, "D": True, "augment_p": True}
+    agreed = events(run, "checkpoint")[-1]["replicas_identical"]
+    assert {k: v for k, v in agreed.items() if not k.startswith("schedule/")} == {"G": True, "D": True,
+                                                                                 "augment_p": True}
+    assert all(agreed.values())
     logged = [r for r in read_metrics(run) if "loss_D" in r]
     assert logged and all(r["r1"] > 0 and r["augment_p"] == 0.5 for r in logged)
     if arch == "stylegan2":
         assert all(r["pl"] >= 0 and r["pl_mean"] > 0 for r in logged)
+    if arch == "r3gan":
+        assert all(r["r2"] > 0 and math.isfinite(r["loss_D"]) for r in logged)
 
 
 def test_keep_best_survives_pruning_and_is_the_lowest_fid(tmp_path):

@@ -219,7 +219,7 @@ class FolderImageSet:
         path, label = self.items[index]
         try:
             with Image.open(path) as image:
-                image = image.convert(self.mode)
+                image = to_8bit(image).convert(self.mode)
                 scale = self.resolution / min(image.size)
                 size = (max(self.resolution, round(image.width * scale)),
                         max(self.resolution, round(image.height * scale)))
@@ -231,6 +231,20 @@ class FolderImageSet:
             raise DataError(f"cannot read image {path}: {err}") from err
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         return torch.from_numpy(array.copy()), label
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """``image`` with 8-bit channels, its range scaled rather than clipped: 16-bit and 32-bit integer
+    grey (PNG/TIFF "I;16", "I") from 0..65535, float grey ("F") from 0..1 (or 0..255 if it exceeds
+    1). Pillow's own conversion to "L" clips those at 255, turning most of a 16-bit image white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        array = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8), "L")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if np.nanmax(array, initial=0.0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(np.nan_to_num(array) * scale), 0, 255).astype(np.uint8), "L")
+    return image
 
 
 def _images_in(directory: Path) -> list[Path]:

@@ -112,11 +112,15 @@ class Evaluator:
 
 def evaluate_checkpoint(checkpoint: str | Path, n: int, ema: bool = True, seed: int = 0,
                         mnist_dir: str | None = None, reference_stats: str | None = None,
-                        feature_weights: str | None = None) -> dict[str, dict[str, float]]:
+                        feature_weights: str | None = None,
+                        feature_net: str = "auto") -> dict[str, dict[str, float]]:
     """Figures for a checkpoint's generator and, as the floor, for real test data vs real train
-    (the floor only when the real data is at hand: not with ``reference_stats``)."""
+    (the floor only when the real data is at hand: not with ``reference_stats``). ``feature_net``
+    other than auto replaces the run's eval.feature_net."""
     generator, source = load_generator(checkpoint, ema=ema)
     config = load_config(source / "config.yaml")
+    if feature_net != "auto":
+        config = load_config(source / "config.yaml", {"eval.feature_net": feature_net})
     config.data.mnist_dir = mnist_dir or config.data.mnist_dir
     config.eval.reference_stats = reference_stats or config.eval.reference_stats
     config.eval.feature_weights = feature_weights or config.eval.feature_weights

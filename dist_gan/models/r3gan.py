@@ -66,6 +66,7 @@ class ResidualBlock(nn.Module):
     def __init__(self, channels: int, expansion: int, group_size: int, total_blocks: int):
         super().__init__()
         wide = channels * expansion
+        group_size = min(group_size, wide)  # a group as wide as the layer: a dense 3x3 conv
         if wide % group_size:
             raise ConfigError(f"r3gan: {channels} channels x expansion {expansion} = {wide} is not a multiple "
                               f"of group_size {group_size}")
