@@ -1,4 +1,5 @@
-"""The fault battery: every fault case of tests/test_faults.py run for real, as a table.
+"""The fault battery: every fault case of tests/test_faults.py and tests/test_lose_nothing.py run for
+real, as a table.
 
     python bench/faults.py [--out docs/faults.md]
 
@@ -48,8 +49,8 @@ def main() -> int:
     args = parser.parse_args()
     table = Table()
     start = time.perf_counter()
-    status = pytest.main([str(REPO / "tests" / "test_faults.py"), "-q", "-p", "no:cacheprovider",
-                          "--rootdir", str(REPO)], plugins=[table])
+    status = pytest.main([str(REPO / "tests" / "test_faults.py"), str(REPO / "tests" / "test_lose_nothing.py"),
+                          "-q", "-p", "no:cacheprovider", "--rootdir", str(REPO)], plugins=[table])
     lines = ["| case | expected | observed |", "|---|---|---|"]
     lines += [f"| {case} | {expected} | {observed} |" for case, expected, observed in table.rows]
     summary = (f"{sum(r[2] == 'as expected' for r in table.rows)}/{len(table.rows)} cases as expected "
@@ -58,8 +59,9 @@ def main() -> int:
     print(text + "\n\n" + summary)
     if args.out:
         Path(args.out).write_text(
-            "# Fault battery\n\nEvery fault case of `tests/test_faults.py` (the reproductions of issue 13 "
-            "and the one-line errors), run by\n`python bench/faults.py --out docs/faults.md` on "
+            "# Fault battery\n\nEvery fault case of `tests/test_faults.py` and `tests/test_lose_nothing.py` "
+            "(the reproductions of issues 13 and 24,\nand the one-line errors), run by "
+            "`python bench/faults.py --out docs/faults.md` on "
             f"{time.strftime('%Y-%m-%d')}. What each case guarantees, and what is not\nguaranteed: "
             "[scale.md](scale.md#what-is-guaranteed-and-what-is-not).\n\n"
             f"{text}\n\n{summary}.\n")

@@ -496,7 +496,7 @@ class Trainer:
         self.rank, self.world, self.run_dir = acc.process_index, acc.num_processes, Path(config.run.dir)
         self.nets = build_nets(config, acc_G, acc_D)
         self.ema = build_ema(config, self.nets.G.plain, self.world)
-        self.loss = build_loss(config.loss, acc.autocast)
+        self.loss = build_loss(config.loss, acc.autocast, config.speed.share_penalty_forward)
         with acc.main_process_first():  # rank 0 downloads or prepares, if needed
             self.data = build_batch_stream(config.data, config.run.seed, self.rank, self.world,
                                            acc.device, may_prepare=acc.is_main_process,
@@ -527,6 +527,12 @@ class Trainer:
 
     def any_rank(self, flag: bool) -> bool:
         return _any_rank(self.accelerator, flag)
+
+    def agree_terms(self) -> None:
+        """At a log or checkpoint step: the loss terms' per-rank state (path length's running mean)
+        becomes the mean over ranks, so every rank saves and continues with the same."""
+        if self.world > 1:
+            self.loss.agree(lambda t: self.accelerator.reduce(t.to(self.accelerator.device).clone(), "mean"))
 
     @property
     def sampler(self) -> nn.Module:
@@ -736,6 +742,7 @@ def _run(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: S
         # (DDP's gradient all-reduce aside): the guard and the stop signal are agreed on here.
         due = step % config.run.ckpt_every == 0 or step == stop.last_step or checkpoint_owed
         if measure or due:
+            run.agree_terms()
             step, rolled_back = run.review(step)
             if rolled_back:
                 bar.n, checkpoint_owed = step, False
@@ -751,6 +758,7 @@ def _run(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: S
             run.sample_and_evaluate(step, last)
         if step % config.run.ckpt_every == 0 or last or checkpoint_owed or run.best_due(step):
             if not (measure or due):  # a signal moved the last step here: review before saving
+                run.agree_terms()
                 step, rolled_back = run.review(step)
                 if rolled_back:
                     bar.n, checkpoint_owed = step, False

@@ -314,6 +314,10 @@ class Term:
     def after_generator_step(self, generator: nn.Module) -> None:
         pass
 
+    def agree(self, mean_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """At log and checkpoint steps (every rank together): make state each rank moved on its own
+        the same on every rank, e.g. ``self.x = mean_over_ranks(self.x)``. Never inside the step."""
+
     def state_dict(self) -> dict:
         return {}
 
@@ -321,37 +325,49 @@ class Term:
         pass
 
 
-class R1(Term):
-    """Mescheder et al.'s R1 on real data, weight loss.r1_gamma / 2 (``gamma``, which a schedule may
-    ramp), every loss.r1_every D updates (StyleGAN2's lazy regularisation: 16). It differentiates the
-    loss's own D(real) (StyleGAN2-ADA's "Dboth"): no second forward."""
+class ZeroCentredPenalty(Term):
+    """0.5 x ``gamma`` x mean ||grad_x D(x)||^2 on one side's inputs, every ``every`` D updates. It
+    differentiates the loss's own logits of that side (StyleGAN2-ADA's "Dboth"): no second forward,
+    unless speed.share_penalty_forward is off. ``gamma`` may be ramped by a schedule."""
 
-    input_gradient_of = ("real",)
+    name = ""  # the logged statistic
+    side = "real"  # "real" (R1) or "fake" (R2)
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, gamma: float, every: int):
         super().__init__(cfg)
-        self.every, self.gamma = cfg.r1_every, cfg.r1_gamma
+        self.gamma, self.every = gamma, every
+        self.input_gradient_of = (self.side,)
 
     def discriminator(self, step):
-        penalty = zero_centred_penalty(step.real_logits, step.real_input, step.models.penalty_scale())
+        m = step.models
+        images, labels, logits, x = ((step.real, step.labels, step.real_logits, step.real_input)
+                                     if self.side == "real" else
+                                     (step.fake, step.fake_labels, step.fake_logits, step.fake_input))
+        if x is None:  # speed.share_penalty_forward off: a forward of its own
+            penalty = r1_penalty(m.D_penalty, images, labels, m.penalty_scale())
+        else:
+            penalty = zero_centred_penalty(logits, x, m.penalty_scale())
         value = 0.5 * self.gamma * penalty
-        return value, {"r1": value}
+        return value, {self.name: value}
 
 
-class R2(Term):
-    """The zero-centred penalty on fake data (R3GAN's R2): weight loss.r2_gamma / 2 (``gamma``, which a
-    schedule may ramp), every loss.r2_every D updates, from the loss's own D(fake)."""
+class R1(ZeroCentredPenalty):
+    """Mescheder et al.'s R1 on real data: loss.r1_gamma, every loss.r1_every D updates (StyleGAN2's
+    lazy regularisation: 16)."""
 
-    input_gradient_of = ("fake",)
+    name, side = "r1", "real"
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        self.every, self.gamma = cfg.r2_every, cfg.r2_gamma
+        super().__init__(cfg, cfg.r1_gamma, cfg.r1_every)
 
-    def discriminator(self, step):
-        penalty = zero_centred_penalty(step.fake_logits, step.fake_input, step.models.penalty_scale())
-        value = 0.5 * self.gamma * penalty
-        return value, {"r2": value}
+
+class R2(ZeroCentredPenalty):
+    """The zero-centred penalty on fake data (R3GAN's R2): loss.r2_gamma, every loss.r2_every D updates."""
+
+    name, side = "r2", "fake"
+
+    def __init__(self, cfg):
+        super().__init__(cfg, cfg.r2_gamma, cfg.r2_every)
 
 
 class GradientPenalty(Term):
@@ -458,9 +474,10 @@ class PathLength(Term):
     """StyleGAN2's path length regularisation: for y ~ N(0, I) / sqrt(H W), the length
     ||J_w^T y|| of the generator's Jacobian at w is pulled towards its running mean ``a``, i.e.
     loss.pl_weight x (||J_w^T y|| - a)^2, on a batch loss.pl_batch_shrink times smaller, every
-    loss.pl_every G updates. ``a`` moves by loss.pl_decay per evaluation, from the batch mean over
-    every rank (one small all-reduce per evaluation), so every rank holds the same ``a`` and a
-    resume restores it exactly. Computed in fp32 (autocast off), as the other penalties."""
+    loss.pl_every G updates. ``a`` moves by loss.pl_decay per evaluation from this rank's batch mean,
+    with no collective inside the step; at every log and checkpoint step the ranks agree on it
+    (``agree``: the mean over ranks), so a checkpoint holds one ``a`` and a resume restores it
+    exactly. Computed in fp32 (autocast off), as the other penalties."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -478,12 +495,12 @@ class PathLength(Term):
             (grad,) = torch.autograd.grad((images * noise).sum(), ws, create_graph=True)
             lengths = grad.float().square().sum(2).mean(1).sqrt()
         batch_mean = lengths.mean().detach()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(batch_mean)
-            batch_mean = batch_mean / torch.distributed.get_world_size()
         self.mean = self.mean.to(batch_mean.device).lerp(batch_mean, self.cfg.pl_decay)
         value = self.cfg.pl_weight * (lengths - self.mean).square().mean()
         return value, {"pl": value, "pl_mean": self.mean}
+
+    def agree(self, mean_over_ranks):
+        self.mean = mean_over_ranks(self.mean)
 
     def state_dict(self):
         return {"mean": self.mean.detach().cpu()}
@@ -529,9 +546,10 @@ LOSSES: dict[str, LossSpec] = {
 class GANLoss:
     """An objective and its terms, playing the game on the networks a ``Models`` view gives."""
 
-    def __init__(self, cfg: LossConfig, autocast: Callable[[], ContextManager] = nullcontext):
+    def __init__(self, cfg: LossConfig, autocast: Callable[[], ContextManager] = nullcontext,
+                 share_forward: bool = True):
         spec = lookup(LOSSES, "loss.name", cfg.name)
-        self.cfg, self.autocast = cfg, autocast
+        self.cfg, self.autocast, self.share_forward = cfg, autocast, share_forward
         self.objective = OBJECTIVES[spec.objective](cfg)
         wanted = set(spec.terms) | set(SHARED_TERMS)
         self.terms = {name: term for name, factory in TERMS.items()
@@ -586,7 +604,7 @@ class GANLoss:
         with torch.no_grad(), self.autocast():
             fake = m.G(z, fake_labels)
         due = self._due("D")
-        wanted = {side for term, _ in due for side in term.input_gradient_of}
+        wanted = {side for term, _ in due for side in term.input_gradient_of} if self.share_forward else set()
         real_logits, real_input = self._judge_for(m, real, labels, "real" in wanted)
         fake_logits, fake_input = self._judge_for(m, fake, fake_labels, "fake" in wanted)
         loss = self.objective.d_loss(real_logits, fake_logits)
@@ -643,6 +661,11 @@ class GANLoss:
             term.after_generator_step(generator)
         self.updates["G"] += 1
 
+    def agree(self, mean_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Every term's per-rank state agreed over ranks (see ``Term.agree``)."""
+        for term in self.terms.values():
+            term.agree(mean_over_ranks)
+
     def state_dict(self) -> dict:
         """What a resume needs (update counts, the historical averages), weights_only-loadable."""
         terms = {name: state for name, term in self.terms.items() if (state := term.state_dict())}
@@ -657,5 +680,6 @@ class GANLoss:
                 term.load_state_dict(state["terms"][name])
 
 
-def build_loss(cfg: LossConfig, autocast: Callable[[], ContextManager] = nullcontext) -> GANLoss:
-    return GANLoss(cfg, autocast)
+def build_loss(cfg: LossConfig, autocast: Callable[[], ContextManager] = nullcontext,
+               share_forward: bool = True) -> GANLoss:
+    return GANLoss(cfg, autocast, share_forward)

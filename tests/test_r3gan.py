@@ -125,6 +125,13 @@ def test_a_shared_forward_gives_the_gradients_of_separate_forwards(name):
     separate.backward()
     for a, b in zip(got, (p.grad for p in D.parameters())):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # the loss's own switch (speed.share_penalty_forward=false) is that separate computation
+    torch.manual_seed(1)
+    unshared, _ = GANLoss(cfg, share_forward=False).discriminator_loss(Models(G, D, D, D, None, 4, 0), real, labels)
+    D.zero_grad()
+    unshared.backward()
+    for a, b in zip(got, (p.grad for p in D.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_r1_and_r2_are_terms_with_their_own_intervals():

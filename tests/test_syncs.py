@@ -58,14 +58,29 @@ Path(config.run.dir, f"counts{rank}.json").write_text(
 '''
 
 
-def test_steps_between_log_and_checkpoint_steps_never_sync(tmp_path, mnist_dir):
+SYNTHETIC_32 = ["--data.source=synthetic", "--data.format=memory", "--data.resolution=32", "--data.channels=3",
+                "--data.batch_size=8", "--model.z_dim=32", "--eval.every=0", "--run.keep_best=false"]
+# Every config with a term that keeps state: path length's running mean (stylegan2), the ramps (r3gan)
+RECIPES = {
+    "mnist_wgangp": ["configs/mnist_wgangp.yaml", "--data.format=memory", *FAST],
+    "stylegan2": ["configs/folder256_stylegan2.yaml", "--data.folder=null", *SYNTHETIC_32,
+                  "--model.generator.width=4", "--model.discriminator.width=4", "--loss.pl_every=2",
+                  "--loss.r1_every=2", "--model.generator.mapping_layers=2"],
+    "r3gan": ["configs/mnist_r3gan.yaml", "--data.format=memory", "--data.batch_size=8",
+              "--model.generator.widths=[16,16,16]", "--model.discriminator.widths=[16,16,16]",
+              "--loss.r1_every=2", "--loss.r2_every=3"],
+}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_steps_between_log_and_checkpoint_steps_never_sync(tmp_path, mnist_dir, recipe):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    args = [f"--run.dir={tmp_path / 'run'}", f"--data.mnist_dir={mnist_dir}", "--data.format=memory",
-            *FAST, "--run.log_every=4", "--run.ckpt_every=6", "--run.sample_every=100",
+    config, *settings = RECIPES[recipe]
+    args = [f"--run.dir={tmp_path / 'run'}", f"--data.mnist_dir={mnist_dir}", *settings,
+            "--run.log_every=4", "--run.ckpt_every=6", "--run.sample_every=100",
             "--train.max_steps=12", "--optim.n_critic=2", "--optim.accumulate=2"]
-    proc = run_cli(["torch.distributed.run", "--nproc_per_node=2", str(probe),
-                    "configs/mnist_wgangp.yaml", *args])
+    proc = run_cli(["torch.distributed.run", "--nproc_per_node=2", str(probe), config, *args])
     assert proc.returncode == 0
     reports = [json.loads(path.read_text()) for path in sorted((tmp_path / "run").glob("counts*.json"))]
     assert sorted(int(report["rank"]) for report in reports) == [0, 1]
