@@ -450,3 +450,17 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def position_for_rank(state: dict, rank: int, world: int) -> dict:
+    """This rank's data-stream position from a checkpoint; re-derived when the world size changed.
+
+    Same world size: the rank's own saved position (exact). Otherwise rank 0's epoch and the same
+    share of it consumed (batches x old world / new world): the order of the rest of that epoch
+    differs from an uninterrupted run, which cannot be helped when ranks split the data differently.
+    """
+    ranks, saved_world = state["ranks"], int(state["world_size"])
+    if saved_world == world:
+        return ranks[rank]
+    first = ranks[0]
+    return {"epoch": int(first["epoch"]), "batch": int(first["batch"]) * saved_world // world}

@@ -29,7 +29,7 @@ from dist_gan.checkpoint import find_checkpoint, load_generator_state, read_mani
 from dist_gan.config import ConfigError, config_from_dict, load_config, to_dict
 from dist_gan.data import DataError
 from dist_gan.data.shards import sha256_of
-from dist_gan.loop import real_images_per_step
+from dist_gan.nets import real_images_per_step
 from dist_gan.models import build_generator
 
 log = logging.getLogger(__name__)

@@ -220,6 +220,13 @@ def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, 
              "interpolation steps" if interpolate else "samples", source, target)
 
 
+def sample_grid(generator: nn.Module, fixed_z: torch.Tensor, num_classes: int,
+                   truncation: float | None = None) -> torch.Tensor:
+    """The sample grid: fixed latents; for a conditional model row r (of 8) shows class r."""
+    labels = torch.arange(len(fixed_z), device=fixed_z.device) // 8 % num_classes if num_classes else None
+    return decode(generator, fixed_z, len(fixed_z), fixed_z.device, labels, truncation)
+
+
 def _write_images(images: torch.Tensor, out: str, out_dir: str | None, seed: int, rows: int) -> str:
     """A grid PNG at ``out``, or one PNG per image in ``out_dir``; returns where."""
     if out_dir:

@@ -4,7 +4,7 @@ rates, Adam's beta2, the EMA half-life and the augmentation probability.
 Each value is a pure function of the images seen (step x real images per step), applied on the host
 before every step: no device work, no collective, the same on every rank, and a resumed run that
 restores the step continues every ramp exactly. The learning rates are ramped by their LambdaLR
-schedulers and the EMA's half-life by its decay function (``loop.build_schedule``, ``loop.build_ema``);
+schedulers and the EMA's half-life by its decay function (``nets.build_schedule``, ``nets.build_ema``);
 the rest are set here on the loss's terms, the optimisers and the augmentation.
 """
 

@@ -72,12 +72,20 @@ class StopPolicy:
         self.last_step, self.reason = max_steps, "max_steps"
         self.agree_every_step = agree_every_step
         self.request, self.any_rank = request, any_rank
+        self._seen: bool | None = None  # what ``signalled`` saw this step
         self.time_limit_min = time_limit_min
         self.deadline = time.perf_counter() + time_limit_min * 60 if time_limit_min else None
 
     @property
     def preempted(self) -> bool:
         return is_preemption(self.reason)
+
+    def signalled(self) -> bool:
+        """One process: whether a stop signal has come, so this step will be the last (a flag read, no
+        collective; ``after_step`` then acts on this same answer). Several: False, as a signal is
+        agreed on at log steps only."""
+        self._seen = self.agree_every_step and self.request.received is not None
+        return self._seen
 
     def after_step(self, step: int, log_step: bool) -> None:
         """Move the last step here if the time is up (checked on log steps) or a signal came."""
@@ -87,7 +95,9 @@ class StopPolicy:
         # With several ranks a signal is agreed on at log steps only: a collective per step would
         # make every step wait for the slowest rank's host. Pre-emption then waits at most one
         # log interval, well inside any scheduler's grace period.
-        if (log_step or self.agree_every_step) and self.any_rank(self.request.received is not None):
+        seen, self._seen = self._seen, None
+        received = seen if seen is not None and self.agree_every_step else self.request.received is not None
+        if (log_step or self.agree_every_step) and self.any_rank(received):
             self.last_step, self.reason = step, self.request.received or "SIGNAL"
             log.warning("%s received: checkpointing at step %d and exiting with status %d",
                         self.reason, step, PREEMPTED_EXIT_CODE)

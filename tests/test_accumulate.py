@@ -19,7 +19,8 @@ from dist_gan import backend
 from dist_gan.config import load_config
 from dist_gan.data import InMemoryBatches
 from dist_gan.losses import build_loss
-from dist_gan.loop import build_nets, train_step
+from dist_gan.nets import build_nets
+from dist_gan.step import train_step
 
 def gradients(batch, accumulate, acc_G, acc_D):
     config = load_config("configs/mnist_dcgan.yaml", {

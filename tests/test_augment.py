@@ -160,7 +160,7 @@ def test_generator_and_penalties_differentiate_through_the_augmentation():
 def test_the_loop_gives_losses_augmented_views_of_d(mnist_dir):
     from accelerate import Accelerator
 
-    from dist_gan.loop import build_nets
+    from dist_gan.nets import build_nets
 
     config = load_config("configs/mnist_dcgan.yaml", {
         "augment.kind": "ada", "model.generator.width": 8, "model.discriminator.width": 8,

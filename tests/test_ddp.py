@@ -38,7 +38,7 @@ def test_two_process_run_prepares_shards_and_keeps_replicas_identical(tmp_path, 
 SCRIPT = """
 import torch, torch.nn as nn
 from accelerate import Accelerator
-from dist_gan.loop import check_replicas
+from dist_gan.ranks import check_replicas
 acc = Accelerator(cpu=True)
 torch.manual_seed(0)
 net = nn.Linear(4, 3)

@@ -181,7 +181,7 @@ def test_conditional_models_reject_unlabelled_data():
 
 def test_linear_schedule_decays_to_zero_at_max_steps():
     from dist_gan.config import OptimConfig
-    from dist_gan.loop import build_schedule
+    from dist_gan.nets import build_schedule
 
     weight = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.Adam([weight], lr=1e-3)

@@ -12,7 +12,8 @@ from accelerate.utils import set_seed
 from dist_gan.config import ConfigError, load_config
 from dist_gan.data import InMemoryBatches
 from dist_gan.losses import build_loss
-from dist_gan.loop import build_nets, train_step
+from dist_gan.nets import build_nets
+from dist_gan.step import train_step
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist_wgangp.yaml"
 TINY = {"data.format": "memory", "data.batch_size": 8, "model.generator.width": 8,
