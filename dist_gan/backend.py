@@ -279,6 +279,38 @@ def prepare(accelerator: Accelerator, name: str, *objects: Any, fixed_buckets: b
     return prepared
 
 
+# Private attributes of the libraries we build on that dist_gan uses, each through ``private_api`` only
+# (one door each): (owner, class, attribute, why). tests/test_backend_private.py checks that every one
+# still exists in the installed versions.
+PRIVATE_APIS = (
+    ("torch", "torch._C._distributed_c10d.Reducer", "_push_all_rebuilt_params", "fix DDP's buckets"),
+    ("torch", "torch._C._distributed_c10d.Reducer", "_rebuild_buckets", "fix DDP's buckets"),
+    ("accelerate", "accelerate.state.GradientState", "_set_sync_gradients",
+     "tell DeepSpeed which micro-batch ends an accumulation"),
+    ("torch", "torch.amp.GradScaler", "_get_scale_async", "read the fp16 loss scale without a host sync"),
+    ("torch", "torch.optim.lr_scheduler.LRScheduler", "_last_lr",
+     "make get_last_lr() report learning rates set from the config"),
+)
+
+
+def private_api(obj: Any, name: str) -> Any:
+    """``obj.name``, one of the private attributes in ``PRIVATE_APIS``; gone after an upgrade, it is an
+    error naming it and what it was for, instead of an AttributeError in the middle of a step."""
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        owner, _, _, why = next((p for p in PRIVATE_APIS if p[2] == name), ("a library", "", name, "?"))
+        raise RuntimeError(f"{type(obj).__module__}.{type(obj).__name__} has no attribute {name}, which "
+                           f"dist_gan uses to {why}: {owner} changed it; install the versions DEVELOPERS.md "
+                           "pins, or report it") from None
+
+
+def set_last_lr(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Make ``scheduler.get_last_lr()`` report its optimiser's current learning rates (set directly)."""
+    private_api(scheduler, "_last_lr")  # present: the assignment below is what get_last_lr reads
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def fix_buckets(ddp: torch.nn.parallel.DistributedDataParallel) -> None:
     """Make DDP's bucket layout final now, in parameter order, instead of after the first backward.
 
@@ -289,8 +321,8 @@ def fix_buckets(ddp: torch.nn.parallel.DistributedDataParallel) -> None:
     the re-bucketing DDP would do, from the full parameter list (what its own join hook does), so
     it never happens again.
     """
-    ddp.reducer._push_all_rebuilt_params()
-    ddp.reducer._rebuild_buckets()
+    private_api(ddp.reducer, "_push_all_rebuilt_params")()
+    private_api(ddp.reducer, "_rebuild_buckets")()
     ddp._has_rebuilt_buckets = True
 
 
@@ -300,11 +332,12 @@ def micro_batch(accelerator: Accelerator, models: list[nn.Module], last: bool) -
     gradients accumulate locally, one all-reduce at the end); DeepSpeed told whether this is the
     accumulation boundary, where its engine reduces and steps."""
     if is_deepspeed(accelerator):
-        accelerator.gradient_state._set_sync_gradients(last)
+        set_sync = private_api(accelerator.gradient_state, "_set_sync_gradients")
+        set_sync(last)
         try:
             yield
         finally:
-            accelerator.gradient_state._set_sync_gradients(True)
+            set_sync(True)
         return
     with contextlib.ExitStack() as stack:
         if not last:
@@ -343,7 +376,7 @@ def loss_scale(accelerator: Accelerator, wrapped: nn.Module) -> float | torch.Te
     """The fp16 loss scale in force for ``wrapped`` (None without one): the native scaler's as a
     device tensor (reading it as a number would sync), or the DeepSpeed engine's fp16 scale."""
     if accelerator.scaler is not None:
-        return accelerator.scaler._get_scale_async()
+        return private_api(accelerator.scaler, "_get_scale_async")()
     if is_deepspeed(accelerator) and wrapped.fp16_enabled():
         return getattr(wrapped.optimizer, "cur_scale", None)
     return None

@@ -74,7 +74,54 @@ def train(config: Config, stop_request: StopRequest | None = None) -> RunResult:
         if lock is not None:
             cleanup.callback(runlock.release, lock)
         resume_from = claim_run_dir(config, acc_G)
-        return _run(config, acc_G, acc_D, stop_request, cleanup, resume_from)
+        return run_loop(config, acc_G, acc_D, stop_request, cleanup, resume_from)
+
+
+def run_loop(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: StopRequest,
+         cleanup: contextlib.ExitStack, resume_from: Path | None) -> RunResult:
+    """Build -> resume -> loop -> finish; ``cleanup`` closes the data stream and the logger."""
+    run = Trainer(config, acc_G, acc_D, cleanup)
+    step = run.start(resume_from)
+    stop = StopPolicy(config.train.max_steps, config.train.time_limit_min, stop_request, run.any_rank,
+                      agree_every_step=run.world == 1)
+    bar = tqdm(total=config.train.max_steps, initial=step, disable=not acc_G.is_main_process,
+               unit="step", dynamic_ncols=True)
+    policy = SavePolicy(config.run.ckpt_every, config.eval.every if config.run.keep_best else 0)
+    while step < stop.last_step:
+        measure = (step + 1) % config.run.log_every == 0 or step + 1 == stop.last_step
+        if run.schedules is not None:
+            run.schedules.apply(step)
+        stats, applied = train_step(run.nets, run.loss, run.data, config, measure)
+        step += 1
+        run.after_step(step, stats, applied)
+        # Between these points the loop never waits for the device nor talks to other ranks
+        # (DDP's gradient all-reduce aside): the guard and the stop signal are agreed on here. A
+        # signal can end the run at any step in one process (stop.signalled: a flag, no collective),
+        # at log steps only with several.
+        if measure or policy.may_save(step, step == stop.last_step) or stop.signalled():
+            run.agree_terms()
+            step, rolled_back = run.review(step)
+            if rolled_back:
+                bar.n = step
+                policy.rolled_back()
+                continue
+        bar.update(1)
+        if measure and run.window.steps:
+            values = run.log_window(step)
+            bar.set_postfix(loss_D=f"{values['loss_D']:.3f}", loss_G=f"{values['loss_G']:.3f}",
+                            img_s=f"{values['imgs_per_sec']:.0f}")
+        stop.after_step(step, measure)
+        last = step == stop.last_step
+        if not stop.preempted:
+            run.sample_and_evaluate(step, last)
+        if policy.save_now(step, last, run.best_due(step), run.guard.streak_open):
+            run.checkpoint(step, last)
+    bar.close()
+    run.logger.event(step, {"event": "preempted" if stop.preempted else "end", "stopped_by": stop.reason,
+                            "world_size": run.world, "skipped_steps": run.guard.skipped,
+                            "rollbacks": run.guard.rollbacks})
+    acc_G.end_training()
+    return RunResult(run.run_dir, step, stop.reason)
 
 
 @dataclass
@@ -344,50 +391,3 @@ class Trainer:
                 self.logger.event(step, {"event": "best", "fid": best["fid"], "path": str(kept),
                                          "from": str(path)})
             self.accelerator.wait_for_everyone()
-
-
-def _run(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: StopRequest,
-         cleanup: contextlib.ExitStack, resume_from: Path | None) -> RunResult:
-    """Build -> resume -> loop -> finish; ``cleanup`` closes the data stream and the logger."""
-    run = Trainer(config, acc_G, acc_D, cleanup)
-    step = run.start(resume_from)
-    stop = StopPolicy(config.train.max_steps, config.train.time_limit_min, stop_request, run.any_rank,
-                      agree_every_step=run.world == 1)
-    bar = tqdm(total=config.train.max_steps, initial=step, disable=not acc_G.is_main_process,
-               unit="step", dynamic_ncols=True)
-    policy = SavePolicy(config.run.ckpt_every, config.eval.every if config.run.keep_best else 0)
-    while step < stop.last_step:
-        measure = (step + 1) % config.run.log_every == 0 or step + 1 == stop.last_step
-        if run.schedules is not None:
-            run.schedules.apply(step)
-        stats, applied = train_step(run.nets, run.loss, run.data, config, measure)
-        step += 1
-        run.after_step(step, stats, applied)
-        # Between these points the loop never waits for the device nor talks to other ranks
-        # (DDP's gradient all-reduce aside): the guard and the stop signal are agreed on here. A
-        # signal can end the run at any step in one process (stop.signalled: a flag, no collective),
-        # at log steps only with several.
-        if measure or policy.may_save(step, step == stop.last_step) or stop.signalled():
-            run.agree_terms()
-            step, rolled_back = run.review(step)
-            if rolled_back:
-                bar.n = step
-                policy.rolled_back()
-                continue
-        bar.update(1)
-        if measure and run.window.steps:
-            values = run.log_window(step)
-            bar.set_postfix(loss_D=f"{values['loss_D']:.3f}", loss_G=f"{values['loss_G']:.3f}",
-                            img_s=f"{values['imgs_per_sec']:.0f}")
-        stop.after_step(step, measure)
-        last = step == stop.last_step
-        if not stop.preempted:
-            run.sample_and_evaluate(step, last)
-        if policy.save_now(step, last, run.best_due(step), run.guard.streak_open):
-            run.checkpoint(step, last)
-    bar.close()
-    run.logger.event(step, {"event": "preempted" if stop.preempted else "end", "stopped_by": stop.reason,
-                            "world_size": run.world, "skipped_steps": run.guard.skipped,
-                            "rollbacks": run.guard.rollbacks})
-    acc_G.end_training()
-    return RunResult(run.run_dir, step, stop.reason)

@@ -176,7 +176,7 @@ def set_learning_rates(nets: Nets, config: Config, scale: float) -> None:
         for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
                                    scheduler.lr_lambdas):
             group["lr"] = base * fn(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        backend.set_last_lr(scheduler)
 
 
 @torch.no_grad()
