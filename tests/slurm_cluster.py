@@ -9,9 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from conftest import FAST, REPO, wait_for
+from conftest import FAST, REPO, missing_prerequisite, wait_for
 
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 NO_NETWORK_NAMESPACES = 3  # cluster.sh start2's exit status where namespaces cannot be made
@@ -21,17 +19,17 @@ def run_cluster(tmp_path_factory, command: str):
     """Yield the environment for Slurm commands on a cluster `cluster.sh COMMAND` starts; stop its
     daemons (by pid) and remove what it made afterwards. Skips, saying why, where that cannot work."""
     if os.geteuid() != 0:
-        pytest.skip("a test Slurm cluster needs root (slurmd, munged as the munge user)")
+        missing_prerequisite("a test Slurm cluster needs root (slurmd, munged as the munge user)")
     missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(b) is None]
     if missing:
-        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing): "
+        missing_prerequisite(f"Slurm is not installed ({', '.join(missing)} missing): "
                     "bash tests/slurm/cluster.sh install")
     state = tmp_path_factory.mktemp("slurm")
     try:
         started = subprocess.run(["bash", str(CLUSTER), command, str(state)], capture_output=True,
                                  text=True, timeout=120)
         if started.returncode == NO_NETWORK_NAMESPACES:
-            pytest.skip(f"two Slurm nodes need network namespaces: {started.stderr.strip()}")
+            missing_prerequisite(f"two Slurm nodes need network namespaces: {started.stderr.strip()}")
         assert started.returncode == 0, started.stdout + started.stderr
         yield dict(os.environ, SLURM_CONF=str(state / "slurm.conf"), OMP_NUM_THREADS="1",
                    PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")

@@ -4,8 +4,6 @@ resumed bit-exact with p identical on both ranks."""
 
 from __future__ import annotations
 
-import os
-import signal
 
 import pytest
 import torch
@@ -200,8 +198,7 @@ def test_xflip_mirrors_each_image_in_alternate_epochs_and_limit_takes_a_fixed_su
 def test_two_process_ada_run_killed_and_resumed_bit_exact(tmp_path, mnist_dir):
     """ADA with x-flips on 512 MNIST images over 2 DDP processes: p moves, is the same on both
     ranks at every checkpoint, and a SIGKILL after the step-4 checkpoint resumes bit-exact."""
-    from test_scale import CPU_DDP, assert_same_weights, events
-    from test_world_sizes import descendants
+    from helpers import CPU_DDP, assert_same_weights, events, kill_tree
 
     def args(run):
         return ["dist_gan.train", "configs/mnist_dcgan.yaml", f"--run.dir={run}", f"--data.mnist_dir={mnist_dir}",
@@ -228,9 +225,7 @@ def test_two_process_ada_run_killed_and_resumed_bit_exact(tmp_path, mnist_dir):
         return max((r["step"] for r in read_metrics(killed) if "loss_D" in r), default=0)
 
     wait_for(lambda: logged_step() >= 6, 600, "step 6", proc, interval=0.01)
-    for pid in descendants(proc.pid):
-        os.kill(pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_tree(proc)
     assert not (killed / "checkpoints" / "step_00000008").exists(), "the run ended before the kill"
     run_cli([*args(killed), "--train.resume=auto"], launch)
     assert events(killed, "start")[-1]["resumed_from"].endswith("step_00000004")

@@ -3,19 +3,16 @@ RNN-GAN, and the Improved-GAN techniques, end to end on real MNIST (one and two 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import FAST, REPO, read_metrics, run_cli
+from conftest import FAST, read_metrics, run_cli
+from helpers import CPU_DDP, events
 
 pytestmark = pytest.mark.slow
-CPU_DDP = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-           str(REPO / "launch" / "cpu_ddp.yaml")]
 FAMILIES = ["cgan", "vaegan", "rnngan"]
 
 
@@ -27,10 +24,6 @@ def data(mnist_dir):
 def train(family, run_dir, data, *extra, launcher=None):
     return run_cli(["dist_gan.train", f"configs/mnist_{family}.yaml", f"--run.dir={run_dir}", *data,
                     *FAST, *extra], launcher=launcher)
-
-
-def events(run_dir, kind):
-    return [r for r in read_metrics(run_dir) if r.get("event") == kind]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

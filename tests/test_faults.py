@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from conftest import FAST, REPO, read_metrics, run_cli, start_cli, wait_for
-from test_shards import labels_of, stream, tiny_shards
+from helpers import events, labels_of, stream, tiny_shards
 
 from dist_gan import runlock
 from dist_gan.backend import parse_launch
@@ -192,7 +192,7 @@ def test_a_manifest_count_that_disagrees_with_its_shard_is_named(tmp_path, caplo
 
 def test_strict_errors_from_loader_workers_are_one_line(tmp_path):
     """A strict-mode error raised in a loader worker is one line, without the worker's traceback."""
-    from test_shards import add_broken_samples
+    from helpers import add_broken_samples
 
     pattern, _ = tiny_shards(tmp_path, n_shards=2, per_shard=12)
     add_broken_samples(tmp_path / "train-000000.tar")
@@ -243,10 +243,6 @@ def test_bad_commands_fail_in_one_line(tmp_path, args, message):
 def train_args(run: Path, data: list[str], *extra: str) -> list[str]:
     return ["dist_gan.train", "configs/mnist_wgangp.yaml", f"--run.dir={run}", *data, *FAST,
             "--model.generator.width=8", "--model.discriminator.width=8", "--optim.n_critic=1", *extra]
-
-
-def events(run: Path, kind: str) -> list[dict]:
-    return [r for r in read_metrics(run) if r.get("event") == kind]
 
 
 def kill_group(proc: subprocess.Popen, sig: int) -> None:

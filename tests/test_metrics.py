@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -96,7 +97,13 @@ def test_eval_during_training_and_evaluate_command(tmp_path, mnist_dir, mnist_sh
     run_cli(["dist_gan.sample", str(run), "--n=6", f"--out_dir={tmp_path / 'each'}"])
     assert len(list((tmp_path / "each").glob("*.png"))) == 6
     run_cli(["dist_gan.sample", str(run), "--n=8", "--interpolate", f"--out={tmp_path / 'walk.png'}"])
-    assert (tmp_path / "walk.png").stat().st_size > 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "walk.png") as walk:  # 8 steps in one row of 28 px images, 2 px padding
+        assert walk.size == (8 * 30 + 2, 32)
+        strip = np.asarray(walk.convert("L"), dtype=np.float64)
+    tiles = [strip[2:30, 2 + 30 * i:30 + 30 * i] for i in range(8)]
+    assert all(np.abs(a - b).mean() > 0 for a, b in zip(tiles, tiles[1:]))  # the walk moves
 
 
 class TinyFeatures(torch.nn.Module):

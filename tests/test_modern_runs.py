@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import REPO, read_metrics, run_cli, start_cli, wait_for
-from test_scale import ACCELERATE, CPU_DDP, assert_same_weights, events
-from test_world_sizes import descendants
+from helpers import ACCELERATE, CPU_DDP, assert_same_weights, events, kill_tree
 
 from dist_gan.checkpoint import best_checkpoint, keep_as_best, list_checkpoints, restore_best
 
@@ -79,9 +77,7 @@ def test_two_process_ddp_killed_and_resumed_bit_exact_with_lazy_r1_and_path_leng
         return max((r["step"] for r in read_metrics(killed) if "loss_D" in r), default=0)
 
     wait_for(lambda: logged_step() >= 5, 600, "step 5", proc, interval=0.01)
-    for pid in descendants(proc.pid):
-        os.kill(pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_tree(proc)
     assert not (killed / "checkpoints" / "step_00000008").exists(), "the run ended before the kill"
     run_cli(args(arch, killed, *common, "--train.resume=auto"), launch)
     assert events(killed, "start")[-1]["resumed_from"].endswith("step_00000004")
@@ -122,7 +118,7 @@ def test_deepspeed_zero2_bf16(tmp_path, arch):
     logged = [r for r in read_metrics(run) if "loss_D" in r]
     assert logged and all(r["r1"] > 0 and r["augment_p"] == 0.5 for r in logged)
     if arch == "stylegan2":
-        assert all(r["pl"] >= 0 and r["pl_mean"] > 0 for r in logged)
+        assert all(r["pl"] > 0 and r["pl_mean"] > 0 for r in logged)  # a mean of squares: 0 only if broken
     if arch == "r3gan":
         assert all(r["r2"] > 0 and math.isfinite(r["loss_D"]) for r in logged)
 

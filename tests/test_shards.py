@@ -12,30 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import add_broken_samples, labels_of, replace_sample, stream, tiny_shards
+
 from dist_gan.config import DataConfig
 from dist_gan.data import DataError, build_batch_stream, load_mnist_idx, prepare_shards
 from dist_gan.data.shards import SHARD_MANIFEST, write_shards
 from dist_gan.data.sources import TensorImageSet
-
-
-def tiny_shards(out, n_shards=8, per_shard=24, resolution=8, channels=1):
-    """Shards whose label is the sample's index, so every sample can be told apart."""
-    n = n_shards * per_shard
-    images = torch.randint(0, 256, (n, channels, resolution, resolution), dtype=torch.uint8)
-    write_shards(TensorImageSet(images, torch.arange(n)), out, "train", per_shard, "test",
-                 resolution, channels, progress=False)
-    return str(out / f"train-{{000000..{n_shards - 1:06d}}}.tar"), images
-
-
-def stream(pattern, rank=0, world=1, **overrides):
-    settings = dict(shards=pattern, resolution=8, channels=1, batch_size=6, workers=2,
-                    shuffle_buffer=10, prepare_if_missing=False)
-    settings.update(overrides)
-    return build_batch_stream(DataConfig(**settings), seed=7, rank=rank, world_size=world, device="cpu")
-
-
-def labels_of(s, batches):
-    return [int(v) for _ in range(batches) for v in s.next_batch()[1]]
 
 
 def test_mnist_round_trip_is_exact(mnist_dir, mnist_shards):
@@ -88,35 +70,6 @@ def test_resampled_mode_is_seeded(tmp_path):
 def truncate(path, keep_bytes):
     data = path.read_bytes()
     path.write_bytes(data[:keep_bytes])
-
-
-def replace_sample(path, position, members):
-    """Rewrite shard ``path`` with sample number ``position``'s members replaced by ``members``
-    ([(extension, bytes)]), keeping its key: the shard holds as many samples as its manifest says."""
-    with tarfile.open(path) as tar:
-        entries = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-    keys = sorted({name.split(".", 1)[0] for name, _ in entries})
-    key = keys[position]
-    entries = [e for e in entries if e[0].split(".", 1)[0] != key]
-    entries += [(f"{key}.{extension}", payload) for extension, payload in members]
-    entries.sort(key=lambda e: e[0].split(".", 1)[0])
-    with tarfile.open(path, "w") as tar:
-        for name, payload in entries:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    manifest = json.loads((path.parent / SHARD_MANIFEST).read_text())  # only the sample is bad
-    for entry in manifest["splits"]["train"]["shards"]:
-        if entry["name"] == path.name:
-            entry["bytes"] = path.stat().st_size
-    (path.parent / SHARD_MANIFEST).write_text(json.dumps(manifest))
-    return key
-
-
-def add_broken_samples(path):
-    """Sample 3 gets a garbage png, sample 5 loses its image."""
-    return (replace_sample(path, 3, [("png", b"not a png"), ("cls", b"1")]),
-            replace_sample(path, 5, [("cls", b"2")]))
 
 
 def append_sample(path, key):

@@ -9,6 +9,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from dist_gan import backend
 from dist_gan.config import ConfigError, load_config
 from dist_gan.data import InMemoryBatches
 from dist_gan.losses import build_loss
@@ -23,6 +24,7 @@ TINY = {"data.format": "memory", "data.batch_size": 8, "model.generator.width": 
 
 def weights_after_steps(overrides: dict, steps: int = 3) -> list[torch.Tensor]:
     config = load_config(CONFIG, {**TINY, **overrides})
+    backend.set_backend_flags(config.speed)  # as train() does: the switch must really be thrown
     accelerator = Accelerator(cpu=True)
     nets = build_nets(config, accelerator)
     loss = build_loss(config.loss, accelerator.autocast)
@@ -49,7 +51,12 @@ def baseline() -> list[torch.Tensor]:
     {"speed.tf32": False, "speed.cudnn_benchmark": False},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_switch_trains_to_the_same_weights(baseline, overrides):
-    changed = weights_after_steps(overrides)
+    try:
+        changed = weights_after_steps(overrides)
+        if "speed.tf32" in overrides:  # the flags were set as the config says (they only act on CUDA)
+            assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.benchmark is False
+    finally:
+        backend.set_backend_flags(load_config(CONFIG).speed)
     moved = max((b - a).abs().max().item() for a, b in zip(baseline, weights_after_steps({}, steps=0)))
     assert moved > 1e-3  # the steps really moved the weights, so agreement below means something
     for a, b in zip(baseline, changed):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -123,7 +124,8 @@ def test_bf16_autocast_on_cpu_with_spectral_norm_and_r1(tmp_path, data):
           "--model.discriminator.spectral_norm=true", "--model.discriminator.norm=none",
           "--loss.r1_gamma=1.0", "--optim.grad_clip=10", "--loss.name=hinge")
     records = [r for r in read_metrics(run) if "loss_D" in r]
-    assert records[-1]["step"] == 10 and "r1" in records[-1]
+    assert records[-1]["step"] == 10 and all(r.get("r1") is not None and r["r1"] > 0 for r in records)
+    assert all(r["skipped_steps"] == 0 and math.isfinite(r["loss_D"]) for r in records)
     start = [r for r in read_metrics(run) if r.get("event") == "start"][0]
     assert start["mixed_precision"] == "bf16"
 

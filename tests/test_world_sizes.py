@@ -3,35 +3,14 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import pytest
 
 from conftest import FAST, read_metrics, run_cli, start_cli, wait_for
-from test_scale import CPU_DDP, assert_same_weights, events
+from helpers import CPU_DDP, assert_same_weights, events, kill_tree
 
 pytestmark = pytest.mark.slow
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (torch's launcher starts each rank in a session of its own,
-    so killing the launcher's process group would leave the ranks running)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, queue = [], [pid]
-    while queue:
-        found.append(queue.pop())
-        queue += children.get(found[-1], [])
-    return found
 
 
 def launch(processes: int) -> list[str]:
@@ -71,9 +50,7 @@ def test_three_processes_killed_and_resumed_bit_exact(tmp_path, mnist_shards):
 
     # step 7 logged: the step-6 checkpoint is complete, and 5 steps remain before the end
     wait_for(lambda: logged_step() >= 7, 600, "step 7", proc, interval=0.01)
-    for pid in descendants(proc.pid):  # every rank and loader worker at once, as a node failure
-        os.kill(pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_tree(proc)  # every rank and loader worker at once, as a node failure
     assert not (killed / "checkpoints" / "step_00000012").exists(), "the run ended before the kill"
     run_cli(args(killed, mnist_shards, *common, "--train.resume=auto"), launch(3), timeout=900)
     assert events(killed, "start")[-1]["resumed_from"].endswith("step_00000006")

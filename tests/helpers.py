@@ -1,0 +1,113 @@
+"""What several test modules share (no test module imports another): launchers, the run's events,
+weights compared bit for bit, a process tree to kill, tiny shards to read back."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, read_metrics
+
+from dist_gan.config import DataConfig
+from dist_gan.data import build_batch_stream
+from dist_gan.data.shards import SHARD_MANIFEST, write_shards
+from dist_gan.data.sources import TensorImageSet
+
+ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch"]
+CPU_DDP = [*ACCELERATE, "--config_file", str(REPO / "launch" / "cpu_ddp.yaml")]
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if r.get("event") == kind]
+
+def weights(checkpoint: Path, net: str) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint / net / "model.safetensors")
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    for net in ("G", "D"):
+        wa, wb = weights(a, net), weights(b, net)
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), f"{net}:{key} differs between {a} and {b}"
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (torch's launcher starts each rank in a session of its own,
+    so killing the launcher's process group would leave the ranks running)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        found.append(queue.pop())
+        queue += children.get(found[-1], [])
+    return found
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL to a launcher and every process below it (a kill -9 of the whole run), then reap it."""
+    for pid in descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+
+
+def tiny_shards(out, n_shards=8, per_shard=24, resolution=8, channels=1):
+    """Shards whose label is the sample's index, so every sample can be told apart."""
+    n = n_shards * per_shard
+    images = torch.randint(0, 256, (n, channels, resolution, resolution), dtype=torch.uint8)
+    write_shards(TensorImageSet(images, torch.arange(n)), out, "train", per_shard, "test",
+                 resolution, channels, progress=False)
+    return str(out / f"train-{{000000..{n_shards - 1:06d}}}.tar"), images
+
+def stream(pattern, rank=0, world=1, **overrides):
+    settings = dict(shards=pattern, resolution=8, channels=1, batch_size=6, workers=2,
+                    shuffle_buffer=10, prepare_if_missing=False)
+    settings.update(overrides)
+    return build_batch_stream(DataConfig(**settings), seed=7, rank=rank, world_size=world, device="cpu")
+
+def labels_of(s, batches):
+    return [int(v) for _ in range(batches) for v in s.next_batch()[1]]
+
+def replace_sample(path, position, members):
+    """Rewrite shard ``path`` with sample number ``position``'s members replaced by ``members``
+    ([(extension, bytes)]), keeping its key: the shard holds as many samples as its manifest says."""
+    with tarfile.open(path) as tar:
+        entries = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    keys = sorted({name.split(".", 1)[0] for name, _ in entries})
+    key = keys[position]
+    entries = [e for e in entries if e[0].split(".", 1)[0] != key]
+    entries += [(f"{key}.{extension}", payload) for extension, payload in members]
+    entries.sort(key=lambda e: e[0].split(".", 1)[0])
+    with tarfile.open(path, "w") as tar:
+        for name, payload in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    manifest = json.loads((path.parent / SHARD_MANIFEST).read_text())  # only the sample is bad
+    for entry in manifest["splits"]["train"]["shards"]:
+        if entry["name"] == path.name:
+            entry["bytes"] = path.stat().st_size
+    (path.parent / SHARD_MANIFEST).write_text(json.dumps(manifest))
+    return key
+
+def add_broken_samples(path):
+    """Sample 3 gets a garbage png, sample 5 loses its image."""
+    return (replace_sample(path, 3, [("png", b"not a png"), ("cls", b"1")]),
+            replace_sample(path, 5, [("cls", b"2")]))
