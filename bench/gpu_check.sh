@@ -9,8 +9,8 @@
 # Steps: (1) the CUDA-marked tests; (2) fp32 vs bf16 vs fp16 step rates of both benchmark configs at
 # batch 256 and 1024, and DDP over NCCL with one process, with peak GPU memory; (3) DeepSpeed ZeRO-2
 # on one GPU (real training runs through launch/deepspeed_zero2.yaml, bf16 and fp16); (4) the speed switches on the
-# GPU; (5) the ResNet and StyleGAN2 recipes in bf16 (img/s, peak memory, MFU); (6) Inception FID of
-# real CIFAR-10 test vs train (the floor) and of the step-5 cifar10_resnet generator, when
+# GPU; (5) the ResNet, R3GAN and StyleGAN2 recipes in bf16 (img/s, peak memory, MFU); (6) Inception FID
+# of real CIFAR-10 test vs train (the floor) and of 3-minute cifar10_resnet and cifar10_r3gan runs, when
 # FID_INCEPTION_WEIGHTS (the FID Inception file) and CIFAR10_ROOT (holding cifar-10-batches-py) are set.
 # Results go to $OUT (default /tmp/gpu_check); the summary table is the last thing printed.
 set -uo pipefail
@@ -78,26 +78,29 @@ step "4. speed switches on this device"
 $PY bench/speed_options.py --configs mnist_wgangp,dcgan64_rgb --batch $SPEED_BATCH --steps $STEPS \
     --rounds $ROUNDS $SPEED_ARGS --out "$OUT/speed_options.md" 2>&1 | tail -14 || status=1
 
-step "5. the modern recipes in bf16: cifar10_resnet (32 px) and folder256_stylegan2 (256 px), synthetic data"
+step "5. the modern recipes in bf16: cifar10_resnet and cifar10_r3gan (32 px), folder256_stylegan2 (256 px), synthetic data"
 rm -f "$OUT/recipes.md"
 if [ -n "${GPU_CHECK_CPU_SMOKE:-}" ]; then
     RECIPE_MINUTES=0.2; RECIPE_EXTRA="--model.generator.width=4 --model.discriminator.width=4 --data.batch_size=4 --data.resolution=32"
+    R3GAN_EXTRA="--model.generator.widths=[16,16,16,16] --model.discriminator.widths=[16,16,16,16] --optim.accumulate=1 --data.batch_size=4"
 else
-    RECIPE_MINUTES=2; RECIPE_EXTRA=""
+    RECIPE_MINUTES=2; RECIPE_EXTRA=""; R3GAN_EXTRA=""
 fi
-for recipe in cifar10_resnet folder256_stylegan2; do
+for recipe in cifar10_resnet cifar10_r3gan folder256_stylegan2; do
+    extra=$RECIPE_EXTRA; [ "$recipe" = cifar10_r3gan ] && extra=$R3GAN_EXTRA
     timeout 300 $PY bench/recipe_check.py configs/$recipe.yaml --minutes=$RECIPE_MINUTES --precision=bf16 \
-        --run_dir="$OUT/recipes" --extra="$RECIPE_EXTRA" > "$OUT/recipe_$recipe.log" 2>&1 \
+        --run_dir="$OUT/recipes" --extra="$extra" > "$OUT/recipe_$recipe.log" 2>&1 \
         || { status=1; tail -30 "$OUT/recipe_$recipe.log"; }
     grep "^| $recipe" "$OUT/recipe_$recipe.log" | tee -a "$OUT/recipes.md"
 done
 
-step "6. Inception FID: CIFAR-10 test vs train (floor) and cifar10_resnet after 3 minutes"
+step "6. Inception FID: CIFAR-10 test vs train (floor) and cifar10_resnet / cifar10_r3gan after 3 minutes each"
 if [ -n "${FID_INCEPTION_WEIGHTS:-}" ] && [ -n "${CIFAR10_ROOT:-}" ]; then
     $PY -m dist_gan evaluate --reference=cifar10 --root="$CIFAR10_ROOT" --out="$OUT/cifar10_train.npz" \
         --feature_weights="$FID_INCEPTION_WEIGHTS" --batch_size=250 > "$OUT/fid_reference.log" 2>&1 || status=1
-    timeout 480 $PY bench/inception_fid.py --reference "$OUT/cifar10_train.npz" --root "$CIFAR10_ROOT" \
-        --weights "$FID_INCEPTION_WEIGHTS" --minutes 3 --run "$OUT/cifar10_fid" > "$OUT/fid.log" 2>&1 \
+    timeout 900 $PY bench/inception_fid.py --reference "$OUT/cifar10_train.npz" --root "$CIFAR10_ROOT" \
+        --weights "$FID_INCEPTION_WEIGHTS" --minutes 3 --run "$OUT/cifar10_fid" \
+        --configs cifar10_resnet,cifar10_r3gan > "$OUT/fid.log" 2>&1 \
         || { status=1; tail -30 "$OUT/fid.log"; }
     grep "^|" "$OUT/fid.log" | tee "$OUT/fid.md"
 else

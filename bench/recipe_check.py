@@ -30,13 +30,15 @@ def training_flops_per_image(config_path: str, overrides: dict) -> float:
     from step_throughput import Toolkit
 
     config = load_config(config_path, {**overrides, "data.batch_size": 4, "train.mixed_precision": "no",
-                                       "loss.r1_gamma": 0.0, "loss.pl_weight": 0.0})
+                                       "loss.r1_gamma": 0.0, "loss.r2_gamma": 0.0, "loss.pl_weight": 0.0,
+                                       "schedule.r1_gamma": None, "schedule.r2_gamma": None,
+                                       "optim.accumulate": 1})
     runner = Toolkit(config)
     runner.step()  # warm-up, outside the count
     counter = FlopCounterMode(display=False)
     with counter:
         runner.step()
-    real_images = config.data.batch_size * config.optim.n_critic
+    real_images = config.data.batch_size * config.optim.n_critic * config.optim.accumulate
     del torch
     return counter.get_total_flops() / real_images
 
