@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import zlib
+from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
 
@@ -464,3 +465,33 @@ def position_for_rank(state: dict, rank: int, world: int) -> dict:
         return ranks[rank]
     first = ranks[0]
     return {"epoch": int(first["epoch"]), "batch": int(first["batch"]) * saved_world // world}
+
+
+@dataclass
+class SavePolicy:
+    """When the loop saves: every ``every`` steps, at the run's last step, at an evaluation step whose
+    FID is the best so far (``run.keep_best``), and at the first step after a bad streak that deferred
+    a save; never while the divergence guard's bad streak is open (the save is owed instead)."""
+
+    every: int
+    evaluate_every: int = 0  # keep_best's evaluation steps may save
+    owed: bool = False
+
+    def may_save(self, step: int, last: bool) -> bool:
+        """Whether ``step`` might save, so the guard must review it first."""
+        evaluation = self.evaluate_every > 0 and step % self.evaluate_every == 0
+        return step % self.every == 0 or last or self.owed or evaluation
+
+    def save_now(self, step: int, last: bool, best_due: bool, streak_open: bool) -> bool:
+        """Whether to save at ``step``; a save wanted during a bad streak is owed until it ends."""
+        wanted = step % self.every == 0 or last or self.owed or best_due
+        if wanted and streak_open:
+            log.warning("step %d: checkpoint deferred until the divergence guard's bad streak ends%s",
+                        step, "; stopping without one" if last else "")
+            self.owed = True
+            return False
+        self.owed = False if wanted else self.owed
+        return wanted
+
+    def rolled_back(self) -> None:
+        self.owed = False

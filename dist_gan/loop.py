@@ -4,7 +4,7 @@ It builds the networks, loss and data by name from the config and knows none of 
 runs in one process, under DDP on gloo or NCCL, under ZeRO 1/2, and in mixed precision; what differs
 between those is decided in ``backend``. Read ``train`` and then ``run_loop`` top to bottom for the run;
 the step itself is ``step.train_step`` (one generator step with its ``n_critic`` discriminator steps),
-the networks ``nets``, what the ranks agree on ``ranks``, and when to save ``SavePolicy``.
+the networks ``nets``, what the ranks agree on ``ranks``, and when to save ``checkpoint.SavePolicy``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from dist_gan import backend, runlock
-from dist_gan.checkpoint import (ReplicasDiffer, keep_as_best, last_healthy, load_checkpoint,
+from dist_gan.checkpoint import (ReplicasDiffer, SavePolicy, keep_as_best, last_healthy, load_checkpoint,
                                  position_for_rank, remove_stale_staging, restore_best, save_checkpoint)
 from dist_gan.config import Config, save_config, to_dict
 from dist_gan.data import build_batch_stream
@@ -78,7 +78,7 @@ def train(config: Config, stop_request: StopRequest | None = None) -> RunResult:
 
 
 def run_loop(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: StopRequest,
-         cleanup: contextlib.ExitStack, resume_from: Path | None) -> RunResult:
+             cleanup: contextlib.ExitStack, resume_from: Path | None) -> RunResult:
     """Build -> resume -> loop -> finish; ``cleanup`` closes the data stream and the logger."""
     run = Trainer(config, acc_G, acc_D, cleanup)
     step = run.start(resume_from)
@@ -122,36 +122,6 @@ def run_loop(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_reques
                             "rollbacks": run.guard.rollbacks})
     acc_G.end_training()
     return RunResult(run.run_dir, step, stop.reason)
-
-
-@dataclass
-class SavePolicy:
-    """When the loop saves: every ``every`` steps, at the run's last step, at an evaluation step whose
-    FID is the best so far (``run.keep_best``), and at the first step after a bad streak that deferred
-    a save; never while the divergence guard's bad streak is open (the save is owed instead)."""
-
-    every: int
-    evaluate_every: int = 0  # keep_best's evaluation steps may save
-    owed: bool = False
-
-    def may_save(self, step: int, last: bool) -> bool:
-        """Whether ``step`` might save, so the guard must review it first."""
-        evaluation = self.evaluate_every > 0 and step % self.evaluate_every == 0
-        return step % self.every == 0 or last or self.owed or evaluation
-
-    def save_now(self, step: int, last: bool, best_due: bool, streak_open: bool) -> bool:
-        """Whether to save at ``step``; a save wanted during a bad streak is owed until it ends."""
-        wanted = step % self.every == 0 or last or self.owed or best_due
-        if wanted and streak_open:
-            log.warning("step %d: checkpoint deferred until the divergence guard's bad streak ends%s",
-                        step, "; stopping without one" if last else "")
-            self.owed = True
-            return False
-        self.owed = False if wanted else self.owed
-        return wanted
-
-    def rolled_back(self) -> None:
-        self.owed = False
 
 
 class Trainer:

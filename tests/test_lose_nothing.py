@@ -343,3 +343,25 @@ def test_dist_gan_launch_keeps_the_runs_exit_status_and_one_line_errors(tmp_path
     assert proc.wait(timeout=300) == 75, (tmp_path / "launch.log").read_text()[-3000:]
     assert any(r.get("event") == "preempted" for r in read_metrics(run))
     assert "Traceback" not in (tmp_path / "launch.log").read_text()
+
+
+def test_a_checkpoint_with_a_non_finite_ema_is_marked_unhealthy(tmp_path):
+    """The checkpoint's health covers the EMA too: NaN in the averaged generator marks it unhealthy."""
+    import contextlib
+
+    from dist_gan import backend
+    from dist_gan.checkpoint import is_healthy, list_checkpoints
+    from dist_gan.loop import Trainer
+
+    config = load_config(TINY[0], {**dict(a[2:].split("=", 1) for a in TINY[1:]), "run.dir": str(tmp_path / "run"),
+                                   "run.trackers": "[]"})
+    acc_G, acc_D = backend.make_accelerators(config)
+    with contextlib.ExitStack() as stack:
+        trainer = Trainer(config, acc_G, acc_D, stack)
+        trainer.start(None)
+        trainer.checkpoint(1, last=False)
+        with torch.no_grad():
+            next(trainer.ema.model.parameters()).view(-1)[0] = float("nan")
+        trainer.checkpoint(2, last=True)
+    first, second = list_checkpoints(tmp_path / "run")
+    assert is_healthy(first) and not is_healthy(second)

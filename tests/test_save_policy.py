@@ -6,7 +6,8 @@ import contextlib
 
 import torch
 
-from dist_gan.loop import SavePolicy, Trainer
+from dist_gan.checkpoint import SavePolicy
+from dist_gan.loop import Trainer
 
 
 def test_periodic_saves_and_the_last_step():
