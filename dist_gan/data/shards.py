@@ -112,10 +112,7 @@ def write_shards(images: ImageSet, out_dir: str | Path, split: str, shard_size: 
         raise DataError(f"{manifest_path} describes {manifest['resolution']}px x "
                         f"{manifest['channels']} channels; refusing to add {resolution}px x {channels} "
                         "(nothing was changed: write them to another directory)")
-    if manifest and manifest.get("source") != source:
-        raise DataError(f"{manifest_path} describes {manifest.get('source')} shards; refusing to add "
-                        f"{source} ones beside them (nothing was changed: write them to another directory)")
-    manifest.pop("folder", None)  # only the folder path, which passes replace, may keep a fingerprint
+    manifest.pop("folder", None)  # only a folder run (extra=) records a fingerprint: no stale one survives
     staging = out_dir / f".{split}-prepare.tmp"
     pending = manifest_path.with_name(manifest_path.name + ".tmp")
     try:
