@@ -31,6 +31,7 @@ from dist_gan.guard import GO_ON, STOP, DivergenceGuard, StepTally
 from dist_gan.losses import build_loss
 from dist_gan.nets import (build_ema, build_nets, images_per_step, real_images_per_step, set_learning_rates,
                            weights_finite)
+from dist_gan.progress import write_run_pictures
 from dist_gan.ranks import any_rank, check_replicas, same_on_every_rank
 from dist_gan.rundir import claim_run_dir, lock_run_dir
 from dist_gan.sample import sample_grid
@@ -120,6 +121,8 @@ def run_loop(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_reques
     run.logger.event(step, {"event": "preempted" if stop.preempted else "end", "stopped_by": stop.reason,
                             "world_size": run.world, "skipped_steps": run.guard.skipped,
                             "rollbacks": run.guard.rollbacks})
+    if acc_G.is_main_process and not stop.preempted:  # a pre-empted run has no time to spare
+        write_run_pictures(run.run_dir)
     acc_G.end_training()
     return RunResult(run.run_dir, step, stop.reason)
 

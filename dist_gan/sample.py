@@ -169,7 +169,7 @@ def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, 
          nrow: int | None = None, out_dir: str | None = None, interpolate: bool = False,
          classes=None, per_class: int = 8, reconstruct: bool = False,
          mnist_dir: str | None = None, gif: str | None = None, mp4: str | None = None,
-         truncation: float | None = None) -> None:
+         truncation: float | None = None, progress: bool = False) -> None:
     """Write ``n`` samples from ``checkpoint`` (a run directory or a checkpoint).
 
     --out: a grid PNG (default). --out_dir: one PNG per image instead. --interpolate: a latent walk of
@@ -181,8 +181,20 @@ def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, 
     reconstructions; --mnist_dir if the run's data.mnist_dir is not here).
     --truncation=0.7: fidelity for variety (stylegan2: w towards its average by psi; the others: z
     truncated at that threshold, as BigGAN).
+    --progress: the run's training as a picture: its fixed-noise grids as one animation (--gif=, default
+    progress.gif; or --mp4=), each frame labelled with its step and kimg (written at the end of
+    every run as RUN_DIR/progress.gif too).
     """
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if progress:
+        from dist_gan.progress import write_progress
+
+        try:
+            written = write_progress(checkpoint, mp4 or gif or "progress.gif")
+        except (ConfigError, OSError) as err:
+            sys.exit(f"dist_gan.sample: error: {getattr(err, 'strerror', None) or err}")
+        log.info("wrote the training progress of %s to %s", checkpoint, written)
+        return
     for name, value in (("n", n), ("per_class", per_class)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             sys.exit(f"dist_gan.sample: error: --{name}={value!r} must be a whole number >= 1")
