@@ -50,7 +50,8 @@ def our_flags() -> set[str]:
     return flags
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+# docs/faults.md is generated from the fault tests' own names, which misspell flags on purpose
+@pytest.mark.parametrize("doc", [d for d in DOCS if d.name != "faults.md"], ids=lambda p: str(p.relative_to(REPO)))
 def test_named_flags_and_config_keys_exist(doc):
     text = doc.read_text()
     keys, flags = config_keys(), our_flags() | EXTERNAL_FLAGS
