@@ -18,13 +18,16 @@ log = logging.getLogger(__name__)
 
 
 def lock_run_dir(accelerator: Accelerator, run_dir: Path) -> Path | None:
-    """Rank 0 takes the run directory's lock; every rank raises RunDirInUse if it could not."""
+    """Rank 0 takes the run directory's lock; every rank raises RunDirInUse if it could not (another
+    run holds it, or the directory cannot be written: read-only, a full disk)."""
     lock, refusal = None, None
     if accelerator.is_main_process:
         try:
             lock = runlock.acquire(run_dir)
         except runlock.RunDirInUse as err:
             refusal = str(err)
+        except OSError as err:
+            refusal = f"cannot write run.dir {run_dir}: {err.strerror or err}; choose another --run.dir"
     refusals = [r for r in gather_object([refusal]) if r]
     if refusals:
         raise runlock.RunDirInUse(refusals[0])

@@ -365,3 +365,12 @@ def test_a_checkpoint_with_a_non_finite_ema_is_marked_unhealthy(tmp_path):
         trainer.checkpoint(2, last=True)
     first, second = list_checkpoints(tmp_path / "run")
     assert is_healthy(first) and not is_healthy(second)
+
+
+def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path):
+    """A run.dir that cannot be created or written (read-only, under a file) is one line naming it."""
+    (tmp_path / "a_file").write_text("x")
+    proc = run_cli(["dist_gan.train", *TINY, f"--run.dir={tmp_path / 'a_file' / 'run'}", "--train.max_steps=1"],
+                   check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"cannot write run.dir {tmp_path / 'a_file' / 'run'}" in proc.stderr
