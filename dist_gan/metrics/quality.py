@@ -36,9 +36,16 @@ class Precomputed(nn.Module):
         return embeddings.double()
 
 
+def as_saved(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] as a PNG would keep them: clamped and quantised to 8 bits (clean-fid's first
+    step). Real data is already so; a generator without a final tanh (r3gan) is judged on the images a
+    user would save, not on values outside the pixel range."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
 class Embedder:
-    """Batched ``(features, logits)`` of images in [-1, 1] from a feature network's ``embed``, run on
-    ``device`` (a GPU embeds 299 px Inception inputs ~100x faster); results on the CPU."""
+    """Batched ``(features, logits)`` of images in [-1, 1] (``as_saved`` first) from a feature network's
+    ``embed``, run on ``device`` (a GPU embeds 299 px Inception inputs ~100x faster); results on the CPU."""
 
     def __init__(self, network: nn.Module, batch_size: int = 500, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
@@ -46,7 +53,7 @@ class Embedder:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [self.network.embed(chunk.to(self.device).float()) for chunk in images.split(self.batch_size)]
+        pairs = [self.network.embed(as_saved(chunk.to(self.device))) for chunk in images.split(self.batch_size)]
         return (torch.cat([f for f, _ in pairs]).float().cpu(), torch.cat([l for _, l in pairs]).float().cpu())
 
 
