@@ -8,6 +8,7 @@ import sys
 
 import fire
 
+from dist_gan.launch import OUTPUT_ENV, STATUS_DIR_ENV
 from dist_gan.stop import PREEMPTED_EXIT_CODE, StopRequest
 
 
@@ -22,7 +23,7 @@ def setup_logging() -> None:
 
 def _write_to_launcher_terminal() -> None:
     """Under ``dist-gan launch``: write to its terminal directly, not through the launcher."""
-    paths = os.environ.get("DIST_GAN_OUTPUT")
+    paths = os.environ.get(OUTPUT_ENV)
     if not paths:
         return
     sys.stdout.flush()
@@ -38,7 +39,7 @@ def _write_to_launcher_terminal() -> None:
 
 def _record_status(code: int) -> None:
     """Under ``dist-gan launch``: this rank's exit status, for the command's own."""
-    directory = os.environ.get("DIST_GAN_STATUS_DIR")
+    directory = os.environ.get(STATUS_DIR_ENV)
     if directory:
         rank = os.environ.get("RANK", "0")
         with open(os.path.join(directory, f"rank{rank}.status"), "w") as f:
