@@ -144,8 +144,8 @@ def test_two_runs_preparing_one_shard_directory_take_turns(tmp_path, images, kin
     pattern = str(tmp_path / "shards" / "train-{000000..000002}.tar") if kind == "folder" else target
     assert verify_shards(pattern, str(manifest)) == []
     text = "\n".join(outputs)
-    assert "waiting" in text or "reusing" in text or "unchanged" in text, text
-    assert text.count("wrote ") == 1, text  # one writer; the other reused its shards
+    # one writer; the other waited and reused its shards (or, started late, found them written)
+    assert text.count("wrote ") == 1, text
 
 
 def test_a_manifest_that_matches_no_file_says_how_to_rebuild(tmp_path, images):
