@@ -23,6 +23,7 @@ import importlib
 import logging
 import math
 import os
+import types
 import warnings
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -290,6 +291,8 @@ PRIVATE_APIS = (
     ("torch", "torch.amp.GradScaler", "_get_scale_async", "read the fp16 loss scale without a host sync"),
     ("torch", "torch.optim.lr_scheduler.LRScheduler", "_last_lr",
      "make get_last_lr() report learning rates set from the config"),
+    ("accelerate", "torch.nn.Module", "_original_forward",
+     "take the autocast wrapper off a network without importing DeepSpeed"),
 )
 
 
@@ -353,11 +356,31 @@ def backward(accelerator: Accelerator, loss: torch.Tensor, accumulate: int) -> N
 
 
 def plain(accelerator: Accelerator, module: nn.Module) -> nn.Module:
-    """The network behind its DDP/DeepSpeed wrapper. ``keep_fp32_wrapper=False`` also takes off, in
-    place, the autocast wrapper ``prepare`` put on the network's forward, so the wrapped module
-    loses it too: precision is decided where the loss says (penalties run in fp32), not forced on
-    every call."""
-    return accelerator.unwrap_model(module, keep_fp32_wrapper=False)
+    """The network behind its DDP/DeepSpeed wrapper, with the autocast wrapper ``prepare`` put on its
+    forward taken off in place (the wrapped module loses it too): precision is decided where the loss
+    says (penalties run in fp32), not forced on every call.
+
+    A DeepSpeed or compiled network goes through ``accelerator.unwrap_model``. Otherwise DDP is the
+    only wrapper, taken off here: ``unwrap_model`` imports DeepSpeed whenever it is installed, to rule
+    out its engine, and that import (with torch._dynamo) is about 2 s of every process's start."""
+    if is_deepspeed(accelerator) or module is not eager(module):
+        return accelerator.unwrap_model(module, keep_fp32_wrapper=False)
+    while isinstance(module, nn.parallel.DistributedDataParallel):
+        module = module.module
+    if "_original_forward" in vars(module):  # set by prepare under mixed precision
+        drop_autocast_forward(module)
+    return module
+
+
+def drop_autocast_forward(module: nn.Module) -> None:
+    """Give ``module`` back the forward Accelerate's mixed-precision wrapper replaced (as
+    ``unwrap_model(keep_fp32_wrapper=False)`` does)."""
+    original = private_api(module, "_original_forward")
+    del module._original_forward
+    forward = module.forward
+    while hasattr(forward, "__wrapped__") and forward != original:
+        forward = forward.__wrapped__
+    module.forward = original if forward == original else types.MethodType(forward, module)
 
 
 def eager(module: nn.Module) -> nn.Module:

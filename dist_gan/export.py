@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from torchvision.utils import save_image
 
 from dist_gan.checkpoint import find_checkpoint, load_generator_state, read_manifest
 from dist_gan.config import ConfigError, config_from_dict, load_config, to_dict
 from dist_gan.data import DataError
 from dist_gan.data.shards import sha256_of
+from dist_gan.imagegrid import save_png
 from dist_gan.nets import real_images_per_step
 from dist_gan.models import build_generator
 
@@ -104,7 +104,7 @@ def export(source: str | Path, out: str | Path, ema: bool = True, overwrite: boo
     (out / CONFIG).write_text(json.dumps(info, indent=1))
     from dist_gan.sample import generate
 
-    save_image(generate(generator, 64, seed=0), out / GRID, nrow=8, normalize=True, value_range=(-1, 1))
+    save_png(generate(generator, 64, seed=0), out / GRID, nrow=8)
     (out / CARD).write_text(model_card(info))
     log.info("exported the %s generator of %s (step %d) to %s", info["weights"], checkpoint, step, out)
     return out

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torchvision.utils import save_image
 
 from dist_gan.checkpoint import find_checkpoint, load_encoder_state, load_generator_state
 from dist_gan.config import ConfigError, load_config
 from dist_gan.data import DATA_SOURCES, DataError
 from dist_gan.data.sources import to_model_range
+from dist_gan.imagegrid import save_png
 from dist_gan.models import build_encoder, build_generator
 
 log = logging.getLogger(__name__)
@@ -244,13 +244,12 @@ def _write_images(images: torch.Tensor, out: str, out_dir: str | None, seed: int
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(images):
-            save_image(image, Path(out_dir) / f"{seed:04d}_{index:05d}.png", normalize=True,
-                       value_range=(-1, 1))
+            save_png(image, Path(out_dir) / f"{seed:04d}_{index:05d}.png")
         return out_dir
     if Path(out).is_dir():
         raise IsADirectoryError(f"{out} is a folder: name a file (or use --out_dir)")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, out, nrow=rows, normalize=True, value_range=(-1, 1))
+    save_png(images, out, nrow=rows)
     return out
 
 

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid, save_image
 
 from dist_gan.config import ConfigError
+from dist_gan.imagegrid import make_grid, save_grid_png
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ class RunLogger:
         takes images (TensorBoard, W&B, Aim, ClearML, SwanLab; MLflow as an image artifact)."""
         if not self.enabled:
             return
-        grid = make_grid(images.float().cpu(), nrow=8, normalize=True, value_range=(-1, 1))
-        save_image(grid, self.run_dir / "samples" / f"{tag}_{step:08d}.png")
+        grid = make_grid(images, nrow=8)
+        save_grid_png(grid, self.run_dir / "samples" / f"{tag}_{step:08d}.png")
         pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         for tracker in self.trackers:
             if tracker.name == "tensorboard":

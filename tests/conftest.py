@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -44,6 +46,12 @@ def tier_of(item) -> str:
     return "unit"
 
 
+# Tests of these tiers run one at a time, on one pytest-xdist worker (--dist loadgroup): each starts
+# several ranks that fill the cores, on Accelerate's fixed rendezvous port, or on the one Slurm cluster.
+SERIAL_TIERS = ("multiprocess", "cluster")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
     """Mark every test with its tier (-m unit, -m "unit or e2e", ...); every tier but unit is slow."""
     for item in items:
@@ -55,6 +63,37 @@ def pytest_collection_modifyitems(config, items) -> None:
         item.add_marker(getattr(pytest.mark, tier))
         if tier != "unit" and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
+        if tier in SERIAL_TIERS:
+            item.add_marker(pytest.mark.xdist_group("ranks"))
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, the workers share the cores: in-process torch gets its share of threads
+    (subprocesses already run with OMP_NUM_THREADS=1)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+@contextlib.contextmanager
+def session_shared(tmp_path_factory, name: str):
+    """A directory made once per test session and shared by every pytest-xdist worker: the first
+    worker to arrive builds it (the others wait on its lock); yields (path, already_built)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's directory, above each worker's own
+    path = base / name
+    path.mkdir(exist_ok=True)
+    done = path / ".built"
+    with open(base / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield path, done.exists()
+            done.touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def missing_prerequisite(reason: str) -> None:
@@ -81,8 +120,9 @@ def mnist_shards(mnist_dir, tmp_path_factory) -> str:
     from dist_gan.config import DataConfig
     from dist_gan.data import prepare_shards
 
-    out = tmp_path_factory.mktemp("mnist_shards")
-    prepare_shards(DataConfig(mnist_dir=str(mnist_dir)), out, "train", progress=False)
+    with session_shared(tmp_path_factory, "mnist_shards") as (out, built):
+        if not built:
+            prepare_shards(DataConfig(mnist_dir=str(mnist_dir)), out, "train", progress=False)
     return str(out / "train-{000000..000005}.tar")
 
 
@@ -100,8 +140,9 @@ def reference_classifier(mnist_dir, tmp_path_factory):
     """
     from dist_gan.metrics.classifier import default_classifier_path, load_or_train_classifier
 
-    os.environ["DIST_GAN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    model = load_or_train_classifier(str(mnist_dir))
+    with session_shared(tmp_path_factory, "cache") as (cache, _):
+        os.environ["DIST_GAN_CACHE"] = str(cache)
+        model = load_or_train_classifier(str(mnist_dir))
     return model, default_classifier_path()
 
 

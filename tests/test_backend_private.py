@@ -22,10 +22,35 @@ def test_every_private_attribute_we_use_still_exists(owner, cls, attribute, why)
     if attribute == "_last_lr":  # an instance attribute: look on a real scheduler
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
         target = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    elif attribute == "_original_forward":  # set by Accelerate's prepare under mixed precision
+        target = _bf16_prepared(torch.nn.Linear(3, 2))[1]
     else:
         target = _class(cls)
     assert hasattr(target, attribute), (f"{owner} removed {cls}.{attribute} (used to {why}): "
                                         "dist_gan.backend needs a new way to do it")
+
+
+def _bf16_prepared(net):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    return accelerator, accelerator.prepare(net)
+
+
+def test_plain_takes_off_the_autocast_wrapper_as_unwrap_model_does():
+    """backend.plain's own unwrapping (no DeepSpeed import) leaves the network as Accelerate's would:
+    its forward runs in fp32 again, and the prepared handle shares it."""
+    from dist_gan.backend import plain
+
+    x = torch.randn(4, 3)
+    for unwrap in ("ours", "accelerate"):
+        accelerator, prepared = _bf16_prepared(torch.nn.Linear(3, 2))
+        exact = x @ prepared.weight.T + prepared.bias
+        assert not torch.equal(prepared(x), exact)  # computed in bf16 under the wrapper...
+        net = plain(accelerator, prepared) if unwrap == "ours" else accelerator.unwrap_model(
+            prepared, keep_fp32_wrapper=False)
+        assert net is prepared and "_original_forward" not in vars(net)
+        assert torch.equal(net(x), exact), unwrap  # ...and in fp32 again
 
 
 def test_a_missing_private_attribute_is_an_error_naming_it():

@@ -20,7 +20,7 @@ SECTIONS = {f.name for f in dataclasses.fields(Config)}
 # Flags of the tools we document but do not own (accelerate launch, Slurm, TensorBoard).
 EXTERNAL_FLAGS = {"config_file", "num_processes", "machine_rank", "num_machines", "main_process_ip",
                   "main_process_port", "cpu", "multi_gpu", "nodes", "gpus-per-node", "time", "signal",
-                  "requeue", "open-mode", "me", "format", "logdir", "port", "durations"}
+                  "requeue", "open-mode", "me", "format", "logdir", "port", "durations", "dist"}
 
 
 def config_keys(node=Config, prefix: str = "") -> set[str]:

@@ -27,7 +27,7 @@ def test_sbatch_trains_on_two_cpu_processes(slurm, tmp_path, shard_data):
     run = tmp_path / "run"
     job, log = submit(slurm, tmp_path, run, shard_data, "--train.max_steps=10", "--run.ckpt_every=10")
     wait_for(lambda: squeue_state(slurm, job) == "", 300, f"job {job} to finish", interval=1)
-    text = log.read_text()
+    text = log.read_text(errors="replace")  # a progress bar may be cut mid-character
     assert "1 node(s) x 2 process(es), launch/cpu_ddp.yaml" in text
     assert "training finished with status 0" in text, text[-3000:]
     start = [r for r in read_metrics(run) if r.get("event") == "start"]
@@ -44,7 +44,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path, shard_data):
     preempt_and_release(slurm, job)
     wait_for(lambda: squeue_state(slurm, job) == "", 400, "the requeued job to finish", interval=1)
 
-    text = log.read_text()
+    text = log.read_text(errors="replace")  # a progress bar may be cut mid-character
     assert "USR1 received: asking the training processes to checkpoint" in text
     assert f"requeueing job {job}" in text and f"job {job} restart 1" in text, text[-3000:]
     assert "training finished with status 0" in text
