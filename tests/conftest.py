@@ -46,9 +46,14 @@ def tier_of(item) -> str:
     return "unit"
 
 
-# Tests of these tiers run one at a time, on one pytest-xdist worker (--dist loadgroup): each starts
-# several ranks that fill the cores, on Accelerate's fixed rendezvous port, or on the one Slurm cluster.
+# Tests of these tiers run one at a time within their group, each group on one pytest-xdist worker
+# (--dist loadgroup): the ranks of an `accelerate launch` meet on Accelerate's fixed port, and the Slurm
+# tests share one cluster (its jobs use ports of their own, so the two groups may overlap).
 SERIAL_TIERS = ("multiprocess", "cluster")
+
+
+def serial_group(item) -> str:
+    return "slurm" if item.module.__name__.startswith("test_slurm") else "ranks"
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
@@ -64,7 +69,7 @@ def pytest_collection_modifyitems(config, items) -> None:
         if tier != "unit" and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
         if tier in SERIAL_TIERS:
-            item.add_marker(pytest.mark.xdist_group("ranks"))
+            item.add_marker(pytest.mark.xdist_group(serial_group(item)))
 
 
 def pytest_configure(config) -> None:

@@ -35,7 +35,9 @@ def test_two_node_job_trains_preempts_requeues_and_resumes(two_nodes, tmp_path, 
     wait_for(lambda: squeue_state(env, job) == "", 400, "the requeued job to finish", interval=1)
 
     text = log.read_text(errors="replace")  # a progress bar may be cut mid-character
-    shown = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    shown = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    shown = shown.stdout
     assert " NodeList=dgnode[1-2]" in shown and " Restarts=1 " in shown, shown
     for restart in (0, 1):
         assert f"job {job} restart {restart}: 2 node(s) x 1 process(es)" in text, text[-3000:]

@@ -60,7 +60,10 @@ def test_switch_trains_to_the_same_weights(baseline, overrides):
     moved = max((b - a).abs().max().item() for a, b in zip(baseline, weights_after_steps({}, steps=0)))
     assert moved > 1e-3  # the steps really moved the weights, so agreement below means something
     for a, b in zip(baseline, changed):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        # equal up to the order of float sums: the kernels differ (and with them the thread split),
+        # so a few weights differ in the fifth decimal after these steps; a broken switch moves them
+        # as far as training does (> 1e-3)
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -81,6 +81,8 @@ JobAcctGatherType=jobacct_gather/none
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=1
 KillWait=60
+# keep finished jobs' records for the tests' scontrol show job, however slow the machine
+MinJobAge=3600
 $node_lines
 CONF
     export SLURM_CONF=$dir/slurm.conf
