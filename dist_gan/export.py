@@ -9,6 +9,12 @@ a ``README.md`` model card. ``dist_gan.load_generator(DIR)`` gives back a ready 
     G = load_generator("exported/", device="cuda")
     images = G(torch.randn(16, G.z_dim, device="cuda"), None)   # in [-1, 1]
 
+``--onnx`` also writes ``generator.onnx`` (ONNX opset ``ONNX_OPSET``, torch's dynamo exporter; needs
+the ``onnx`` extra): inputs ``z`` (N, z_dim) float32, ``labels`` (N,) int64 for a class-conditional
+generator, and ``truncation`` (a float32 scalar, 1: none) for stylegan2; output ``images`` (N, C, H, W)
+in [-1, 1] (r3gan's are not clamped: clamp before saving). The batch size N is dynamic. StyleGAN2's
+per-pixel noise stays random, as in PyTorch (ONNX's RandomNormalLike).
+
 ``--push_to_hub=USER/REPO`` uploads the folder with ``huggingface_hub`` when it is installed and the
 machine is online (not exercised by the tests).
 """
@@ -35,6 +41,7 @@ from dist_gan.models import build_generator
 log = logging.getLogger(__name__)
 EXPORT_FORMAT = "dist_gan.generator/1"
 WEIGHTS, CONFIG, CARD, GRID = "model.safetensors", "config.json", "README.md", "samples.png"
+ONNX_FILE, ONNX_OPSET = "generator.onnx", 18
 # Config entries that name files on the training machine: a shared export keeps only their last part
 LOCAL_PATHS = (("run", "dir"), ("data", "shards"), ("data", "manifest"), ("data", "mnist_dir"),
                ("data", "root"), ("data", "folder"), ("train", "resume"), ("eval", "classifier_path"),
@@ -77,9 +84,10 @@ def _shareable(config: dict) -> dict:
     return config
 
 
-def export(source: str | Path, out: str | Path, ema: bool = True, overwrite: bool = False) -> Path:
+def export(source: str | Path, out: str | Path, ema: bool = True, overwrite: bool = False,
+           onnx: bool = False) -> Path:
     """Write the generator of ``source`` (a run directory or a checkpoint) as a model folder ``out``
-    (refused if ``out`` holds other files, unless ``overwrite``)."""
+    (refused if ``out`` holds other files, unless ``overwrite``); ``onnx``: with ``generator.onnx``."""
     out = Path(out)
     _refuse_used_out(out, overwrite)
     checkpoint = find_checkpoint(source)
@@ -101,6 +109,9 @@ def export(source: str | Path, out: str | Path, ema: bool = True, overwrite: boo
     except OSError as err:
         raise ConfigError(f"cannot write the export into --out={out}: {err.strerror or err}") from None
     info["sha256"] = {WEIGHTS: sha256_of(out / WEIGHTS)}  # load_generator checks it
+    if onnx:
+        info["onnx"] = export_onnx(generator, config.model.generator.arch, config.model.z_dim,
+                                   config.model.num_classes, out / ONNX_FILE)
     (out / CONFIG).write_text(json.dumps(info, indent=1))
     from dist_gan.sample import generate
 
@@ -145,7 +156,82 @@ G = load_generator(".")                       # or device="cuda"
 z = torch.randn(16, G.z_dim)
 images = G(z, None)                           # (16, {data['channels']}, {data['resolution']}, {data['resolution']}) in [-1, 1]
 ```
+{_onnx_section(info)}"""
+
+
+def _onnx_section(info: dict) -> str:
+    """The model card's ONNX usage, when the export has ``generator.onnx``."""
+    onnx = info.get("onnx")
+    if not onnx:
+        return ""
+    feeds = ", ".join(f'"{name}": {value}' for name, value in (
+        ("z", "np.random.randn(16, %d).astype(np.float32)" % info["z_dim"]),
+        ("labels", "np.arange(16) % {}".format(info["num_classes"])),
+        ("truncation", "np.float32(1.0)")) if name in onnx["inputs"])
+    return f"""
+`{onnx['file']}` (ONNX opset {onnx['opset']}, dynamic batch) runs without PyTorch:
+
+```python
+import numpy as np, onnxruntime as ort
+session = ort.InferenceSession("{onnx['file']}")
+images, = session.run(None, {{{feeds}}})
+```
 """
+
+
+class OnnxGenerator(nn.Module):
+    """What ``generator.onnx`` computes: ``generator(z, labels)``, and for stylegan2 with the
+    truncation psi as an input (w pulled towards ``w_avg`` always, so there is no branch on psi)."""
+
+    def __init__(self, generator: nn.Module, arch: str, conditional: bool):
+        super().__init__()
+        self.generator, self.arch, self.conditional = generator, arch, conditional
+        for module in generator.modules():
+            if hasattr(module, "grouped"):  # stylegan2's modulated convolutions: the unfused form
+                module.grouped = False
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None,
+                truncation: torch.Tensor | None = None) -> torch.Tensor:
+        labels = labels if self.conditional else None
+        if self.arch != "stylegan2":
+            return self.generator(z, labels)
+        g = self.generator
+        w = g.mapping.w_avg.to(z.dtype).lerp(g.mapping(z, labels), truncation)
+        return g.synthesis(w[:, None].expand(-1, g.num_ws, -1))
+
+
+def onnx_inputs(arch: str, z: torch.Tensor, labels: torch.Tensor | None,
+                truncation: float = 1.0) -> dict[str, torch.Tensor]:
+    """The named inputs ``generator.onnx`` takes, for ``z`` (and ``labels``, ``truncation``)."""
+    inputs = {"z": z}
+    if labels is not None:
+        inputs["labels"] = labels.long()
+    if arch == "stylegan2":
+        inputs["truncation"] = torch.tensor(truncation, dtype=torch.float32)
+    return inputs
+
+
+def export_onnx(generator: nn.Module, arch: str, z_dim: int, num_classes: int, path: Path) -> dict:
+    """Write ``generator`` as ONNX to ``path`` (dynamic batch); returns what config.json records.
+    An architecture the exporter cannot trace is a ConfigError naming it."""
+    try:
+        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it and onnx)
+    except ImportError:
+        raise ConfigError("--onnx needs the onnx and onnxscript packages: pip install 'dist_gan[onnx]'") from None
+    example = onnx_inputs(arch, torch.randn(2, z_dim),
+                          torch.arange(2) % num_classes if num_classes else None)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    shapes = {name: ({0: batch} if name in ("z", "labels") else None) for name in example}
+    wrapper = OnnxGenerator(generator, arch, bool(num_classes)).eval()
+    try:
+        torch.onnx.export(wrapper, (), str(path), kwargs=example, dynamo=True, opset_version=ONNX_OPSET,
+                          input_names=list(example), output_names=["images"], dynamic_shapes=shapes,
+                          external_data=False, verbose=False)
+    except Exception as err:  # the exporter raises many types; the first line says what failed
+        raise ConfigError(f"model.generator.arch={arch} cannot be exported to ONNX: "
+                          f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
+    return {"file": ONNX_FILE, "opset": ONNX_OPSET, "inputs": list(example), "outputs": ["images"],
+            "sha256": sha256_of(path)}
 
 
 def load_generator(directory: str | Path, device: torch.device | str = "cpu") -> nn.Module:
@@ -191,15 +277,16 @@ def upload_to_hub(directory: Path, repo: str) -> None:
 
 
 def main(checkpoint: str, out: str, raw: bool = False, push_to_hub: str | None = None,
-         overwrite: bool = False) -> None:
+         overwrite: bool = False, onnx: bool = False) -> None:
     """Export ``checkpoint`` (a run directory or a checkpoint) to the folder ``out``.
 
     --raw: the trained weights instead of their EMA. --push_to_hub=USER/REPO: upload it too.
+    --onnx: also write generator.onnx (inputs z, labels if conditional, truncation for stylegan2).
     --overwrite: replace an export already in ``out`` (otherwise a non-empty ``out`` is refused).
     """
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        folder = export(checkpoint, out, ema=not raw, overwrite=overwrite)
+        folder = export(checkpoint, out, ema=not raw, overwrite=overwrite, onnx=onnx)
         if push_to_hub:
             upload_to_hub(folder, push_to_hub)
     except (ConfigError, DataError, FileNotFoundError) as err:

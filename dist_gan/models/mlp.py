@@ -29,7 +29,7 @@ class MLPGenerator(nn.Module):
             add_spectral_norm(self)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.body(self.condition(z, labels)).view(len(z), *self.shape)
+        return self.body(self.condition(z, labels)).view(-1, *self.shape)  # -1: a dynamic batch in ONNX
 
 
 class MLPDiscriminator(Discriminator):

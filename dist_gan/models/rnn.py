@@ -37,7 +37,7 @@ class RNNGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         code = self.condition(z, labels)
-        n = len(code)
+        n = code.shape[0]
         h0 = torch.tanh(self.initial_state(code)).view(n, LAYERS, -1).transpose(0, 1).contiguous()
         state = (h0, torch.zeros_like(h0)) if self.cell == "lstm" else h0
         steps = torch.cat([code.unsqueeze(1).expand(n, self.rows, code.shape[1]),

@@ -91,16 +91,29 @@ class ModulatedConv2d(nn.Module):
         self.weight = nn.Parameter(torch.randn(c_out, c_in, kernel, kernel))
         self.weight_gain = 1.0 / math.sqrt(c_in * kernel * kernel)
         self.demodulate, self.up = demodulate, up
+        self.grouped = True  # False: the unfused form (ONNX has no Conv with a batch-sized group count)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         n, c, _, _ = x.shape
         if self.up:
             x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        if not self.grouped:
+            return self.unfused(x, self.affine(w))
         weight = modulated_weight(self.weight * self.weight_gain, self.affine(w), self.demodulate)
         out_channels, k = weight.shape[1], weight.shape[-1]
         y = F.conv2d(x.reshape(1, n * c, *x.shape[2:]), weight.reshape(n * out_channels, c, k, k),
                      padding=k // 2, groups=n)
         return y.reshape(n, out_channels, *y.shape[2:])
+
+    def unfused(self, x: torch.Tensor, styles: torch.Tensor) -> torch.Tensor:
+        """The same result with the styles on the activations and the demodulation on the output (the
+        paper's non-fused form): one convolution with the shared weight, any batch size."""
+        weight = self.weight * self.weight_gain
+        y = F.conv2d(x * styles[:, :, None, None], weight, padding=weight.shape[-1] // 2)
+        if self.demodulate:
+            scale = (weight[None] * styles[:, None, :, None, None]).square().sum((2, 3, 4)) + 1e-8
+            y = y * torch.rsqrt(scale)[:, :, None, None]
+        return y
 
 
 class SynthesisLayer(nn.Module):
