@@ -46,8 +46,7 @@ def to_pixels(image: torch.Tensor) -> torch.Tensor:
 
 def save_png(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
     """One image (C, H, W) or a batch (N, C, H, W) in [-1, 1] as a PNG at ``path`` (a grid for N > 1)."""
-    grid = make_grid(images if images.dim() == 4 else images[None], nrow)
-    Image.fromarray(to_pixels(grid).numpy()).save(path, format="PNG")
+    save_grid_png(make_grid(images if images.dim() == 4 else images[None], nrow), path)
 
 
 def save_grid_png(grid: torch.Tensor, path: str | Path) -> None:
