@@ -30,6 +30,17 @@ def test_every_private_attribute_we_use_still_exists(owner, cls, attribute, why)
                                         "dist_gan.backend needs a new way to do it")
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate's state is a process-wide singleton: an Accelerator made by an earlier test in this
+    process (another precision) would refuse bf16. Start and leave every test with none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _bf16_prepared(net):
     from accelerate import Accelerator
 
