@@ -27,12 +27,13 @@ if [ -n "${GPU_CHECK_CPU_SMOKE:-}" ]; then
     # no fp16 (Accelerate and DeepSpeed refuse it without a GPU) and no compile (minutes of CPU
     # compilation)
     STEPS=1; ROUNDS=1; DS_STEPS=4; export DS_ACCELERATOR=cpu; PRECISIONS_DS=bf16; SPEED_BATCH=8
-    MATRIX_ARGS="--steps 1 --rounds 1 --batches 8 --precisions no,bf16"
-    SPEED_ARGS="--options channels_last,adam_fused"
+    # one config: the second runs the same code paths again
+    MATRIX_ARGS="--steps 1 --rounds 1 --batches 8 --precisions no,bf16 --configs mnist_wgangp"
+    SPEED_ARGS="--options channels_last,adam_fused"; SPEED_CONFIGS=mnist_wgangp
 else
     STEPS=10; ROUNDS=3; DS_STEPS=60; PRECISIONS_DS="bf16 fp16"; SPEED_BATCH=256
     MATRIX_ARGS="--steps 10 --rounds 3"
-    SPEED_ARGS=""
+    SPEED_ARGS=""; SPEED_CONFIGS=mnist_wgangp,dcgan64_rgb
 fi
 status=0
 step() { echo; echo "=== $* ($(date +%T))"; }
@@ -75,11 +76,11 @@ PY
 done
 
 step "4. speed switches on this device"
-$PY bench/speed_options.py --configs mnist_wgangp,dcgan64_rgb --batch $SPEED_BATCH --steps $STEPS \
+$PY bench/speed_options.py --configs $SPEED_CONFIGS --batch $SPEED_BATCH --steps $STEPS \
     --rounds $ROUNDS $SPEED_ARGS --out "$OUT/speed_options.md" 2>&1 | tail -14 || status=1
 
 step "5. the modern recipes in bf16: cifar10_resnet and cifar10_r3gan (32 px), folder256_stylegan2 (256 px), synthetic data"
-rm -f "$OUT/recipes.md"
+rm -rf "$OUT/recipes.md" "$OUT/recipes"  # a rerun into the same $OUT starts its runs afresh
 if [ -n "${GPU_CHECK_CPU_SMOKE:-}" ]; then
     RECIPE_MINUTES=0.1; RECIPE_EXTRA="--model.generator.width=4 --model.discriminator.width=4 --data.batch_size=4 --data.resolution=32"
     R3GAN_EXTRA="--model.generator.widths=[16,16,16,16] --model.discriminator.widths=[16,16,16,16] --optim.accumulate=1 --data.batch_size=4"

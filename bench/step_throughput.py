@@ -187,6 +187,7 @@ def main() -> None:
     parser.add_argument("--gpu_matrix", action="store_true",
                         help="fp32/bf16/fp16 at batch 256 and 1024 plus DDP (NCCL) on one GPU")
     parser.add_argument("--batches", default="256,1024", help="--gpu_matrix batch sizes")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="--gpu_matrix configs")
     parser.add_argument("--precisions", default="no,bf16,fp16", help="--gpu_matrix precisions")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -225,7 +226,7 @@ def gpu_matrix(args) -> None:
     """The GPU check's table: every config x batch x precision, then DDP over NCCL with one process."""
     timing = ["--steps", str(args.steps), "--rounds", str(args.rounds)]
     rows, results = [], []
-    for name in CONFIGS:
+    for name in args.configs.split(","):
         batches = [int(b) for b in args.batches.split(",")]
         for batch in batches:
             for precision in args.precisions.split(","):

@@ -96,7 +96,11 @@ def _deepspeed_half_precision(ds: dict, mixed_precision: str) -> str | None:
 # process's parent: torchrun's agent runs inside `accelerate launch`). Elsewhere, or under another
 # launcher, nothing is known and nothing is checked.
 _GPU_TYPES = {"MULTI_GPU", "DEEPSPEED", "FSDP"}
-_VALUE_FLAGS = {"--config_file", "--config-file", "--gpu_ids", "--gpu-ids"}
+# accelerate launch's options that take no value; every other option takes the next argument as its
+# value unless that argument is an option itself (--main_process_port 0 --config_file X.yaml)
+_BOOLEAN_FLAGS = {"--cpu", "--use_cpu", "--multi_gpu", "--tpu", "--use_deepspeed", "--use_fsdp",
+                  "--use_megatron_lm", "--use_xpu", "-q", "--quiet", "--no_python", "--debug",
+                  "--same_network", "--downcast_bf16", "--enable_cpu_affinity", "--ipex"}
 
 
 @dataclass(frozen=True)
@@ -142,7 +146,7 @@ def parse_launch(argv: list[str], cwd: Path, default_profile: Path | None) -> La
         flags.append(name)
         if has_value:
             flags.append(value)
-        elif name in _VALUE_FLAGS and i + 1 < len(rest):
+        elif name not in _BOOLEAN_FLAGS and i + 1 < len(rest) and not rest[i + 1].startswith("-"):
             flags.append(rest[i + 1])
             i += 1
         i += 1

@@ -97,6 +97,9 @@ class DataConfig:
     manifest: Optional[str] = None  # default: manifest.json beside the first (local) shard
     prepare_if_missing: bool = True  # rank 0 writes the shards from `source` if none exist yet
     shard_size: int = 10000  # samples per shard when preparing
+    # How prepared shards store images: raw (uint8 bytes: no decoding), png (lossless, smaller),
+    # jpg (lossy, smallest); auto: raw up to 64x64 RGB, png above.
+    encoding: Literal["auto", "raw", "png", "jpg"] = "auto"
     workers: int = 2  # DataLoader worker processes per rank
     shuffle_buffer: int = 2000  # samples; 0 or 1 disables the in-stream shuffle
     resampled: bool = False  # draw shards with replacement (very large sets) instead of epochs

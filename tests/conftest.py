@@ -46,20 +46,23 @@ def tier_of(item) -> str:
     return "unit"
 
 
-# Tests of these tiers run one at a time within their group, each group on one pytest-xdist worker
-# (--dist loadgroup): the ranks of an `accelerate launch` meet on Accelerate's fixed port, and the Slurm
-# tests share one cluster (its jobs use ports of their own, so the two groups may overlap).
-SERIAL_TIERS = ("multiprocess", "cluster")
+# The Slurm tests run one at a time on one pytest-xdist worker (--dist loadgroup): each module starts a
+# cluster of its own, and two at once would fight over the machine's cores and the munge key. Every
+# other test may run beside any other: multi-rank launches take free ports (helpers.ACCELERATE,
+# helpers.free_port), never a fixed one.
+SLURM_GROUP = "slurm"
 
 
-def serial_group(item) -> str:
-    return "slurm" if item.module.__name__.startswith("test_slurm") else "ranks"
+def in_slurm_group(item) -> bool:
+    return item.module.__name__.startswith("test_slurm")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
     """Mark every test with its tier (-m unit, -m "unit or e2e", ...); every tier but unit is slow."""
     for item in items:
+        if in_slurm_group(item):
+            item.add_marker(pytest.mark.xdist_group(SLURM_GROUP))
         if item.get_closest_marker("cuda"):
             continue
         tier = tier_of(item)
@@ -68,8 +71,21 @@ def pytest_collection_modifyitems(config, items) -> None:
         item.add_marker(getattr(pytest.mark, tier))
         if tier != "unit" and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
-        if tier in SERIAL_TIERS:
-            item.add_marker(pytest.mark.xdist_group(serial_group(item)))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """Fail the run, rather than let two Slurm clusters start at once, when pytest-xdist did not put
+    the Slurm tests in their group: with pytest 9.2 its loadgroup silently groups nothing
+    (pytest-dev/pytest-xdist#1386; pyproject.toml pins pytest below 9.2 for this)."""
+    grouped = [nodeid for nodeid in ids if nodeid.endswith(f"@{SLURM_GROUP}")]
+    slurm = [nodeid for nodeid in ids if "tests/test_slurm" in nodeid]
+    if node.config.getvalue("dist") == "loadgroup" and slurm and len(grouped) != len(slurm):
+        raise pytest.UsageError(
+            f"pytest-xdist --dist loadgroup did not group the Slurm tests ({len(grouped)} of {len(slurm)} "
+            f"carry @{SLURM_GROUP}): pytest {pytest.__version__} is not supported by this pytest-xdist's "
+            "loadgroup (pytest-dev/pytest-xdist#1386); install pytest<9.2")
+    return (yield)
 
 
 def pytest_configure(config) -> None:

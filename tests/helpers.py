@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -22,8 +23,17 @@ from dist_gan.data import build_batch_stream
 from dist_gan.data.shards import SHARD_MANIFEST, write_shards
 from dist_gan.data.sources import TensorImageSet
 
-ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch"]
+# --main_process_port 0: Accelerate picks a free port, so launches on both pytest-xdist workers never
+# meet on its fixed default (29500)
+ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--main_process_port", "0"]
 CPU_DDP = [*ACCELERATE, "--config_file", str(REPO / "launch" / "cpu_ddp.yaml")]
+
+
+def free_port() -> int:
+    """A TCP port free now on localhost (for launchers that take an explicit one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def events(run_dir: Path, kind: str) -> list[dict]:
@@ -68,12 +78,12 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-def tiny_shards(out, n_shards=8, per_shard=24, resolution=8, channels=1):
+def tiny_shards(out, n_shards=8, per_shard=24, resolution=8, channels=1, encoding="png"):
     """Shards whose label is the sample's index, so every sample can be told apart."""
     n = n_shards * per_shard
     images = torch.randint(0, 256, (n, channels, resolution, resolution), dtype=torch.uint8)
     write_shards(TensorImageSet(images, torch.arange(n)), out, "train", per_shard, "test",
-                 resolution, channels, progress=False)
+                 resolution, channels, progress=False, encoding=encoding)
     return str(out / f"train-{{000000..{n_shards - 1:06d}}}.tar"), images
 
 def stream(pattern, rank=0, world=1, **overrides):

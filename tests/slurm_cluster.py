@@ -38,9 +38,27 @@ def run_cluster(tmp_path_factory, command: str):
 
 
 def squeue_state(env: dict, job: str) -> str:
+    """The job's state and reason; "" once Slurm has no such job in its queue. A failing squeue is
+    not "" (it says why), so a wait for the job to leave the queue cannot end on a broken controller."""
     out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], env=env, capture_output=True,
                          text=True)
+    if out.returncode != 0 and "Invalid job id" not in out.stderr:
+        return f"squeue failed: {out.stderr.strip()}"
     return out.stdout.strip()
+
+
+def show_job(env: dict, job: str, attempts: int = 5) -> str:
+    """`scontrol show job JOB`, retried over a few seconds: a controller busy with the end of a job
+    can fail one call. The last failure is raised with the tail of slurmctld's log."""
+    for attempt in range(attempts):
+        shown = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True)
+        if shown.returncode == 0:
+            return shown.stdout
+        time.sleep(1 + attempt)
+    log = Path(env["SLURM_CONF"]).parent / "slurmctld.log"
+    tail = log.read_text(errors="replace").splitlines()[-30:] if log.is_file() else ["(no slurmctld.log)"]
+    raise AssertionError(f"scontrol show job {job} failed {attempts} times: {shown.stderr.strip()}\n"
+                         + "\n".join(tail))
 
 
 def submit(env: dict, tmp_path: Path, run_dir: Path, data: list[str], *overrides: str,

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from helpers import free_port
 
 PROBE = r'''
 import os, sys
@@ -49,7 +50,8 @@ with open(os.path.join(sys.argv[1], f"result{acc_G.process_index}.txt"), "w") as
 def test_two_micro_batches_of_32_give_the_gradients_of_one_batch_of_64(tmp_path, processes):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    cmd = [sys.executable, *(["-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
+    cmd = [sys.executable, *(["-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                               f"--master_port={free_port()}"]
                              if processes > 1 else []), str(probe), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

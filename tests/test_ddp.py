@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 from conftest import FAST, REPO, read_metrics, run_cli
+from helpers import ACCELERATE as ACCELERATE_LAUNCH, free_port
 
 pytestmark = pytest.mark.slow
-ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-              str(REPO / "launch" / "cpu_ddp.yaml")]
+ACCELERATE = [*ACCELERATE_LAUNCH, "--config_file", str(REPO / "launch" / "cpu_ddp.yaml")]
 
 
 def test_two_process_run_prepares_shards_and_keeps_replicas_identical(tmp_path, mnist_dir):
@@ -66,7 +63,7 @@ torch.distributed.destroy_process_group()
 def test_replica_check_detects_a_one_ulp_divergence(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(SCRIPT)
-    proc = run_cli(["torch.distributed.run", "--nproc_per_node=2", str(script)])
+    proc = run_cli(["torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(script)])
     assert "RESULT True False True False 2" in proc.stdout
 
 
@@ -95,7 +92,8 @@ def test_ranks_that_disagree_leave_the_checkpoint_incomplete(tmp_path, mnist_dir
 
     probe, run = tmp_path / "diverge.py", tmp_path / "run"
     probe.write_text(DIVERGE)
-    proc = run_cli(["torch.distributed.run", "--nproc_per_node=2", str(probe), "configs/mnist_dcgan.yaml",
+    proc = run_cli(["torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(probe),
+                    "configs/mnist_dcgan.yaml",
                     f"--run.dir={run}", f"--data.mnist_dir={mnist_dir}", "--data.format=memory", *FAST,
                     "--train.max_steps=6", "--run.ckpt_every=2"], check=False)
     assert proc.returncode != 0 and "ranks disagree on the weights of D at step 4" in proc.stderr

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from conftest import FAST, REPO, read_metrics, run_cli, start_cli, wait_for
-from helpers import events, labels_of, stream, tiny_shards
+from helpers import ACCELERATE, events, labels_of, stream, tiny_shards
 
 from dist_gan import runlock
 from dist_gan.backend import parse_launch
@@ -400,6 +400,10 @@ def test_each_shipped_launch_profile_is_read_as_gpu_or_cpu(profile, asks):
     assert request.wants_gpu({}) == asks
     assert request.wants_gpu({"DS_ACCELERATOR": "cpu"}) == (None if "DEEPSPEED" in str(asks) else asks)
     assert parse_launch([*argv[:5], "--cpu", *argv[5:]], REPO, None).wants_gpu({}) is None
+    # an option with a value before --config_file (the tests' launcher puts --main_process_port 0 there)
+    ported = parse_launch([*argv[:3], "--main_process_port", "0", *argv[3:]], REPO, None)
+    assert ported.profile == REPO / "launch" / f"{profile}.yaml" and ported.wants_gpu({}) == asks
+    assert parse_launch([*argv[:3], "--cpu", "train.py"], REPO, None).flags == ("--cpu",)
     assert parse_launch(["python", "-m", "dist_gan.train"], REPO, None) is None
 
 
@@ -409,8 +413,7 @@ def test_a_gpu_launch_profile_without_gpus_is_one_line(tmp_path, profile, proces
     """A GPU profile on a GPU-less machine stops each process with one line naming the profile.
 
     (Accelerate alone trains every process on the CPU without a word.)"""
-    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-                f"launch/{profile}.yaml", "--num_processes", str(processes)]
+    launcher = [*ACCELERATE, "--config_file", f"launch/{profile}.yaml", "--num_processes", str(processes)]
     proc = run_cli(["dist_gan.train", "configs/mnist_dcgan.yaml", f"--run.dir={tmp_path / 'run'}",
                     "--data.source=synthetic", "--data.format=memory", "--train.max_steps=1"],
                    launcher=launcher, check=False)

@@ -21,9 +21,8 @@ def test_gpu_check_script_runs_every_step_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = (tmp_path / "summary.md").read_text()
     assert proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the table comes last
-    for config in ("mnist_wgangp", "dcgan64_rgb"):
-        assert f"| {config} | 8 | bf16 |" in summary
-        assert f"| {config} | 8 | no | DDP 1 (DistributedType.MULTI_CPU) |" in summary
+    assert "| mnist_wgangp | 8 | bf16 |" in summary  # smoke mode runs the step matrix on one config
+    assert "| mnist_wgangp | 8 | no | DDP 1 (DistributedType.MULTI_CPU) |" in summary
     assert "DistributedType.DEEPSPEED | bf16 |" in summary and "finished, checkpointed" in summary
     assert "| channels_last |" in summary
     for recipe in ("cifar10_resnet", "folder256_stylegan2"):

@@ -24,7 +24,8 @@ from dist_gan.data import DataError, prepare_shards, shards_from_folder
 from dist_gan.data.shards import SHARD_MANIFEST, verify_shards
 from dist_gan.data.sources import FolderImageSet
 
-ACCELERATE_CPU = ["--config_file", str(REPO / "launch" / "cpu_ddp.yaml"), "--num_processes", "2"]
+ACCELERATE_CPU = ["--main_process_port", "0", "--config_file", str(REPO / "launch" / "cpu_ddp.yaml"),
+                  "--num_processes", "2"]
 # One process, synthetic images in memory, tiny nets: the run directory's mechanics in seconds
 TINY = ["configs/mnist_dcgan.yaml", "--data.source=synthetic", "--data.format=memory",
         "--data.batch_size=8", "--model.generator.width=4", "--model.discriminator.width=4",

@@ -9,7 +9,6 @@ import os
 import random
 import re
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 from conftest import FAST, REPO, read_metrics, run_cli, start_cli, wait_for
-from helpers import ACCELERATE, CPU_DDP, assert_same_weights, events, weights
+from helpers import ACCELERATE, CPU_DDP, assert_same_weights, events, free_port, weights
 
 from dist_gan.checkpoint import list_checkpoints
 
@@ -33,12 +32,6 @@ def data(mnist_dir):
 
 def train_args(config: str, run_dir: Path, data: list[str], *extra: str) -> list[str]:
     return ["dist_gan.train", f"configs/{config}.yaml", f"--run.dir={run_dir}", *data, *FAST, *extra]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- DeepSpeed ------------------------------------------------------------------------------------

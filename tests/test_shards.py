@@ -278,3 +278,69 @@ def test_prepare_can_write_a_multiple_of_n_equal_shards(tmp_path):
     counts = [e["count"] for e in json.loads((tmp_path / "shards" / SHARD_MANIFEST).read_text())
               ["splits"]["train"]["shards"]]
     assert counts == [7, 7, 7, 4] and sum(counts) == len(train)  # 4 shards of at most 10
+
+
+def members_of(shard):
+    with tarfile.open(shard) as tar:
+        return sorted({m.name.split(".", 1)[1] for m in tar.getmembers()})
+
+
+@pytest.mark.parametrize("encoding,channels,member,exact", [
+    ("raw", 1, "u8", True), ("raw", 3, "u8", True), ("png", 3, "png", True), ("jpg", 3, "jpg", False),
+])
+def test_each_encoding_round_trips_and_is_recorded(tmp_path, encoding, channels, member, exact):
+    # smooth images: JPEG's loss on them is small, so "close" can be told from "wrong"
+    ramp = torch.linspace(0, 255, 16).round().to(torch.uint8)
+    images = torch.stack([(ramp.view(1, 1, 16) // (1 + i % 3) + ramp.view(1, 16, 1) // 4).expand(channels, 16, 16)
+                          for i in range(12)]).contiguous()
+    manifest = write_shards(TensorImageSet(images, torch.arange(12)), tmp_path, "train", 6, "test", 16,
+                            channels, progress=False, encoding=encoding)
+    assert manifest["splits"]["train"]["encoding"] == encoding
+    assert members_of(tmp_path / "train-000000.tar") == ["cls", member]
+    s = stream(str(tmp_path / "train-{000000..000001}.tar"), resolution=16, channels=channels,
+               batch_size=12, workers=0, shuffle_buffer=0)
+    x, y = s.next_batch()
+    got = ((x + 1) * 127.5).round().to(torch.uint8)
+    expected = images[y]
+    if exact:
+        assert torch.equal(got, expected)
+    else:
+        assert (got.float() - expected.float()).abs().mean() < 3  # lossy, but the same pictures
+
+
+def test_auto_encoding_is_raw_for_small_images_and_png_for_large(tmp_path):
+    from dist_gan.data.shards import resolve_encoding
+
+    assert resolve_encoding("auto", 28, 1) == "raw" and resolve_encoding("auto", 64, 3) == "raw"
+    assert resolve_encoding("auto", 128, 3) == "png" and resolve_encoding("auto", 256, 1) == "png"
+    with pytest.raises(DataError, match="encoding 'webp' is not one of auto, png, raw, jpg"):
+        resolve_encoding("webp", 28, 1)
+    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    cfg = DataConfig(source="folder", resolution=8, channels=1)
+    assert cfg.encoding == "auto"
+    manifest = write_shards(TensorImageSet(images, torch.arange(4)), tmp_path, "train", 4, "test", 8, 1,
+                            progress=False, encoding=cfg.encoding)
+    assert manifest["splits"]["train"]["encoding"] == "raw"
+
+
+def test_a_raw_sample_of_the_wrong_length_is_a_bad_sample(tmp_path):
+    shards, _ = tiny_shards(tmp_path, n_shards=2, per_shard=12, encoding="raw")
+    odd = replace_sample(tmp_path / "train-000001.tar", 4, [("u8", bytes(63)), ("cls", b"3")])
+    s = stream(shards, workers=0, shuffle_buffer=0, batch_size=2)
+    assert sorted(set(labels_of(s, 12))) == sorted(set(range(24)) - {int(odd)})
+    assert s.counters()["data_skipped_samples"] == 1
+    with pytest.raises(DataError, match=f"sample '{odd}' of shard .*: raw image of 63 bytes, expected 64 "
+                                        r"\(1 x 8 x 8\)"):
+        labels_of(stream(shards, workers=0, shuffle_buffer=0, batch_size=2, strict=True), 12)
+
+
+def test_prepare_command_takes_the_encoding(tmp_path, mnist_dir):
+    from dist_gan.data.__main__ import prepare
+
+    prepare("mnist", str(tmp_path / "png"), split="test", mnist_dir=str(mnist_dir), encoding="png",
+            shard_size=5000)
+    manifest = json.loads((tmp_path / "png" / SHARD_MANIFEST).read_text())
+    assert manifest["splits"]["test"]["encoding"] == "png"
+    assert members_of(tmp_path / "png" / "test-000000.tar") == ["cls", "png"]
+    with pytest.raises(SystemExit, match=r"data\.encoding.*'bmp'"):
+        prepare("mnist", str(tmp_path / "bad"), split="test", mnist_dir=str(mnist_dir), encoding="bmp")

@@ -7,12 +7,11 @@ started once for the module by tests/slurm/cluster.sh and its daemons are stoppe
 from __future__ import annotations
 
 import re
-import subprocess
 
 import pytest
 
 from conftest import read_metrics, wait_for
-from slurm_cluster import preempt_and_release, run_cluster, squeue_state, submit
+from slurm_cluster import preempt_and_release, run_cluster, show_job, squeue_state, submit
 
 pytestmark = pytest.mark.slow
 
@@ -59,6 +58,5 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path, shard_data):
     assert [r for r in records if r.get("event") == "end"][-1]["step"] == 150
     logged = [r["step"] for r in records if "loss_D" in r]
     assert logged == sorted(set(logged))  # the resumed job went on from the step, not from zero
-    restarts = subprocess.run(["scontrol", "show", "job", job], env=slurm, capture_output=True,
-                              text=True).stdout
+    restarts = show_job(slurm, job)
     assert re.search(r"Restarts=1\b", restarts)

@@ -8,12 +8,11 @@ Skips, saying why, without root, Slurm or network namespaces.
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
 from conftest import read_metrics, wait_for
-from slurm_cluster import preempt_and_release, run_cluster, squeue_state, submit
+from slurm_cluster import preempt_and_release, run_cluster, show_job, squeue_state, submit
 
 pytestmark = pytest.mark.slow
 
@@ -35,9 +34,7 @@ def test_two_node_job_trains_preempts_requeues_and_resumes(two_nodes, tmp_path, 
     wait_for(lambda: squeue_state(env, job) == "", 400, "the requeued job to finish", interval=1)
 
     text = log.read_text(errors="replace")  # a progress bar may be cut mid-character
-    shown = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True)
-    assert shown.returncode == 0, shown.stderr
-    shown = shown.stdout
+    shown = show_job(env, job)
     assert " NodeList=dgnode[1-2]" in shown and " Restarts=1 " in shown, shown
     for restart in (0, 1):
         assert f"job {job} restart {restart}: 2 node(s) x 1 process(es)" in text, text[-3000:]

@@ -193,8 +193,13 @@ def test_train_from_a_folder_in_one_command(tmp_path):
     assert "unchanged since its shards" in again.stderr and "writing shards" not in again.stderr
     Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / "cats" / "new.png")
     changed = run_cli([*command, "--train.max_steps=6", "--train.resume=auto"])
-    assert "the folder or the resolution changed" in changed.stderr
-    assert json.loads((run / "shards" / "manifest.json").read_text())["splits"]["train"]["total"] == 25
+    assert "the folder, the resolution or the encoding changed" in changed.stderr
+    manifest = json.loads((run / "shards" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["total"] == 25 and manifest["splits"]["train"]["encoding"] == "raw"
+    as_png = run_cli([*command, "--train.max_steps=8", "--train.resume=auto", "--data.encoding=png"])
+    assert "the folder, the resolution or the encoding changed" in as_png.stderr
+    assert json.loads((run / "shards" / "manifest.json").read_text())["splits"]["train"]["encoding"] == "png"
+    assert [r["step"] for r in read_metrics(run) if "loss_D" in r][-1] == 8
 
 
 def test_trackers_through_accelerate_tensorboard_and_mlflow(tmp_path, data, monkeypatch):

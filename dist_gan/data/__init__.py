@@ -20,7 +20,7 @@ from dist_gan.config import DEFAULT_SHARDS, DataConfig, lookup
 from dist_gan.data.loader import ShardReader, ShardStream
 from dist_gan.data.memory import InMemoryBatches
 from dist_gan.data.shards import (SHARD_MANIFEST, expand_urls, local_path, read_shard_manifest,
-                                  resolve_shards, shard_dir_lock, write_shards)
+                                  resolve_encoding, resolve_shards, shard_dir_lock, write_shards)
 from dist_gan.data.sources import (DATA_SOURCES, IMAGE_SUFFIXES, DataError, ImageSet, limit_images,
                                    load_mnist_idx, read_idx)
 from dist_gan.data.split import SplitPlan
@@ -61,7 +61,7 @@ def _write_source_shards(cfg: DataConfig, out_dir: str | Path, split: str, progr
         log.info("%d images in %d shards of %d (a multiple of %d shards)", len(images), count,
                  shard_size, shards_multiple_of)
     return write_shards(images, out_dir, split, shard_size, cfg.source, cfg.resolution,
-                        cfg.channels, progress, cfg.strict, extra, replace)
+                        cfg.channels, progress, cfg.strict, extra, replace, cfg.encoding)
 
 
 def _prepare_if_missing(cfg: DataConfig) -> None:
@@ -147,14 +147,15 @@ def shards_from_folder(cfg: DataConfig, run_dir: str | Path, may_prepare: bool) 
                 raise DataError(f"{problem}: nothing was changed; set data.shards to another directory, "
                                 "or leave it unset to use RUN_DIR/shards")
             fingerprint = {**folder_fingerprint(folder), "resolution": cfg.resolution,
-                           "channels": cfg.channels}
+                           "channels": cfg.channels,
+                           "encoding": resolve_encoding(cfg.encoding, cfg.resolution, cfg.channels)}
             known = read_shard_manifest(manifest_path).get("folder") if manifest_path.is_file() else None
             if known == fingerprint:
                 log.info("data.folder %s unchanged since its shards in %s were written: reusing them",
                          folder, out_dir)
             else:
                 log.info("data.folder %s: writing shards to %s (%s)", folder, out_dir,
-                         "first time" if known is None else "the folder or the resolution changed")
+                         "first time" if known is None else "the folder, the resolution or the encoding changed")
                 _write_source_shards(cfg, out_dir, "train", extra={"folder": fingerprint}, replace=True)
     names = [e["name"] for e in read_shard_manifest(manifest_path)["splits"]["train"]["shards"]]
     missing = [name for name in names if not (out_dir / name).is_file()]

@@ -3,6 +3,7 @@
   python -m dist_gan.data prepare --source=mnist --mnist_dir=DIR --out=data/mnist --shard_size=10000
   python -m dist_gan.data prepare --source=mnist --mnist_dir=DIR --out=data/mnist8 --shards_multiple_of=16
   python -m dist_gan.data prepare --source=mnist --mnist_dir=DIR --out=data/mnist2k --limit=2000
+  python -m dist_gan.data prepare --source=mnist --mnist_dir=DIR --out=data/mnist_png --encoding=png
   python -m dist_gan.data prepare --source=cifar10 --root=DIR --out=data/cifar10 --resolution=32 --channels=3
   python -m dist_gan.data prepare --source=folder --root=DIR --out=data/faces --resolution=64 --channels=3 [--strict]
   python -m dist_gan.data verify 'data/mnist/train-{000000..000005}.tar'
@@ -22,7 +23,8 @@ from dist_gan.data.shards import verify_shards
 
 def prepare(source: str, out: str, split: str = "train", shard_size: int = 10000,
             resolution: int | None = None, channels: int | None = None, mnist_dir: str | None = None,
-            root: str = "data", strict: bool = False, shards_multiple_of: int = 1, limit: int = 0) -> None:
+            root: str = "data", strict: bool = False, shards_multiple_of: int = 1, limit: int = 0,
+            encoding: str = "auto") -> None:
     """Write ``source`` (mnist, cifar10, folder) as shards plus manifest.json into ``out``.
 
     ``--shards_multiple_of=M`` writes a multiple of M shards (one size, the last shorter) of at most ``shard_size`` (M = GPUs
@@ -30,13 +32,17 @@ def prepare(source: str, out: str, split: str = "train", shard_size: int = 10000
 
     ``--limit=N`` writes a fixed seeded subset of N training images (limited-data experiments).
 
+    ``--encoding=raw|png|jpg`` says how images are stored: raw uint8 bytes need no decoding (the
+    loader's CPU goes to training instead), png is lossless and smaller, jpg (quality 95) smallest and
+    lossy. The default, auto, is raw up to 64x64 RGB and png above.
+
     Existing shards in ``out`` are replaced only once every image has been read. Unreadable images
     are skipped and counted; ``--strict`` stops at the first one instead.
     """
     natural = {"mnist": (28, 1), "cifar10": (32, 3)}.get(source, (64, 3))
     overrides = {"source": source, "mnist_dir": mnist_dir, "root": root, "shard_size": shard_size,
                  "resolution": resolution or natural[0], "channels": channels or natural[1], "strict": strict,
-                 "limit": limit, "format": "memory"}  # format: data.limit is checked against it
+                 "limit": limit, "encoding": encoding, "format": "memory"}  # format: data.limit is checked against it
     try:
         cfg = load_config(None, {f"data.{k}": v for k, v in overrides.items()},
                           {"data.source": DATA_SOURCES}).data

@@ -44,7 +44,7 @@ from dist_gan.data.split import SplitPlan
 from dist_gan.seeds import derive, mirrored
 
 log = logging.getLogger(__name__)
-IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+IMAGE_KEYS = ("u8", "png", "jpg", "jpeg", "webp")  # u8: raw uint8 C x H x W bytes
 MAX_WARNINGS_PER_WORKER = 5
 
 
@@ -89,6 +89,8 @@ def decode_sample(sample: dict, resolution: int, channels: int) -> tuple[torch.T
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise BadSample(f"no image ({'/'.join(IMAGE_KEYS)}) among {sorted(k for k in sample if not k.startswith('__'))}")
+    if key == "u8":
+        return _raw_image(sample[key], resolution, channels), _label(sample)
     try:
         with Image.open(io.BytesIO(sample[key])) as image:
             image.load()
@@ -99,15 +101,28 @@ def decode_sample(sample: dict, resolution: int, channels: int) -> tuple[torch.T
     expected = "L" if channels == 1 else "RGB"
     if mode != expected or size != (resolution, resolution):
         raise BadSample(f"{mode} {size[0]}x{size[1]} image, expected {expected} {resolution}x{resolution}")
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(array.copy()), _label(sample)
+
+
+def _raw_image(payload: bytes, resolution: int, channels: int) -> torch.Tensor:
+    """Raw uint8 bytes -> C x H x W: the shape is the data set's (manifest, config), so only the length
+    can be checked."""
+    expected = channels * resolution * resolution
+    if len(payload) != expected:
+        raise BadSample(f"raw image of {len(payload)} bytes, expected {expected} ({channels} x "
+                        f"{resolution} x {resolution})")
+    return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(channels, resolution, resolution)
+
+
+def _label(sample: dict) -> int:
     try:
-        label = int(sample["cls"]) if "cls" in sample else -1
+        return int(sample["cls"]) if "cls" in sample else -1
     except ValueError as err:
         raise BadSample(f"label {sample['cls']!r} is not an integer") from err
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    return torch.from_numpy(array.copy()), label
 
 
-RawSample = dict  # tar members of one key: {"__key__": ..., "png": bytes, "cls": bytes}
+RawSample = dict  # tar members of one key: {"__key__": ..., "u8" or "png": bytes, "cls": bytes}
 
 
 def _key_and_extension(name: str) -> tuple[str, str]:

@@ -1,7 +1,8 @@
 """WebDataset shards: writing them from a source, their manifest, and checking shards against it.
 
-A shard is ``<split>-NNNNNN.tar`` holding one sample per image: ``<key>.png`` and ``<key>.cls`` (the
-label as text, -1 when the dataset has no classes). ``manifest.json`` beside the shards records, per
+A shard is ``<split>-NNNNNN.tar`` holding one sample per image: ``<key>.u8`` (raw uint8 C x H x W bytes,
+the shape in the manifest), ``<key>.png`` or ``<key>.jpg``, and ``<key>.cls`` (the label as text, -1 when
+the dataset has no classes). ``manifest.json`` beside the shards records, per
 split, every shard's sample count, size and sha256, plus resolution, channels, class names and source.
 The loader needs the counts to give every rank the same number of batches without reading the data.
 """
@@ -38,14 +39,38 @@ MAX_SKIP_WARNINGS = 10  # unreadable images named in the log when preparing; the
 _SHARD_NAME = re.compile(r"([^/\s]+\.tar)(?:\s|$)")
 
 
-def encode_png(image: torch.Tensor) -> bytes:
-    """uint8 (C, H, W) with C = 1 or 3 -> PNG bytes (mode L or RGB)."""
+# How an image is stored in a shard: the member's extension for each encoding.
+ENCODINGS = {"png": "png", "raw": "u8", "jpg": "jpg"}
+# "auto" stores images up to this many bytes (64 x 64 RGB) raw: decoding a small PNG costs more CPU
+# per image than reading its few kilobytes, on the cores the training step needs; larger images are
+# stored as PNG, which saves real disk and network.
+RAW_MAX_BYTES = 64 * 64 * 3
+JPEG_QUALITY = 95
+
+
+def resolve_encoding(encoding: str, resolution: int, channels: int) -> str:
+    """``auto`` -> raw for images up to RAW_MAX_BYTES, png above; any other name is checked."""
+    if encoding == "auto":
+        return "raw" if resolution * resolution * channels <= RAW_MAX_BYTES else "png"
+    if encoding not in ENCODINGS:
+        raise DataError(f"encoding {encoding!r} is not one of auto, {', '.join(ENCODINGS)}")
+    return encoding
+
+
+def encode_image(image: torch.Tensor, encoding: str = "png") -> tuple[str, bytes]:
+    """uint8 (C, H, W) with C = 1 or 3 -> (member extension, bytes). raw is the C x H x W bytes as they
+    are (the shape is in the manifest); png is lossless (mode L or RGB); jpg is quality 95 (lossy)."""
     array = image.numpy()
+    if encoding == "raw":
+        return ENCODINGS["raw"], np.ascontiguousarray(array).tobytes()
     pil = Image.fromarray(array[0], "L") if array.shape[0] == 1 else Image.fromarray(
         np.ascontiguousarray(array.transpose(1, 2, 0)), "RGB")
     buffer = io.BytesIO()
-    pil.save(buffer, format="PNG")
-    return buffer.getvalue()
+    if encoding == "jpg":
+        pil.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        pil.save(buffer, format="PNG")
+    return ENCODINGS[encoding], buffer.getvalue()
 
 
 def sha256_of(path: Path) -> str:
@@ -93,7 +118,7 @@ def _disk_full(err: BaseException) -> bool:
 
 def write_shards(images: ImageSet, out_dir: str | Path, split: str, shard_size: int, source: str,
                  resolution: int, channels: int, progress: bool = True, strict: bool = False,
-                 extra: dict | None = None, replace: bool = False) -> dict:
+                 extra: dict | None = None, replace: bool = False, encoding: str = "png") -> dict:
     """Write ``images`` as ``out_dir/<split>-NNNNNN.tar`` shards and record them in the manifest.
 
     Nothing in ``out_dir`` changes until every image has been read and the new manifest is on disk:
@@ -101,6 +126,7 @@ def write_shards(images: ImageSet, out_dir: str | Path, split: str, shard_size: 
     one, then the shards moved over the old ones and the manifest replaced last (atomically). A corrupt
     source, a full disk or an incompatible manifest leaves the existing shards and manifest whole.
     Unreadable images are skipped, counted and logged (``strict``: the first one is an error).
+    ``encoding``: how images are stored (``encode_image``; ``auto`` is resolved by ``resolve_encoding``).
     ``extra``: entries added to the manifest (a folder's fingerprint); ``replace``: start a new
     manifest instead of adding this split to the existing one (the caller wrote that one). The
     caller holds ``shard_dir_lock(out_dir)``.
@@ -112,13 +138,14 @@ def write_shards(images: ImageSet, out_dir: str | Path, split: str, shard_size: 
         raise DataError(f"{manifest_path} describes {manifest['resolution']}px x "
                         f"{manifest['channels']} channels; refusing to add {resolution}px x {channels} "
                         "(nothing was changed: write them to another directory)")
+    encoding = resolve_encoding(encoding, resolution, channels)
     manifest.pop("folder", None)  # only a folder run (extra=) records a fingerprint: no stale one survives
     staging = out_dir / f".{split}-prepare.tmp"
     pending = manifest_path.with_name(manifest_path.name + ".tmp")
     try:
         shutil.rmtree(staging, ignore_errors=True)  # left by a killed writer (we hold the lock)
         staging.mkdir(parents=True)
-        written, skipped = _write_tars(images, staging, split, shard_size, progress, strict)
+        written, skipped = _write_tars(images, staging, split, shard_size, progress, strict, encoding)
         if written == 0:
             raise DataError(f"no readable image among the {len(images)} of {source}: no shards written")
         new = sorted(staging.glob(f"{split}-*.tar"))
@@ -131,7 +158,7 @@ def write_shards(images: ImageSet, out_dir: str | Path, split: str, shard_size: 
         manifest.update(format=SHARD_MANIFEST_FORMAT, source=source, resolution=resolution,
                         channels=channels, class_names=list(images.class_names), **(extra or {}))
         manifest.setdefault("splits", {})[split] = {"total": written, "skipped_unreadable": skipped,
-                                                    "shards": entries}
+                                                    "encoding": encoding, "shards": entries}
         _write_json_synced(pending, manifest)  # the last write that can fail for want of space
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
@@ -149,13 +176,13 @@ def write_shards(images: ImageSet, out_dir: str | Path, split: str, shard_size: 
             stale.unlink()
     staging.rmdir()
     os.replace(pending, manifest_path)
-    log.info("wrote %d %s samples in %d shards to %s%s", written, split, len(new), out_dir,
+    log.info("wrote %d %s samples (%s) in %d shards to %s%s", written, split, encoding, len(new), out_dir,
              f" ({skipped} unreadable images skipped)" if skipped else "")
     return manifest
 
 
 def _write_tars(images: ImageSet, out_dir: Path, split: str, shard_size: int, progress: bool,
-                strict: bool) -> tuple[int, int]:
+                strict: bool, encoding: str) -> tuple[int, int]:
     """Write the readable ``images`` as shards into ``out_dir``; return (written, skipped)."""
     written = skipped = 0
     with wds.ShardWriter(str(out_dir / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
@@ -171,7 +198,8 @@ def _write_tars(images: ImageSet, out_dir: Path, split: str, shard_size: int, pr
                 if skipped <= MAX_SKIP_WARNINGS:
                     log.warning("skipping %s", err)
                 continue
-            sink.write({"__key__": f"{index:08d}", "png": encode_png(image), "cls": str(label).encode()})
+            extension, payload = encode_image(image, encoding)
+            sink.write({"__key__": f"{index:08d}", extension: payload, "cls": str(label).encode()})
             written += 1
     return written, skipped
 

@@ -35,7 +35,7 @@ start() {
     echo "$munge" > "$dir/munge.path"
     host=$(hostname -s); cpus=$(nproc)
     mem=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) * 9 / 10 ))
-    port=${SLURM_TEST_PORT:-$(( 16817 + RANDOM % 2000 ))}
+    port=${SLURM_TEST_PORT:-$(free_port_pair)}
     [ -s /etc/munge/munge.key ] || { dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null;
                                     chown munge:munge /etc/munge/munge.key; chmod 400 /etc/munge/munge.key; }
     chown munge:munge "$munge"; chmod 755 "$munge"
@@ -106,6 +106,19 @@ CONF
 }
 
 start2() { start "$1" 2; }
+
+free_port_pair() {
+    # two consecutive ports (slurmctld's, slurmd's) that nothing listens on: a client that reaches
+    # another program on the controller's port fails with "Insane message length"
+    local port
+    for _ in $(seq 50); do
+        port=$(( 16817 + RANDOM % 2000 ))
+        if ! ss -Htan "( sport = :$port or sport = :$((port + 1)) )" 2>/dev/null | grep -q .; then
+            echo "$port"; return 0
+        fi
+    done
+    echo "$port"
+}
 
 NET_PREFIX=10.213.0
 BRIDGE_ADDR=$NET_PREFIX.254
