@@ -1,17 +1,21 @@
-"""Resume-to-first-batch time: seeking the data position versus replaying the epoch up to it.
+"""Resume-to-first-batch time at 10%, 50% and 90% of an epoch, on local files and over HTTP, and the
+loader's rate over HTTP against local files.
 
     python bench/resume_seek.py --mnist_dir=../shared/data/mnist --out=docs/resume_seek.md
 
 The data set is MNIST repeated 20 times (120 shards of 10,000: the 6 real shards linked 20 times
 over, with a manifest listing all of them), 1.2M samples, read by one rank with 2 loader workers,
-batch 64. For positions 0%, 10% and 90% through an epoch:
+batch 64. nginx (Debian's package, on PATH or in /usr/sbin) serves the same files on a free localhost
+port. For each position a fresh stream restored there (``load_state_dict``) delivers its first batch
+(loader start-up included), best of 3:
 
-- seek: a fresh stream restored at that position (``load_state_dict``) delivers its first batch
-  (loader start-up included): what a resumed run waits for now;
-- replay: a fresh stream reads and decodes every batch up to the position, then one more: what
-  resuming cost before (the old loader discarded that many batches).
+- offsets: the manifest records each sample's byte offset, so each reader opens its shard there (a
+  seek locally, a ``Range`` request over HTTP): what a resume does now;
+- headers: the same manifest without offsets (as prepare wrote them before): each reader passes over
+  the samples before its position by their tar headers (over HTTP it downloads them).
 
-Both are measured in this invocation on the same files; the ratio is what matters.
+Then the loader's images/s (2 workers, after a warm-up), local files against HTTP, rounds interleaved.
+Everything runs in this one invocation on the same files; the ratios are what matter.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -26,6 +31,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from nginx_server import Nginx  # noqa: E402
 
 from dist_gan.config import DataConfig  # noqa: E402
 from dist_gan.data import build_batch_stream, prepare_shards  # noqa: E402
@@ -53,13 +61,26 @@ def repeated_shards(mnist_dir: str, root: Path) -> str:
     return str(out / f"train-{{000000..{len(listed) - 1:06d}}}.tar")
 
 
-def stream(pattern: str):
-    cfg = DataConfig(shards=pattern, workers=WORKERS, batch_size=BATCH, prepare_if_missing=False)
+NO_OFFSETS = "manifest_without_offsets.json"
+
+
+def without_offsets(folder: Path) -> str:
+    """A copy of ``folder``'s manifest with the sample offsets removed; its path."""
+    manifest = json.loads((folder / SHARD_MANIFEST).read_text())
+    for entry in manifest["splits"]["train"]["shards"]:
+        entry.pop("offsets", None)
+    (folder / NO_OFFSETS).write_text(json.dumps(manifest))
+    return str(folder / NO_OFFSETS)
+
+
+def stream(pattern: str, manifest: str):
+    cfg = DataConfig(shards=pattern, manifest=manifest, workers=WORKERS, batch_size=BATCH,
+                     prepare_if_missing=False)
     return build_batch_stream(cfg, seed=0, rank=0, world_size=1, device="cpu")
 
 
-def seek_seconds(pattern: str, position: int) -> float:
-    s = stream(pattern)
+def seek_seconds(pattern: str, manifest: str, position: int) -> float:
+    s = stream(pattern, manifest)
     start = time.perf_counter()
     s.load_state_dict({"epoch": 0, "batch": position})
     s.next_batch()
@@ -68,44 +89,73 @@ def seek_seconds(pattern: str, position: int) -> float:
     return elapsed
 
 
-def replay_seconds(pattern: str, position: int) -> float:
-    s = stream(pattern)
+def loader_rate(pattern: str, manifest: str, batches: int) -> float:
+    s = stream(pattern, manifest)
+    for _ in range(10):  # start the workers, fill the shuffle buffer
+        s.next_batch()
     start = time.perf_counter()
-    for _ in range(position + 1):
+    for _ in range(batches):
         s.next_batch()
     elapsed = time.perf_counter() - start
     s.close()
-    return elapsed
+    return batches * BATCH / elapsed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mnist_dir", required=True)
-    parser.add_argument("--out", default=None, help="write the table as markdown here")
+    parser.add_argument("--batches", type=int, default=300, help="loader batches per throughput round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default=None, help="write the tables as markdown here (and .json)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="resume_seek_"))
+    server = None
     try:
-        pattern = repeated_shards(args.mnist_dir, root)
-        budget = stream(pattern).budget
-        rows = []
-        for fraction in (0.0, 0.1, 0.9):
+        local = repeated_shards(args.mnist_dir, root)
+        folder = Path(local).parent
+        server = Nginx(folder, root / "nginx").start()
+        http = server.url(Path(local).name)
+        manifests = {"offsets": str(folder / SHARD_MANIFEST), "headers": without_offsets(folder)}
+        sources = {"local": local, "HTTP": http}
+        budget = stream(local, manifests["offsets"]).budget
+        seeks = []
+        for fraction in (0.1, 0.5, 0.9):
             position = int(fraction * budget)
-            seek = min(seek_seconds(pattern, position) for _ in range(3))
-            replay = replay_seconds(pattern, position)
-            rows.append((fraction, position, seek, replay))
-            print(f"{fraction:.0%}: batch {position}/{budget}: seek {seek:.2f} s, replay {replay:.1f} s",
-                  flush=True)
+            row = {"fraction": fraction, "batch": position}
+            for where, pattern in sources.items():
+                for how, manifest in manifests.items():
+                    row[f"{where} {how}"] = min(seek_seconds(pattern, manifest, position) for _ in range(3))
+            seeks.append(row)
+            print(row, flush=True)
+        rates = {where: [] for where in sources}
+        for _ in range(args.rounds):
+            for where, pattern in sources.items():
+                rates[where].append(loader_rate(pattern, manifests["offsets"], args.batches))
+        print(rates, flush=True)
     finally:
+        if server is not None:
+            server.close()
         shutil.rmtree(root, ignore_errors=True)
+    columns = [f"{where} {how}" for where in sources for how in manifests]
     lines = [f"MNIST x {REPEATS} ({REPEATS * 60000:,} samples, {REPEATS * 6} shards), batch {BATCH}, "
-             f"{WORKERS} loader workers, one rank; {budget} batches per epoch.", "",
-             "| position in the epoch | batch | seek: first batch (s, best of 3) | replay to it (s) | replay / seek |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {f:.0%} | {p} | {s:.2f} | {r:.1f} | {r / s:.0f}x |" for f, p, s, r in rows]
+             f"{WORKERS} loader workers, one rank; {budget} batches per epoch. Seconds to the first "
+             "batch after a restore, best of 3 (offsets: the reader opens its shard at its sample; "
+             "headers: it passes over the samples before it).", "",
+             "| position in the epoch | batch | " + " | ".join(columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    lines += [f"| {r['fraction']:.0%} | {r['batch']} | " + " | ".join(f"{r[c]:.2f}" for c in columns) + " |"
+              for r in seeks]
+    median = {where: statistics.median(r) for where, r in rates.items()}
+    lines += ["", f"| loader, {WORKERS} workers, batch {BATCH} | img/s (median of rounds) | rounds | vs local |",
+              "|---|---|---|---|"]
+    lines += [f"| {where} | {median[where]:,.0f} | {', '.join(f'{v:,.0f}' for v in r)} | "
+              f"{median[where] / median['local']:.2f}x |" for where, r in rates.items()]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         Path(args.out).write_text(text)
+        Path(args.out).with_suffix(".json").write_text(json.dumps({"seek_seconds": seeks, "loader_img_per_s": rates,
+                                                                   "batches": args.batches}, indent=1))
 
 
 if __name__ == "__main__":

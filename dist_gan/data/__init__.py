@@ -187,7 +187,7 @@ def build_batch_stream(cfg: DataConfig, seed: int, rank: int, world_size: int,
         _prepare_if_missing(cfg)
     shards, manifest = resolve_shards(cfg.shards, cfg.manifest, cfg.resolution, cfg.channels,
                                       cfg.strict)
-    plan = SplitPlan([count for _, count in shards], world_size, cfg.workers, cfg.batch_size, seed,
+    plan = SplitPlan([shard.count for shard in shards], world_size, cfg.workers, cfg.batch_size, seed,
                      cfg.resampled)
     reader = ShardReader(shards, plan, rank, cfg.resolution, cfg.channels, cfg.shuffle_buffer, cfg.strict,
                          cfg.xflip)

@@ -6,9 +6,11 @@ the same number on every rank in every epoch, whatever the number of shards. A r
 DataLoader worker) reads its share's tar members in order, shuffles them in seeded blocks, decodes
 only what it yields and hands the DataLoader whole batches.
 
-Resuming at (epoch, batch) seeks: each reader starts at the block holding its next batch, skipping
-tar members before it by their headers (no image is decoded, and on local files the data is not even
-read), so the cost is at most one shard's headers whatever the position in the epoch.
+Resuming at (epoch, batch) seeks: each reader starts at the block holding its next batch. With the
+sample offsets the manifest records, a local shard is opened there by a seek and an ``http(s)://`` one
+by a ``Range`` request, so the cost does not grow with the position; ``pipe:`` URLs (and manifests
+written before offsets were recorded) skip the members before it by their headers (nothing is
+decoded), at most one shard's headers.
 
 A bad sample is replaced within its batch by a good one of the same batch, and a batch with no good
 sample by the next readable batch of the share, so positions, batch counts and resume stay exact with
@@ -21,6 +23,8 @@ rank read everything); batches are moved to the device here.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import http.client
 import io
 import itertools
 import logging
@@ -30,6 +34,7 @@ import random
 import signal
 import tarfile
 import threading
+import urllib.request
 from typing import Iterator
 
 import numpy as np
@@ -38,7 +43,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dist_gan.data.shards import local_path, shard_name
+from dist_gan.data.shards import ShardEntry, local_path, member_key, shard_name
 from dist_gan.data.sources import DataError, check_labels, to_model_range
 from dist_gan.data.split import SplitPlan
 from dist_gan.seeds import derive, mirrored
@@ -125,35 +130,89 @@ def _label(sample: dict) -> int:
 RawSample = dict  # tar members of one key: {"__key__": ..., "u8" or "png": bytes, "cls": bytes}
 
 
-def _key_and_extension(name: str) -> tuple[str, str]:
-    """WebDataset's grouping: a member's key is its path up to the first dot of its file name."""
-    folder, _, base = name.rpartition("/")
-    stem, _, extension = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+HTTP_TIMEOUT_S = 60  # a server that sends nothing for this long fails the read (counted, named)
+# What reading a shard over the network can raise besides OSError (a body cut off mid-transfer, a
+# connection dropped between requests): the shard is unreadable from there on.
+READ_ERRORS = (tarfile.TarError, OSError, EOFError, http.client.HTTPException)
 
 
-def _open_tar(url: str) -> tarfile.TarFile:
-    """A local shard opened for seeking (headers are read, data skipped by seek); anything else
-    (``pipe:``, remote) as a stream through WebDataset's ``gopen``."""
+@contextlib.contextmanager
+def _open_tar(url: str, offset: int = 0) -> Iterator[tarfile.TarFile]:
+    """Shard ``url`` opened at byte ``offset`` (a sample's first header; 0: the start).
+
+    A local file is opened for seeking (headers are read, data skipped by seek); an ``http(s)://``
+    URL is requested from ``offset`` with a ``Range`` header (a server that ignores it sends the whole
+    shard, and the bytes before ``offset`` are read and dropped); anything else (``pipe:``, ``s3://``)
+    streams from the start through WebDataset's ``gopen``, and the caller skips by headers.
+    """
     path = local_path(url)
     if path is not None:
-        return tarfile.open(path, mode="r:")
-    return tarfile.open(fileobj=wds.gopen(url), mode="r|")
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            with tarfile.open(fileobj=handle, mode="r:") as tar:  # reads on from the position
+                yield tar
+        return
+    if url.startswith(("http://", "https://")):
+        request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+            body = _WholeBody(response)
+            if offset and response.status != 206:
+                _drop(body, offset)
+            with tarfile.open(fileobj=body, mode="r|") as tar:
+                yield tar
+        return
+    with tarfile.open(fileobj=wds.gopen(url), mode="r|") as tar:
+        yield tar
 
 
-def tar_samples(url: str, start: int, stop: int, scan_rest: bool, seen: list[int]) -> Iterator[RawSample]:
+class _WholeBody:
+    """An HTTP response body that raises when the connection ends before the length the server
+    announced (``http.client`` returns the short body as if it were whole, and a tar cut between
+    members would read as a shorter shard)."""
+
+    def __init__(self, response: http.client.HTTPResponse):
+        self.response, self.received = response, 0
+        length = response.headers.get("Content-Length")
+        self.expected = int(length) if length is not None else None
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.response.read(size)
+        self.received += len(data)
+        if self.expected is not None and self.received < self.expected and (not data or size < 0):
+            raise EOFError(f"the transfer was cut off: {self.received} of {self.expected} bytes arrived")
+        return data
+
+
+def _drop(stream, count: int) -> None:
+    """Read and discard ``count`` bytes of ``stream`` (a server that answered a Range request whole)."""
+    while count > 0:
+        chunk = stream.read(min(count, 1 << 20))
+        if not chunk:
+            raise EOFError(f"the shard ended {count} bytes before the requested offset")
+        count -= len(chunk)
+
+
+def seekable(url: str) -> bool:
+    """Whether a reader can start ``url`` at a byte offset (local files, HTTP) rather than skip there."""
+    return local_path(url) is not None or url.startswith(("http://", "https://"))
+
+
+def tar_samples(url: str, start: int, stop: int, scan_rest: bool, seen: list[int],
+                offsets: list[int] | None = None) -> Iterator[RawSample]:
     """Samples ``start`` to ``stop`` of shard ``url`` in file order, their bytes not decoded.
 
-    The ``start`` samples before are passed over by their headers only. When ``stop`` is the shard's
-    end (``scan_rest``) the rest is scanned too (headers), so ``seen[0]`` ends as the number of samples
-    the shard holds, for the manifest check.
+    With the shard's sample ``offsets`` (from the manifest) a seekable shard is opened at sample
+    ``start``'s first header; otherwise the ``start`` samples before are passed over by their headers.
+    When ``stop`` is the shard's end (``scan_rest``) the rest is scanned too (headers), so ``seen[0]``
+    ends as the number of samples the shard holds, for the manifest check.
     """
-    with _open_tar(url) as tar:
-        index, current = -1, None
+    jump = start if offsets and 0 < start < len(offsets) and seekable(url) else 0
+    with _open_tar(url, offsets[jump] if jump else 0) as tar:
+        index, current = jump - 1, None
         for member in tar:
             if not member.isfile():
                 continue
-            key, extension = _key_and_extension(member.name)
+            key, extension = member_key(member.name)
             if current is None or key != current["__key__"]:
                 if current is not None and start <= index < stop:
                     yield current
@@ -177,9 +236,10 @@ class ShardReader(IterableDataset):
     ``bad_counts`` ([bad samples, unreadable shards]) is shared memory that the workers inherit.
     """
 
-    def __init__(self, shards: list[tuple[str, int]], plan: SplitPlan, rank: int, resolution: int,
+    def __init__(self, shards: list[ShardEntry], plan: SplitPlan, rank: int, resolution: int,
                  channels: int, shuffle_buffer: int, strict: bool, xflip: bool = False):
-        self.urls, self.xflip = [url for url, _ in shards], xflip
+        self.urls, self.xflip = [shard.url for shard in shards], xflip
+        self.offsets = [shard.offsets for shard in shards]
         self.plan, self.rank = plan, rank
         self.resolution, self.channels = resolution, channels
         self.block, self.strict = max(shuffle_buffer, 1), strict
@@ -265,10 +325,11 @@ class _Share:
         url, expected = owner.urls[segment.shard], owner.plan.counts[segment.shard]
         scan_rest, seen, produced = segment.stop == expected, [0], 0
         try:
-            for sample in tar_samples(url, start, segment.stop, scan_rest, seen):
+            for sample in tar_samples(url, start, segment.stop, scan_rest, seen,
+                                      owner.offsets[segment.shard]):
                 produced += 1
                 yield sample
-        except (tarfile.TarError, OSError, EOFError) as err:
+        except READ_ERRORS as err:
             if owner.strict:
                 raise DataError(f"shard {url} is unreadable: {err}") from None
             if count:

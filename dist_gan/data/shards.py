@@ -3,8 +3,10 @@
 A shard is ``<split>-NNNNNN.tar`` holding one sample per image: ``<key>.u8`` (raw uint8 C x H x W bytes,
 the shape in the manifest), ``<key>.png`` or ``<key>.jpg``, and ``<key>.cls`` (the label as text, -1 when
 the dataset has no classes). ``manifest.json`` beside the shards records, per
-split, every shard's sample count, size and sha256, plus resolution, channels, class names and source.
-The loader needs the counts to give every rank the same number of batches without reading the data.
+split, the encoding and every shard's sample count, size, sha256 and each sample's byte offset, plus
+resolution, channels, class names and source. The loader needs the counts to give every rank the same
+number of batches without reading the data, and the offsets to resume mid-shard without reading the
+headers before the position.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import logging
 import os
 import re
 import shutil
+import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -71,6 +75,39 @@ def encode_image(image: torch.Tensor, encoding: str = "png") -> tuple[str, bytes
     else:
         pil.save(buffer, format="PNG")
     return ENCODINGS[encoding], buffer.getvalue()
+
+
+def member_key(name: str) -> tuple[str, str]:
+    """WebDataset's grouping of tar members into samples: (key, extension), the key being the
+    member's path up to the first dot of its file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def sample_offsets(path: Path) -> list[int]:
+    """The byte offset of each sample's first tar header, in file order: where a reader that resumes
+    at that sample starts (a seek, or an HTTP Range request), instead of reading the headers before."""
+    offsets, current = [], None
+    with tarfile.open(path, mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _ = member_key(member.name)
+            if key != current:
+                offsets.append(member.offset)
+                current = key
+    return offsets
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """A shard to read: its URL, its sample count and (from the manifest, when it records them) the
+    byte offset of each sample."""
+
+    url: str
+    count: int
+    offsets: list[int] | None = None
 
 
 def sha256_of(path: Path) -> str:
@@ -150,8 +187,8 @@ def write_shards(images: ImageSet, out_dir: str | Path, split: str, shard_size: 
             raise DataError(f"no readable image among the {len(images)} of {source}: no shards written")
         new = sorted(staging.glob(f"{split}-*.tar"))
         counts = [min(shard_size, written - i * shard_size) for i in range(len(new))]
-        entries = [{"name": p.name, "count": c, "bytes": p.stat().st_size, "sha256": sha256_of(p)}
-                   for p, c in zip(new, counts)]
+        entries = [{"name": p.name, "count": c, "bytes": p.stat().st_size, "sha256": sha256_of(p),
+                    "offsets": sample_offsets(p)} for p, c in zip(new, counts)]
         for path in new:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
@@ -204,9 +241,14 @@ def _write_tars(images: ImageSet, out_dir: Path, split: str, shard_size: int, pr
     return written, skipped
 
 
+_NUMBER_LIST = re.compile(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]")
+
+
 def _write_json_synced(path: Path, data: dict) -> None:
+    """Indented JSON, except that lists of numbers (the sample offsets) stay on one line."""
+    text = _NUMBER_LIST.sub(lambda m: "[" + re.sub(r"\s+", "", m[1]) + "]", json.dumps(data, indent=1))
     with open(path, "w") as f:
-        json.dump(data, f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 
@@ -259,8 +301,8 @@ def default_manifest_path(pattern: str) -> Path | None:
 
 
 def resolve_shards(pattern: str, manifest_path: str | None, resolution: int, channels: int,
-                   strict: bool = False) -> tuple[list[tuple[str, int]], dict]:
-    """Check ``pattern`` against its manifest; return [(url, sample count)] and the manifest.
+                   strict: bool = False) -> tuple[list[ShardEntry], dict]:
+    """Check ``pattern`` against its manifest; return the shards to read and the manifest.
 
     A shard missing from the manifest is always an error. A shard whose size differs from the
     manifest (truncated, rewritten) is an error under ``strict``; otherwise a warning, and the loader
@@ -292,14 +334,12 @@ def resolve_shards(pattern: str, manifest_path: str | None, resolution: int, cha
             if strict:
                 raise DataError(message + " (data.strict=true)")
             log.warning("%s; reading what it holds", message)
-        shards.append((url, int(entry["count"])))
+        shards.append(ShardEntry(url, int(entry["count"]), entry.get("offsets")))
     return shards, manifest
 
 
 def count_samples(path: Path) -> int:
     """Samples in a shard: distinct keys (member names up to their first dot, as WebDataset groups)."""
-    import tarfile
-
     with tarfile.open(path) as tar:
         return len({Path(m.name).name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
 
