@@ -71,6 +71,28 @@ def pytest_collection_modifyitems(config, items) -> None:
         item.add_marker(getattr(pytest.mark, tier))
         if tier != "unit" and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
+    items[:] = heaviest_modules_first(items)
+
+
+TIER_WEIGHT = {"cluster": 0, "multiprocess": 1, "e2e": 2, "unit": 3}
+# Modules of several minutes each that would otherwise start late: the Slurm group (one worker runs
+# all of it), the GPU check's CPU smoke run, the conditional-samples run with the classifier's training.
+LONGEST_MODULES = ("test_slurm", "test_slurm_two_nodes", "test_gpu_check", "test_families")
+
+
+def heaviest_modules_first(items: list) -> list:
+    """The modules holding the heaviest tiers first (a module's tests stay together, in their order, so
+    its fixtures are built once): two xdist workers then start the long runs at once and end on the
+    short unit tests instead of one worker finishing a Slurm job alone."""
+    rank: dict[str, int] = {}
+    for item in items:  # a module weighs what its heaviest test weighs
+        tiers = [m.name for m in item.iter_markers() if m.name in TIER_WEIGHT] or ["unit"]
+        weight = min(TIER_WEIGHT[t] for t in tiers)
+        if item.module.__name__ in LONGEST_MODULES:  # first of all, in that order
+            weight = LONGEST_MODULES.index(item.module.__name__) - len(LONGEST_MODULES)
+        rank[item.module.__name__] = min(rank.get(item.module.__name__, 3), weight)
+    position = {item.nodeid: i for i, item in enumerate(items)}
+    return sorted(items, key=lambda item: (rank[item.module.__name__], position[item.nodeid]))
 
 
 @pytest.hookimpl(wrapper=True)

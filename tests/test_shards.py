@@ -344,3 +344,32 @@ def test_prepare_command_takes_the_encoding(tmp_path, mnist_dir):
     assert members_of(tmp_path / "png" / "test-000000.tar") == ["cls", "png"]
     with pytest.raises(SystemExit, match=r"data\.encoding.*'bmp'"):
         prepare("mnist", str(tmp_path / "bad"), split="test", mnist_dir=str(mnist_dir), encoding="bmp")
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_loaders_tar_reader_reads_what_tarfile_writes(tmp_path, tar_format):
+    from dist_gan.data.loader import TarReader
+
+    files = [("d" * 130 + "/x.u8", bytes(range(256)) * 3), ("k.cls", b"3"), ("e.png", b"")]
+    if tar_format != tarfile.USTAR_FORMAT:  # names ustar cannot hold: a long one, a non-ASCII one
+        files += [("n" * 150 + ".cls", b"long"), ("caf\u00e9.cls", b"7")]
+    path = tmp_path / "mixed.tar"
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        folder = tarfile.TarInfo("folder")  # a directory, and a link: not samples
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        link = tarfile.TarInfo("link.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "e.png"
+        tar.addfile(link)
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1.5  # a float mtime: PAX adds a header for it
+            tar.addfile(info, io.BytesIO(data))
+    for seekable in (True, False):
+        with open(path, "rb") as handle:
+            reader = TarReader(handle, seekable)
+            assert [(name, reader.data()) for name in reader.members()] == files
+    damaged = bytearray(path.read_bytes())
+    damaged[1024 + 100] ^= 0x01  # inside the third header (after the directory and the link)
+    with pytest.raises(tarfile.ReadError, match="bad checksum"):
+        list(TarReader(io.BytesIO(bytes(damaged)), seekable=False).members())

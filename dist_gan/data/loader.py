@@ -136,8 +136,101 @@ HTTP_TIMEOUT_S = 60  # a server that sends nothing for this long fails the read 
 READ_ERRORS = (tarfile.TarError, OSError, EOFError, http.client.HTTPException)
 
 
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_FILE_TYPES = (b"0", b"\0", b"7")  # regular files (7: contiguous, read as regular)
+
+
+class TarReader:
+    """The members of a tar archive, read one after another from ``stream``'s position on.
+
+    A small reader of the ustar format (with PAX and GNU long names, as tarfile writes them): the
+    loader needs only each member's name and, for the samples it keeps, its bytes, and tarfile's
+    general header parsing was most of the loader's CPU. Headers are checksummed; a bad header or
+    data that ends inside a member raise ``tarfile.ReadError``, as tarfile does.
+    """
+
+    def __init__(self, stream, seekable: bool):
+        self.stream, self.seekable = stream, seekable
+        self.pending = self.size = 0  # the current member's padded data not yet consumed; its size
+
+    def _read(self, count: int) -> bytes:
+        data = self.stream.read(count)
+        while len(data) < count:  # sockets and pipes may return less than asked
+            more = self.stream.read(count - len(data))
+            if not more:
+                raise tarfile.ReadError(f"unexpected end of data ({len(data)} of {count} bytes)")
+            data += more
+        return data
+
+    def _skip(self) -> None:
+        if self.pending and self.seekable:
+            self.stream.seek(self.pending, os.SEEK_CUR)
+        else:
+            while self.pending:
+                self.pending -= len(self._read(min(self.pending, 1 << 20)))
+        self.pending = 0
+
+    def members(self) -> Iterator[str]:
+        """Each regular file member's name; ``data()`` then returns its bytes (else it is skipped)."""
+        long_name = None
+        while True:
+            self._skip()
+            header = self.stream.read(_BLOCK)
+            if len(header) < _BLOCK and header:
+                header += self.stream.read(_BLOCK - len(header))
+            if not header or header == _ZERO_BLOCK:
+                return  # the end of the archive (or of a stream cut between members)
+            if len(header) < _BLOCK:
+                raise tarfile.ReadError("unexpected end of data in a tar header")
+            name, size, kind = _parse_header(header)
+            padded = -(-size // _BLOCK) * _BLOCK
+            if kind in (b"x", b"L"):  # the next member's long name (PAX "path" record or GNU)
+                extra = self._read(padded)[:size]
+                long_name = _pax_path(extra) if kind == b"x" else extra.rstrip(b"\0").decode("utf-8", "replace")
+                continue
+            self.pending, self.size = padded, size
+            if kind in _FILE_TYPES:
+                yield long_name or name
+            long_name = None
+
+    def data(self) -> bytes:
+        data = self._read(self.pending)[: self.size]
+        self.pending = 0
+        return data
+
+
+def _parse_header(header: bytes) -> tuple[str, int, bytes]:
+    """(name, data size, type flag) of a 512-byte tar header; ReadError if it is not one."""
+    try:
+        stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise tarfile.ReadError("not a tar header (its checksum field is not a number)") from None
+    if stored != sum(header) - sum(header[148:156]) + 8 * 32:
+        raise tarfile.ReadError("bad checksum in a tar header")
+    field = header[124:136]
+    if field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
+        size = int.from_bytes(field[1:], "big")
+    else:
+        size = int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar" and header[345]:
+        name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name.decode("utf-8", "replace"), size, header[156:157]
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The ``path`` of a PAX extended header ("<length> <key>=<value>\\n" records), if it has one."""
+    for line in records.split(b"\n"):
+        _, _, record = line.partition(b" ")
+        key, _, value = record.partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "replace")
+    return None
+
+
 @contextlib.contextmanager
-def _open_tar(url: str, offset: int = 0) -> Iterator[tarfile.TarFile]:
+def _open_tar(url: str, offset: int = 0) -> Iterator[TarReader]:
     """Shard ``url`` opened at byte ``offset`` (a sample's first header; 0: the start).
 
     A local file is opened for seeking (headers are read, data skipped by seek); an ``http(s)://``
@@ -149,8 +242,7 @@ def _open_tar(url: str, offset: int = 0) -> Iterator[tarfile.TarFile]:
     if path is not None:
         with open(path, "rb") as handle:
             handle.seek(offset)
-            with tarfile.open(fileobj=handle, mode="r:") as tar:  # reads on from the position
-                yield tar
+            yield TarReader(handle, seekable=True)
         return
     if url.startswith(("http://", "https://")):
         request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
@@ -158,11 +250,16 @@ def _open_tar(url: str, offset: int = 0) -> Iterator[tarfile.TarFile]:
             body = _WholeBody(response)
             if offset and response.status != 206:
                 _drop(body, offset)
-            with tarfile.open(fileobj=body, mode="r|") as tar:
-                yield tar
+            yield TarReader(body, seekable=False)
         return
-    with tarfile.open(fileobj=wds.gopen(url), mode="r|") as tar:
-        yield tar
+    stream = wds.gopen(url)
+    try:
+        yield TarReader(stream, seekable=False)
+    finally:
+        # a command's failure surfaces while reading (gopen checks its exit status); one stopped
+        # early because the reader had what it needed must not turn into an error here
+        with contextlib.suppress(OSError):
+            stream.close()
 
 
 class _WholeBody:
@@ -209,10 +306,8 @@ def tar_samples(url: str, start: int, stop: int, scan_rest: bool, seen: list[int
     jump = start if offsets and 0 < start < len(offsets) and seekable(url) else 0
     with _open_tar(url, offsets[jump] if jump else 0) as tar:
         index, current = jump - 1, None
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, extension = member_key(member.name)
+        for name in tar.members():
+            key, extension = member_key(name)
             if current is None or key != current["__key__"]:
                 if current is not None and start <= index < stop:
                     yield current
@@ -222,7 +317,7 @@ def tar_samples(url: str, start: int, stop: int, scan_rest: bool, seen: list[int
                     return
                 current = {"__key__": key, "__url__": url}
             if start <= index < stop:
-                current[extension] = tar.extractfile(member).read()
+                current[extension] = tar.data()
         if current is not None and start <= index < stop:
             yield current
 

@@ -222,7 +222,11 @@ def _write_tars(images: ImageSet, out_dir: Path, split: str, shard_size: int, pr
                 strict: bool, encoding: str) -> tuple[int, int]:
     """Write the readable ``images`` as shards into ``out_dir``; return (written, skipped)."""
     written = skipped = 0
-    with wds.ShardWriter(str(out_dir / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+    # Plain ustar members with a whole-number mtime (0): WebDataset's default, the time as a float,
+    # gives every member a PAX header, which doubles the members a reader parses and makes every
+    # prepare differ; these shards are the same bytes each time they are written from the same data.
+    with wds.ShardWriter(str(out_dir / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0,
+                         mtime=0, format=tarfile.USTAR_FORMAT) as sink:
         for index in tqdm(range(len(images)), desc=f"writing {split} shards", unit="img",
                           disable=not progress, mininterval=1.0):
             try:
