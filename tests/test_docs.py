@@ -17,10 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", REPO / "DEVELOPERS.md", REPO / "slurm" / "README.md",
         *sorted((REPO / "docs").glob("*.md"))]
 SECTIONS = {f.name for f in dataclasses.fields(Config)}
-# Flags of the tools we document but do not own (accelerate launch, Slurm, TensorBoard).
+# Flags of the tools we document but do not own (accelerate launch, torchrun, Slurm, TensorBoard, pytest).
 EXTERNAL_FLAGS = {"config_file", "num_processes", "machine_rank", "num_machines", "main_process_ip",
                   "main_process_port", "cpu", "multi_gpu", "nodes", "gpus-per-node", "time", "signal",
-                  "requeue", "open-mode", "me", "format", "logdir", "port", "durations", "dist"}
+                  "requeue", "open-mode", "me", "format", "logdir", "port", "durations", "dist",
+                  "master_port"}
 
 
 def config_keys(node=Config, prefix: str = "") -> set[str]:
