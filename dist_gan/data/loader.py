@@ -272,10 +272,10 @@ class _WholeBody:
         length = response.headers.get("Content-Length")
         self.expected = int(length) if length is not None else None
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int) -> bytes:
         data = self.response.read(size)
         self.received += len(data)
-        if self.expected is not None and self.received < self.expected and (not data or size < 0):
+        if not data and self.expected is not None and self.received < self.expected:
             raise EOFError(f"the transfer was cut off: {self.received} of {self.expected} bytes arrived")
         return data
 
