@@ -45,6 +45,21 @@ def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def shut_down(accelerator: Accelerator, wrapped: list[nn.Module]) -> None:
+    """End a run's distributed state in one fixed order on every rank: wait for the other ranks
+    (rank 0's last pictures included), let DeepSpeed engines drop their gradient hooks and buffers,
+    then destroy the process group. Left to interpreter exit, the engines' destructors run after the
+    process group is gone, in whatever order garbage collection picks; one CI run lost a rank there
+    (SIGABRT, "terminate called without an active exception") after its last checkpoint."""
+    accelerator.wait_for_everyone()
+    if is_deepspeed(accelerator):
+        for module in wrapped:
+            engine = getattr(module, "_orig_mod", module)  # under torch.compile, the engine inside
+            if callable(getattr(engine, "destroy", None)):
+                engine.destroy()
+    accelerator.end_training()
+
+
 def set_backend_flags(speed: SpeedConfig) -> None:
     """Process-wide numerics switches for CUDA (TF32, cuDNN autotuning); no effect on CPU."""
     torch.backends.cuda.matmul.allow_tf32 = speed.tf32

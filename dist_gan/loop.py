@@ -123,7 +123,7 @@ def run_loop(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_reques
                             "rollbacks": run.guard.rollbacks})
     if acc_G.is_main_process and not stop.preempted:  # a pre-empted run has no time to spare
         write_run_pictures(run.run_dir)
-    acc_G.end_training()
+    backend.shut_down(acc_G, [net.wrapped for net in (run.nets.G, run.nets.D, run.nets.E) if net])
     return RunResult(run.run_dir, step, stop.reason)
 
 
