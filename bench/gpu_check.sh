@@ -82,14 +82,14 @@ $PY bench/speed_options.py --configs $SPEED_CONFIGS --batch $SPEED_BATCH --steps
 step "5. the modern recipes in bf16: cifar10_resnet and cifar10_r3gan (32 px), folder256_stylegan2 (256 px), synthetic data"
 rm -rf "$OUT/recipes.md" "$OUT/recipes"  # a rerun into the same $OUT starts its runs afresh
 if [ -n "${GPU_CHECK_CPU_SMOKE:-}" ]; then
-    RECIPE_MINUTES=0.1; RECIPE_EXTRA="--model.generator.width=4 --model.discriminator.width=4 --data.batch_size=4 --data.resolution=32"
+    RECIPE_MINUTES=0.03; RECIPE_LOG=4; RECIPE_EXTRA="--model.generator.width=4 --model.discriminator.width=4 --data.batch_size=4 --data.resolution=32"
     R3GAN_EXTRA="--model.generator.widths=[16,16,16,16] --model.discriminator.widths=[16,16,16,16] --optim.accumulate=1 --data.batch_size=4"
 else
-    RECIPE_MINUTES=2; RECIPE_EXTRA=""; R3GAN_EXTRA=""
+    RECIPE_MINUTES=2; RECIPE_LOG=20; RECIPE_EXTRA=""; R3GAN_EXTRA=""
 fi
 for recipe in cifar10_resnet cifar10_r3gan folder256_stylegan2; do
     extra=$RECIPE_EXTRA; [ "$recipe" = cifar10_r3gan ] && extra=$R3GAN_EXTRA
-    timeout 300 $PY bench/recipe_check.py configs/$recipe.yaml --minutes=$RECIPE_MINUTES --precision=bf16 \
+    timeout 300 $PY bench/recipe_check.py configs/$recipe.yaml --minutes=$RECIPE_MINUTES --log_every=$RECIPE_LOG --precision=bf16 \
         --run_dir="$OUT/recipes" --extra="$extra" > "$OUT/recipe_$recipe.log" 2>&1 \
         || { status=1; tail -30 "$OUT/recipe_$recipe.log"; }
     grep "^| $recipe" "$OUT/recipe_$recipe.log" | tee -a "$OUT/recipes.md"

@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--peak_tflops", type=float, default=989.0)
     parser.add_argument("--run_dir", default="/tmp/recipe_check")
+    parser.add_argument("--log_every", type=int, default=20, help="steps per logged img/s figure")
     parser.add_argument("--extra", default="", help="more --key=value overrides, space-separated")
     args = parser.parse_args()
     name = Path(args.config).stem
@@ -58,7 +59,7 @@ def main() -> None:
     cli = [f"--{k}={'null' if v is None else v}" for k, v in overrides.items()] + args.extra.split()
     subprocess.run([sys.executable, "-m", "dist_gan.train", args.config, f"--run.dir={run}", *cli,
                     f"--train.mixed_precision={args.precision}", "--train.max_steps=1000000",
-                    f"--train.time_limit_min={args.minutes}", "--run.log_every=20", "--run.ckpt_every=1000000",
+                    f"--train.time_limit_min={args.minutes}", f"--run.log_every={args.log_every}", "--run.ckpt_every=1000000",
                     "--run.sample_every=1000000", "--eval.every=0", "--run.keep_best=false"],
                    cwd=REPO, check=True)
     logs = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "imgs_per_sec" in r]
