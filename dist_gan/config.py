@@ -405,7 +405,7 @@ class EvalConfig:
     # Inception-v3, 2048-d pool features at 299 px) | mnist_classifier | torchvision |
     # "package.module:build" (see dist_gan.metrics.networks)
     feature_net: str = "auto"
-    classifier_path: Optional[str] = None  # mnist_classifier weights; default: the user cache
+    classifier_path: Optional[str] = None  # mnist_classifier weights; default: the shipped reference
     feature_arch: str = "resnet18"  # torchvision only
     # inception: the FID Inception weights file (pt_inception-2015-12-05-6726825d.pth) on machines
     # without internet (default: fetched once into torch's hub cache); torchvision: a state_dict file

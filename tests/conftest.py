@@ -76,7 +76,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 TIER_WEIGHT = {"cluster": 0, "multiprocess": 1, "e2e": 2, "unit": 3}
 # Modules of several minutes each that would otherwise start late: the Slurm group (one worker runs
-# all of it), the GPU check's CPU smoke run, the conditional-samples run with the classifier's training.
+# all of it), the GPU check's CPU smoke run, the families (the conditional-samples run is the longest).
 LONGEST_MODULES = ("test_slurm", "test_slurm_two_nodes", "test_gpu_check", "test_families")
 
 
@@ -177,16 +177,16 @@ def shard_data(mnist_shards) -> list[str]:
 
 @pytest.fixture(scope="session")
 def reference_classifier(mnist_dir, tmp_path_factory):
-    """The reference MNIST classifier, trained once per session into a private cache directory.
+    """The shipped reference MNIST classifier, and a private cache directory for the session.
 
-    DIST_GAN_CACHE is set for the whole session so subprocesses (training runs, evaluate) share it.
+    DIST_GAN_CACHE is set for the whole session so subprocesses (training runs, evaluate) share the
+    real images' features they cache there, and no test reads or writes the user's cache.
     """
-    from dist_gan.metrics.classifier import default_classifier_path, load_or_train_classifier
+    from dist_gan.metrics.classifier import SHIPPED_CLASSIFIER, load_or_train_classifier
 
     with session_shared(tmp_path_factory, "cache") as (cache, _):
         os.environ["DIST_GAN_CACHE"] = str(cache)
-        model = load_or_train_classifier(str(mnist_dir))
-    return model, default_classifier_path()
+    return load_or_train_classifier(None), SHIPPED_CLASSIFIER
 
 
 @pytest.fixture

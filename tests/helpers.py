@@ -6,11 +6,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import runpy
 import signal
 import socket
 import subprocess
 import sys
 import tarfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -121,3 +123,29 @@ def add_broken_samples(path):
     """Sample 3 gets a garbage png, sample 5 loses its image."""
     return (replace_sample(path, 3, [("png", b"not a png"), ("cls", b"1")]),
             replace_sample(path, 5, [("cls", b"2")]))
+
+
+def run_module_here(args: list[str], capsys) -> tuple[int, str]:
+    """``python -m MODULE ARGS`` in this process: its exit status and what it wrote to stderr, with
+    the message ``sys.exit`` carried (the interpreter prints that on stderr)."""
+    module, *argv = args
+    saved = sys.argv
+    sys.argv = [module, *argv]
+    try:
+        with warnings.catch_warnings():  # runpy: "found in sys.modules", as an earlier case imported it
+            warnings.simplefilter("ignore", RuntimeWarning)
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        code, message = 0, ""
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        message = stop.code if isinstance(stop.code, str) else ""
+    finally:
+        sys.argv = saved
+    return code, capsys.readouterr().err + message
+
+
+def run_here(args: list[str], capsys) -> str:
+    """``run_module_here`` for a command that must succeed; what it wrote to stderr."""
+    code, stderr = run_module_here(args, capsys)
+    assert code == 0, f"python -m {' '.join(args)} exited {code}\n{stderr[-4000:]}"
+    return stderr

@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import FAST, read_metrics, run_cli
-from helpers import CPU_DDP, events
+from helpers import CPU_DDP, events, run_here
 
 pytestmark = pytest.mark.slow
 FAMILIES = ["cgan", "vaegan", "rnngan"]
@@ -27,7 +27,7 @@ def train(family, run_dir, data, *extra, launcher=None):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_trains_checkpoints_resumes_and_samples(tmp_path, data, family):
+def test_family_trains_checkpoints_resumes_and_samples(tmp_path, data, family, capsys):
     run = tmp_path / family
     train(family, run, data, "--train.max_steps=6", "--run.ckpt_every=3")
     train(family, run, data, "--train.max_steps=9", "--run.ckpt_every=3", "--train.resume=auto")
@@ -37,14 +37,14 @@ def test_family_trains_checkpoints_resumes_and_samples(tmp_path, data, family):
     assert logged and all(r["loss_D"] is not None and r["loss_G"] is not None for r in logged)
     out = tmp_path / "grid.png"
     if family == "cgan":  # one row per requested class
-        run_cli(["dist_gan.sample", str(run), "--classes=0,1,2", "--per_class=5", f"--out={out}"])
+        run_here(["dist_gan.sample", str(run), "--classes=0,1,2", "--per_class=5", f"--out={out}"], capsys)
         assert Image.open(out).size == (5 * 28 + 6 * 2, 3 * 28 + 4 * 2)
     elif family == "vaegan":  # rows of inputs, then of their reconstructions
         assert {"kl", "recon"} <= set(logged[-1])
-        run_cli(["dist_gan.sample", str(run), "--reconstruct", "--n=16", f"--out={out}"])
+        run_here(["dist_gan.sample", str(run), "--reconstruct", "--n=16", f"--out={out}"], capsys)
         assert Image.open(out).size == (8 * 28 + 9 * 2, 4 * 28 + 5 * 2)
     else:
-        run_cli(["dist_gan.sample", str(run), "--n=16", f"--out={out}"])
+        run_here(["dist_gan.sample", str(run), "--n=16", f"--out={out}"], capsys)
         assert Image.open(out).size == (4 * 28 + 5 * 2, 4 * 28 + 5 * 2)
 
 

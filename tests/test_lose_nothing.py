@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, missing_prerequisite, read_metrics, run_cli, start_cli, wait_for
+from helpers import run_module_here
 
 from dist_gan.config import ConfigError, DataConfig, load_config
 from dist_gan.data import DataError, prepare_shards, shards_from_folder
@@ -267,6 +268,14 @@ def test_an_export_is_refused_into_a_used_folder_checked_on_load_and_carries_no_
         load_generator(out)
 
 
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory) -> Path:
+    """A finished one-step run for the commands that read a run directory."""
+    run = tmp_path_factory.mktemp("one_step") / "run"
+    run_cli(["dist_gan.train", *TINY, f"--run.dir={run}", "--train.max_steps=1", "--run.ckpt_every=1"])
+    return run
+
+
 @pytest.mark.parametrize("args,message", [
     (["dist_gan.sample", "RUN", "--truncaton=0.5"], "unknown option --truncaton; did you mean --truncation?"),
     (["dist_gan.sample", "RUN", "--truncation=abc"], "--truncation='abc' must be a number"),
@@ -276,26 +285,27 @@ def test_an_export_is_refused_into_a_used_folder_checked_on_load_and_carries_no_
     (["dist_gan.evaluate", "RUN", "--n=-5"], "--n=-5 must be a whole number >= 10"),
     (["dist_gan.export", "RUN", "--out=X", "--overwrte"], "did you mean --overwrite?"),
     (["dist_gan.sample", "RUN", "--out=READONLY/grid.png"], "cannot write --out="),
-    (["dist_gan.train", "configs/mnist_wgangp.yaml", "--data.shards=x/x-{000000..000001}.tar",
-      "--data.mnist_dir=MNIST"], "shards written from data.source=mnist are named train-NNNNNN.tar"),
 ])
-def test_cli_arguments_are_validated_in_one_line(tmp_path, args, message, mnist_dir):
-    """Unknown flags (with a did-you-mean), mistyped values, evaluate --n below 10, an unwritable --out, unguessable shard names: one line."""
-    run = tmp_path / "run"
-    if "RUN" in args:
-        run_cli(["dist_gan.train", *TINY, f"--run.dir={run}", "--train.max_steps=1", "--run.ckpt_every=1"])
+def test_cli_arguments_are_validated_in_one_line(tmp_path, args, message, one_step_run, capsys):
+    """Unknown flags (with a did-you-mean), mistyped values, evaluate --n below 10, an unwritable
+    --out: one line. (In this process: the same code as ``python -m``, without a start-up each.)"""
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     readonly.chmod(0o500)
     if os.geteuid() == 0 and "READONLY" in " ".join(args):
         readonly.chmod(0o700)
         (readonly / "grid.png").mkdir()  # root writes anywhere: a folder where the file should go instead
-    args = [a.replace("RUN", str(run)).replace("READONLY", str(readonly)).replace("MNIST", str(mnist_dir))
-            for a in args]
-    proc = run_cli([*args, f"--run.dir={tmp_path / 'train'}"] if args[0] == "dist_gan.train" else args,
-                   check=False)
+    args = [a.replace("RUN", str(one_step_run)).replace("READONLY", str(readonly)) for a in args]
+    code, stderr = run_module_here(args, capsys)
+    assert code != 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert message in stderr, stderr[-2000:]
+
+
+def test_unguessable_shard_names_are_one_line(tmp_path, mnist_dir):
+    proc = run_cli(["dist_gan.train", "configs/mnist_wgangp.yaml", "--data.shards=x/x-{000000..000001}.tar",
+                    f"--data.mnist_dir={mnist_dir}", f"--run.dir={tmp_path / 'train'}"], check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "shards written from data.source=mnist are named train-NNNNNN.tar" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_evaluate_honours_its_feature_net(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, read_metrics, run_cli, start_cli, wait_for
-from helpers import ACCELERATE, CPU_DDP, assert_same_weights, events, kill_tree
+from helpers import ACCELERATE, CPU_DDP, assert_same_weights, events, kill_tree, run_here
 
 from dist_gan.checkpoint import best_checkpoint, keep_as_best, list_checkpoints, restore_best
 
@@ -123,7 +123,7 @@ def test_deepspeed_zero2_bf16(tmp_path, arch):
         assert all(r["r2"] > 0 and math.isfinite(r["loss_D"]) for r in logged)
 
 
-def test_keep_best_survives_pruning_and_is_the_lowest_fid(tmp_path):
+def test_keep_best_survives_pruning_and_is_the_lowest_fid(tmp_path, capsys):
     """Evaluations every 2 steps; checkpoints/best holds the step of the lowest logged FID, pruning
     (keep_last 1) leaves it alone, and resume=auto still takes the newest checkpoint."""
     run = tmp_path / "run"
@@ -150,7 +150,7 @@ def test_keep_best_survives_pruning_and_is_the_lowest_fid(tmp_path):
     # the resumed run knows the best so far: a new best must beat it
     later = [e for e in events(run, "best") if e["step"] > 12]
     assert all(e["fid"] < fids[best_step] for e in later)
-    run_cli(["dist_gan.sample", str(best), "--n=4", f"--out={tmp_path / 'best.png'}"])
+    run_here(["dist_gan.sample", str(best), "--n=4", f"--out={tmp_path / 'best.png'}"], capsys)
 
 
 def test_keep_as_best_is_atomic_and_a_killed_swap_is_repaired(tmp_path):

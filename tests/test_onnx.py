@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli
+from helpers import run_here
 
 from dist_gan.config import load_config
 from dist_gan.export import ONNX_FILE, export_onnx, onnx_inputs
@@ -97,12 +98,12 @@ def test_stylegan2_noise_stays_random_in_onnx(tmp_path):
     assert abs(first - second).max() > 1e-3
 
 
-def test_export_command_writes_the_onnx_file_and_says_how_to_run_it(tmp_path, mnist_dir):
+def test_export_command_writes_the_onnx_file_and_says_how_to_run_it(tmp_path, mnist_dir, capsys):
     run, out = tmp_path / "run", tmp_path / "export"
     run_cli(["dist_gan.train", "configs/mnist_cgan.yaml", f"--run.dir={run}", f"--data.mnist_dir={mnist_dir}",
              "--data.format=memory", "--data.limit=256", "--train.max_steps=2", "--run.ckpt_every=2",
              "--model.generator.width=8", "--model.discriminator.width=8"])
-    run_cli(["dist_gan.export", str(run), f"--out={out}", "--onnx"])
+    run_here(["dist_gan.export", str(run), f"--out={out}", "--onnx"], capsys)
     info = json.loads((out / "config.json").read_text())
     assert info["onnx"]["inputs"] == ["z", "labels"] and (out / ONNX_FILE).is_file()
     card = (out / "README.md").read_text()

@@ -6,9 +6,10 @@ import numpy as np
 from PIL import Image
 
 from conftest import REPO, run_cli
+from helpers import run_here
 
 
-def test_a_run_ends_with_its_progress_animation_and_fid_curve(tmp_path):
+def test_a_run_ends_with_its_progress_animation_and_fid_curve(tmp_path, capsys):
     """Grids every 2 steps become progress.gif (one labelled frame each); evaluations become fid.png;
     `dist-gan sample RUN --progress --gif=...` writes the same animation on demand."""
     run = tmp_path / "run"
@@ -34,7 +35,7 @@ def test_a_run_ends_with_its_progress_animation_and_fid_curve(tmp_path):
         assert chart.size == (480, 300) and len(np.unique(np.asarray(chart.convert("L")))) > 2
 
     out = tmp_path / "again.gif"
-    run_cli(["dist_gan.sample", str(run), "--progress", f"--gif={out}"])
+    run_here(["dist_gan.sample", str(run), "--progress", f"--gif={out}"], capsys)
     with Image.open(out) as gif:
         assert gif.n_frames == 3
     empty = tmp_path / "empty"

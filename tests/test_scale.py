@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import FAST, REPO, read_metrics, run_cli, start_cli, wait_for
-from helpers import ACCELERATE, CPU_DDP, assert_same_weights, events, free_port, weights
+from helpers import ACCELERATE, CPU_DDP, assert_same_weights, events, free_port, run_here, weights
 
 from dist_gan.checkpoint import list_checkpoints
 
@@ -73,7 +73,7 @@ def test_deepspeed_zero_trains_both_nets_with_the_gradient_penalty(tmp_path, dat
     assert "written by 2 DeepSpeed processes and this run has 1" in proc.stdout + proc.stderr
 
 
-def test_deepspeed_bf16_weights_with_batchnorm_spectral_norm_and_the_penalty(tmp_path, data):
+def test_deepspeed_bf16_weights_with_batchnorm_spectral_norm_and_the_penalty(tmp_path, data, capsys):
     """DeepSpeed's bf16 casts the weights themselves (not autocast): the networks take fp32 in and
     give fp32 out, their buffers (BatchNorm statistics, spectral-norm vectors) follow the weights,
     the EMA stays fp32, and the run checkpoints, resumes and samples. (fp16 under DeepSpeed needs a
@@ -97,7 +97,7 @@ def test_deepspeed_bf16_weights_with_batchnorm_spectral_norm_and_the_penalty(tmp
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.bfloat16}
     ema = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)["ema"]
     assert {v.dtype for v in ema.values() if v.is_floating_point()} == {torch.float32}
-    run_cli(["dist_gan.sample", str(run), "--n=4", f"--out={tmp_path / 'grid.png'}"])
+    run_here(["dist_gan.sample", str(run), "--n=4", f"--out={tmp_path / 'grid.png'}"], capsys)
 
     cgan = tmp_path / "cgan"  # spectral norm and the class projection in D, hinge loss
     run_cli(train_args("mnist_cgan", cgan, data, *common, "--train.max_steps=3"), launcher, env=env)

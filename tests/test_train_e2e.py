@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import FAST, read_metrics, run_cli
+from helpers import run_here
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ def train(config, run_dir, data, *extra, check=True):
                     *extra], check=check)
 
 
-def test_thirty_steps_log_checkpoint_and_sample(tmp_path, data):
+def test_thirty_steps_log_checkpoint_and_sample(tmp_path, data, capsys):
     run = tmp_path / "run"
     train("mnist_wgangp", run, data, "--train.max_steps=30", "--run.ckpt_every=20",
           "--run.keep_last=1")
@@ -65,20 +66,20 @@ def test_thirty_steps_log_checkpoint_and_sample(tmp_path, data):
     assert state["world_size"] == 1
 
     out = tmp_path / "grid.png"
-    run_cli(["dist_gan.sample", str(run), "--n=16", f"--out={out}"])
+    run_here(["dist_gan.sample", str(run), "--n=16", f"--out={out}"], capsys)
     assert Image.open(out).size == (4 * 28 + 5 * 2, 4 * 28 + 5 * 2)  # 4x4 grid with 2 px padding
     raw = tmp_path / "raw.png"
-    run_cli(["dist_gan", "sample", str(ckpt), "--n=16", f"--out={raw}", "--raw"])  # the fire CLI
+    run_here(["dist_gan", "sample", str(ckpt), "--n=16", f"--out={raw}", "--raw"], capsys)  # the fire CLI
     assert Image.open(raw).tobytes() != Image.open(out).tobytes()  # EMA and raw weights differ
 
     walk = tmp_path / "walk.gif"  # a latent walk as an animation, forth and back
-    run_cli(["dist_gan", "sample", str(run), "--interpolate", "--n=6", f"--gif={walk}"])
+    run_here(["dist_gan", "sample", str(run), "--interpolate", "--n=6", f"--gif={walk}"], capsys)
     with Image.open(walk) as animation:
         assert animation.n_frames == 10 and animation.size == (28, 28)
 
     # export: a model folder that loads without the checkpoint layout, the config file or Accelerate
     exported = tmp_path / "exported"
-    run_cli(["dist_gan", "export", str(run), f"--out={exported}"])
+    run_here(["dist_gan", "export", str(run), f"--out={exported}"], capsys)
     assert {p.name for p in exported.iterdir()} == {"model.safetensors", "config.json", "README.md",
                                                    "samples.png"}
     card = (exported / "README.md").read_text()

@@ -1,4 +1,4 @@
-"""``python -m dist_gan.metrics train-classifier --mnist_dir=DIR [--out=PATH] [--seed=0]``."""
+"""``python -m dist_gan.metrics train-classifier --mnist_dir=DIR [--out=PATH] [--seed=0] [--limit=N]``."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ from pathlib import Path
 import fire
 
 from dist_gan.data.sources import DataError
-from dist_gan.metrics.classifier import default_classifier_path, save_classifier, train_classifier
+from dist_gan.metrics.classifier import cached_classifier_path, save_classifier, train_classifier
 
 
-def train_classifier_command(mnist_dir: str, out: str | None = None, seed: int = 0, epochs: int = 3) -> None:
-    """Train the reference MNIST classifier (deterministic from ``seed``) and cache its weights."""
-    path = Path(out) if out else default_classifier_path(seed)
+def train_classifier_command(mnist_dir: str, out: str | None = None, seed: int = 0, epochs: int = 3,
+                             limit: int | None = None) -> None:
+    """Train an MNIST classifier (deterministic from ``seed`` on one machine) and save its weights,
+    by default in the user cache; evaluate with it through ``--eval.classifier_path=PATH`` (a seed
+    other than 0 is read from the cache without it). ``limit``: train on the first N images."""
+    path = Path(out) if out else cached_classifier_path(seed)
     try:
-        model, accuracy = train_classifier(mnist_dir, seed, epochs)
+        model, accuracy = train_classifier(mnist_dir, seed, epochs, limit)
     except DataError as err:
         sys.exit(f"dist_gan.metrics: error: {err}")
     save_classifier(model, accuracy, path)

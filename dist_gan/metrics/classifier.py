@@ -71,10 +71,14 @@ def accuracy(model: MnistClassifier, images: torch.Tensor, labels: torch.Tensor)
     return correct / len(labels)
 
 
-def train_classifier(mnist_dir: str, seed: int = 0, epochs: int = 3) -> tuple[MnistClassifier, float]:
-    """Train on MNIST train, deterministically from ``seed``; return the model and its test accuracy."""
+def train_classifier(mnist_dir: str, seed: int = 0, epochs: int = 3,
+                     limit: int | None = None) -> tuple[MnistClassifier, float]:
+    """Train on MNIST train (its first ``limit`` images if given), deterministically from ``seed`` on
+    one machine; return the model and its accuracy on all of MNIST test."""
     torch.manual_seed(seed)
     images, labels = load_mnist_idx(mnist_dir, "train")
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
     model = MnistClassifier()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     order_rng = torch.Generator().manual_seed(seed)
@@ -92,13 +96,26 @@ def train_classifier(mnist_dir: str, seed: int = 0, epochs: int = 3) -> tuple[Mn
     return model.eval(), accuracy(model, test_images, test_labels)
 
 
-def default_classifier_path(seed: int = 0) -> Path:
+# The reference every MNIST FID of dist_gan is measured with, shipped like FID's Inception weights:
+# trained by `train-classifier` (seed 0, 3 epochs); retrained elsewhere, the same seed gives other
+# weights wherever the CPU sums in another order, and FIDs in another feature space.
+SHIPPED_CLASSIFIER = Path(__file__).with_name("mnist_classifier_seed0.pt")
+
+
+def cached_classifier_path(seed: int = 0) -> Path:
+    """Where ``train-classifier`` writes by default: the user cache."""
     return cache_dir() / f"mnist_classifier_seed{seed}.pt"
+
+
+def default_classifier_path(seed: int = 0) -> Path:
+    """The shipped reference for seed 0; a classifier of another seed from the user cache."""
+    return SHIPPED_CLASSIFIER if seed == 0 else cached_classifier_path(seed)
 
 
 def load_or_train_classifier(mnist_dir: str | None, path: str | Path | None = None,
                              seed: int = 0) -> MnistClassifier:
-    """The cached classifier at ``path`` (default: the user cache), training it first if absent."""
+    """The classifier at ``path`` (default: the shipped reference, or the cache for another seed),
+    training it first if absent."""
     path = Path(path) if path else default_classifier_path(seed)
     if not path.is_file():
         if not mnist_dir:
