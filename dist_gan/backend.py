@@ -48,9 +48,10 @@ def is_deepspeed(accelerator: Accelerator) -> bool:
 def shut_down(accelerator: Accelerator, wrapped: list[nn.Module]) -> None:
     """End a run's distributed state in one fixed order on every rank: wait for the other ranks
     (rank 0's last pictures included), let DeepSpeed engines drop their gradient hooks and buffers,
-    then destroy the process group. Left to interpreter exit, the engines' destructors run after the
-    process group is gone, in whatever order garbage collection picks; one CI run lost a rank there
-    (SIGABRT, "terminate called without an active exception") after its last checkpoint."""
+    then destroy the process group. Left to interpreter exit, the engines' destructors ran after the
+    process group was gone, in whatever order garbage collection picked. (This order alone did not
+    stop a rare SIGABRT in torch's C++ teardown after complete runs; ``dist_gan.train`` also skips
+    that teardown in multi-process runs.)"""
     accelerator.wait_for_everyone()
     if is_deepspeed(accelerator):
         for module in wrapped:
