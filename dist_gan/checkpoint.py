@@ -359,6 +359,37 @@ def read_manifest(path: Path, checksums: bool = True) -> dict:
     return manifest
 
 
+# What a checkpoint's pickles may name beyond torch's weights_only set: NumPy arrays (Accelerate's
+# RNG states) and the plain classes DeepSpeed's ZeRO optimizer state holds. DeepSpeed unpickles its
+# files with weights_only=False, so every pickle of a checkpoint is scanned before anything loads it.
+SAFE_PICKLE_GLOBALS = frozenset({
+    "numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar",
+    "deepspeed.utils.tensor_fragment.fragment_address", "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+})
+PICKLE_SUFFIXES = (".pt", ".pkl", ".bin", ".pth")
+
+
+def refuse_code_in_pickles(path: Path) -> None:
+    """Raise CheckpointError if a pickle under ``path`` names anything but tensors, plain data,
+    NumPy arrays and DeepSpeed's state classes: such a file could run code when it is loaded.
+    The scan reads each file's pickle opcodes; nothing is unpickled."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    for file in (f for f in files if f.is_file()):
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
+        except Exception as err:  # not a torch.save zip: a bare pickle, a damaged file
+            raise CheckpointError(f"checkpoint file {file} is not a torch.save archive ({err}); refused "
+                                  "unread") from None
+        unsafe = [n for n in names if n not in SAFE_PICKLE_GLOBALS and not n.startswith("numpy.dtypes.")]
+        if unsafe:
+            raise CheckpointError(f"checkpoint file {file} names {', '.join(unsafe[:3])}: a checkpoint "
+                                  "holds tensors, numbers and NumPy arrays only, and loading this file "
+                                  "could run code; refused unread")
+
+
 def load_checkpoint(accelerators: dict[str, Accelerator], path: Path, config: Config,
                     verified: bool = False) -> dict:
     """Restore models, optimisers, scalers and RNG from ``path``; return the loop state.
@@ -370,6 +401,7 @@ def load_checkpoint(accelerators: dict[str, Accelerator], path: Path, config: Co
     manifest = read_manifest(path, checksums=not verified)
     check_compatible(path, config)
     check_resumable(path, manifest, main)
+    refuse_code_in_pickles(path)
     for name, accelerator in accelerators.items():
         accelerator.load_state(str(path / name))
     return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
@@ -379,6 +411,7 @@ def load_generator_state(path: Path, ema: bool = True) -> dict[str, torch.Tensor
     """The generator's weights from a checkpoint: the EMA copy, or the trained (raw) ones."""
     read_manifest(path)
     if ema:
+        refuse_code_in_pickles(path / TRAINER_STATE)
         state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True).get("ema")
         if state is not None:
             return state

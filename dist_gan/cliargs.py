@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import sys
 import types
 import typing
@@ -33,8 +34,8 @@ def _value_problem(value: str | None, hint: Any) -> str | None:
     try:
         if kind is int:
             int(value)
-        elif kind is float:
-            float(value)
+        elif kind is float and not math.isfinite(float(value)):
+            return "must be a finite number"
         elif kind is bool and value.lower() not in ("true", "false", "1", "0"):
             return "must be true or false"
     except ValueError:

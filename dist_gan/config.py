@@ -18,7 +18,7 @@ import typing
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar
+from typing import Any, Callable, ClassVar, Literal, Optional, TypeVar
 
 import yaml
 
@@ -119,9 +119,22 @@ class DataConfig:
     # 0: all. Read into memory (data.format: memory) or written by `python -m dist_gan.data prepare
     # --limit=N`.
     limit: int = 0
+    # A symbolic link in an image folder whose target lies outside the folder is skipped (with a
+    # warning) unless this is true: a folder from elsewhere could otherwise point the run at any file.
+    follow_symlinks: bool = False
+    # Seconds a shard source may send nothing before the read fails (counted like a cut-off shard,
+    # the command or URL named): http(s):// shards and pipe: commands.
+    read_timeout_s: float = 60.0
+
+    def as_read(self) -> "DataConfig":
+        """This config as its images are read: ``folder`` names the source (folder) and its root,
+        so evaluation measures against the images the run trains on."""
+        return dataclasses.replace(self, source="folder", root=self.folder) if self.folder else self
 
     def problems(self) -> list[tuple[str, Any, str]]:
         found = []
+        if self.read_timeout_s <= 0:
+            found.append(("read_timeout_s", self.read_timeout_s, "must be > 0"))
         for name, low in (("batch_size", 1), ("resolution", 8), ("shard_size", 1), ("workers", 0),
                           ("shuffle_buffer", 0), ("prefetch_factor", 1), ("limit", 0)):
             if getattr(self, name) < low:
@@ -433,7 +446,7 @@ class EvalConfig:
         """The feature network ``auto`` stands for: the MNIST classifier for MNIST, else Inception."""
         if self.feature_net != "auto":
             return self.feature_net
-        return "mnist_classifier" if data.source == "mnist" else "inception"
+        return "mnist_classifier" if data.as_read().source == "mnist" else "inception"
 
 
 @dataclass
@@ -445,6 +458,8 @@ class Ramp:
     end: float = 0.0
     kimg: float = 1.0
     shape: Literal["cosine", "linear"] = "cosine"
+    # A ramp given only its start would fall to 0 within 1,000 images: every part of it is asked for.
+    REQUIRED: ClassVar[tuple[str, ...]] = ("start", "end", "kimg")
 
     def at(self, kimg: float) -> float:
         t = min(max(kimg / self.kimg, 0.0), 1.0)
@@ -529,12 +544,24 @@ class Config:
             found.append(("schedule.ema_kimg", "set", "ramps the half-life in images; train.ema_decay "
                           "(per step) is set: unset it"))
         for name, ramp in ramps.items():
-            low = {"beta2": (0.0, 1.0), "augment_p": (0.0, 1.0)}.get(name)
-            values = (ramp.start, ramp.end)
-            if any(v < 0 for v in values) or (low and any(v > low[1] for v in values)):
-                found.append((f"schedule.{name}", [ramp.start, ramp.end],
-                              "must be >= 0" + (f" and <= {low[1]}" if low else "")))
+            allowed, rule = RAMP_RANGES[name]
+            if not all(allowed(v) for v in (ramp.start, ramp.end)):
+                found.append((f"schedule.{name}", [ramp.start, ramp.end], f"start and end {rule}"))
         return found
+
+
+# What every value a ramp passes through must satisfy: the range its fixed key allows (a value
+# between start and end is between them, so checking both ends checks the whole ramp).
+RAMP_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "r1_gamma": (lambda v: v >= 0, "must be >= 0, as loss.r1_gamma"),
+    "r2_gamma": (lambda v: v >= 0, "must be >= 0, as loss.r2_gamma"),
+    "g_lr": (lambda v: v > 0, "must be > 0, as optim.g_lr"),
+    "d_lr": (lambda v: v > 0, "must be > 0, as optim.d_lr"),
+    "beta2": (lambda v: 0 <= v < 1, "must be in [0, 1), as optim.betas (beta2 = 1 never updates "
+                                      "Adam's second moment: every step NaN)"),
+    "ema_kimg": (lambda v: v >= 0, "must be >= 0, as train.ema_kimg"),
+    "augment_p": (lambda v: 0 <= v <= 1, "must be in [0, 1], as augment.p"),
+}
 
 
 def to_dict(config: Any) -> dict:
@@ -623,6 +650,10 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {names}"
             raise ConfigError(f"{source}: unknown config key '{prefix}{key}'{hint}")
+    missing = [key for key in getattr(cls, "REQUIRED", ()) if key not in raw]
+    if missing:
+        raise ConfigError(f"{source}: {prefix.rstrip('.')} needs {', '.join(missing)} (a ramp is "
+                          f"{{start, end, kimg[, shape]}}); it has {sorted(raw) or 'nothing'}")
     kwargs = {}
     for name in names:
         if name not in raw:
@@ -652,7 +683,11 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key, source)
     if isinstance(value, str) and hint is not str and origin is not Literal:
-        value = yaml.safe_load(value)  # "200" -> 200, "[0.0, 0.9]" -> list, "true" -> True
+        try:
+            value = yaml.safe_load(value)  # "200" -> 200, "[0.0, 0.9]" -> list, "true" -> True
+        except yaml.YAMLError as err:
+            problem = str(getattr(err, "problem", None) or err).splitlines()[0]
+            raise ConfigError(f"{source}: {key} = {value!r} is not a valid value ({problem})") from None
     if origin is Literal:
         for choice in args:
             if value == choice or (isinstance(value, str) and str(choice) == value):

@@ -72,6 +72,9 @@ def reference_config(reference: str, resolution: int | None, channels: int | Non
     return load_config(base, overrides, registered_names()), description
 
 
+SPLITS = ("train", "test")  # what every data source holds (a folder is one set: train and test alike)
+
+
 def main(checkpoint: str | None = None, n: int = 10000, json_out: str | None = None, raw: bool = False,
          seed: int = 0, mnist_dir: str | None = None, reference: str | None = None, out: str | None = None,
          split: str = "train", resolution: int | None = None, channels: int | None = None,
@@ -81,6 +84,8 @@ def main(checkpoint: str | None = None, n: int = 10000, json_out: str | None = N
     from dist_gan.metrics import evaluate_checkpoint, write_reference
 
     try:
+        if split not in SPLITS:
+            raise ConfigError(f"--split={split!r} must be one of {list(SPLITS)}")
         if reference is not None:
             if not out:
                 raise ConfigError("--reference needs --out=FILE.npz (where the statistics go)")

@@ -7,7 +7,7 @@ a ``README.md`` model card. ``dist_gan.load_generator(DIR)`` gives back a ready 
 
     from dist_gan import load_generator
     G = load_generator("exported/", device="cuda")
-    images = G(torch.randn(16, G.z_dim, device="cuda"), None)   # in [-1, 1]
+    images = G(torch.randn(16, G.z_dim, device="cuda"), None)   # in [-1, 1] (stylegan2, r3gan: clamp)
 
 ``--onnx`` also writes ``generator.onnx`` (ONNX opset ``ONNX_OPSET``, torch's dynamo exporter; needs
 the ``onnx`` extra): inputs ``z`` (N, z_dim) float32, ``labels`` (N,) int64 for a class-conditional
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 EXPORT_FORMAT = "dist_gan.generator/1"
 WEIGHTS, CONFIG, CARD, GRID = "model.safetensors", "config.json", "README.md", "samples.png"
 ONNX_FILE, ONNX_OPSET = "generator.onnx", 18
+# Generators whose last layer is no tanh: their images are about [-1, 1], not bounded by it
+UNBOUNDED_OUTPUT = ("stylegan2", "r3gan")
 # Config entries that name files on the training machine: a shared export keeps only their last part
 LOCAL_PATHS = (("run", "dir"), ("data", "shards"), ("data", "manifest"), ("data", "mnist_dir"),
                ("data", "root"), ("data", "folder"), ("train", "resume"), ("eval", "classifier_path"),
@@ -103,22 +106,50 @@ def export(source: str | Path, out: str | Path, ema: bool = True, overwrite: boo
             "num_classes": config.model.num_classes, "resolution": config.data.resolution,
             "channels": config.data.channels, "config": _shareable(to_dict(config)),
             "fid_feature_net": config.eval.resolved_feature_net(config.data)}
+    # Written into a staging folder beside ``out`` and swapped in whole: a failure (a full disk, an
+    # ONNX exporter error) leaves an existing export as it was, and no file of an earlier export
+    # (a generator.onnx of another model) survives an --overwrite.
+    staging = out.parent / f".{out.name}.export-tmp"
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in generator.state_dict().items()}, out / WEIGHTS)
-    except OSError as err:
-        raise ConfigError(f"cannot write the export into --out={out}: {err.strerror or err}") from None
-    info["sha256"] = {WEIGHTS: sha256_of(out / WEIGHTS)}  # load_generator checks it
-    if onnx:
-        info["onnx"] = export_onnx(generator, config.model.generator.arch, config.model.z_dim,
-                                   config.model.num_classes, out / ONNX_FILE)
-    (out / CONFIG).write_text(json.dumps(info, indent=1))
-    from dist_gan.sample import generate
+        _remove_folder(staging)
+        staging.mkdir(parents=True)
+        save_file({k: v.detach().contiguous() for k, v in generator.state_dict().items()}, staging / WEIGHTS)
+        info["sha256"] = {WEIGHTS: sha256_of(staging / WEIGHTS)}  # load_generator checks it
+        if onnx:
+            info["onnx"] = export_onnx(generator, config.model.generator.arch, config.model.z_dim,
+                                       config.model.num_classes, staging / ONNX_FILE)
+        (staging / CONFIG).write_text(json.dumps(info, indent=1))
+        from dist_gan.sample import generate
 
-    save_png(generate(generator, 64, seed=0), out / GRID, nrow=8)
-    (out / CARD).write_text(model_card(info))
+        save_png(generate(generator, 64, seed=0), staging / GRID, nrow=8)
+        (staging / CARD).write_text(model_card(info))
+        _swap_in(staging, out)
+    except OSError as err:
+        _remove_folder(staging)
+        raise ConfigError(f"cannot write the export into --out={out}: {err.strerror or err}"
+                          f"{'; the export there is unchanged' if out.is_dir() else ''}") from None
+    except BaseException:
+        _remove_folder(staging)
+        raise
     log.info("exported the %s generator of %s (step %d) to %s", info["weights"], checkpoint, step, out)
     return out
+
+
+def _remove_folder(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """``staging`` becomes ``out``; an existing ``out`` is removed only once the new one is there."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = out.parent / f".{out.name}.export-old"
+    _remove_folder(old)
+    out.rename(old)
+    staging.rename(out)
+    _remove_folder(old)
 
 
 def model_card(info: dict) -> str:
@@ -126,6 +157,9 @@ def model_card(info: dict) -> str:
     model, data = config["model"], config["data"]
     feature_net = info.get("fid_feature_net", config["eval"]["feature_net"])
     fid = f"{info['fid']:.2f} (`eval.feature_net={feature_net}`)" if info["fid"] else "not measured"
+    bounded = model["generator"]["arch"] not in UNBOUNDED_OUTPUT
+    value_range = ("in [-1, 1]" if bounded else
+                   "about [-1, 1], not clamped (no tanh): clamp(-1, 1) before saving")
     return f"""---
 library_name: dist_gan
 tags: [gan, image-generation, dist_gan]
@@ -154,7 +188,7 @@ from dist_gan import load_generator
 
 G = load_generator(".")                       # or device="cuda"
 z = torch.randn(16, G.z_dim)
-images = G(z, None)                           # (16, {data['channels']}, {data['resolution']}, {data['resolution']}) in [-1, 1]
+images = G(z, None)                           # (16, {data['channels']}, {data['resolution']}, {data['resolution']}) {value_range}
 ```
 {_onnx_section(info)}"""
 
@@ -167,7 +201,7 @@ def _onnx_section(info: dict) -> str:
     feeds = ", ".join(f'"{name}": {value}' for name, value in (
         ("z", "np.random.randn(16, %d).astype(np.float32)" % info["z_dim"]),
         ("labels", "np.arange(16) % {}".format(info["num_classes"])),
-        ("truncation", "np.float32(1.0)")) if name in onnx["inputs"])
+        ("truncation", "np.array(1.0, dtype=np.float32)")) if name in onnx["inputs"])
     return f"""
 `{onnx['file']}` (ONNX opset {onnx['opset']}, dynamic batch) runs without PyTorch:
 
@@ -249,6 +283,9 @@ def load_generator(directory: str | Path, device: torch.device | str = "cpu") ->
     if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
         raise ConfigError(f"{config_file} is not a dist_gan generator export "
                           f"(format {info.get('format') if isinstance(info, dict) else None!r})")
+    if not isinstance(info.get("config"), dict) or not isinstance(info.get("sha256", {}), dict):
+        raise ConfigError(f"{config_file}: its 'config' (a mapping of sections) or 'sha256' field is "
+                          "missing or mistyped: the export is damaged; export again")
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found: the export is incomplete; export again")
     expected = info.get("sha256", {}).get(WEIGHTS)
@@ -256,7 +293,10 @@ def load_generator(directory: str | Path, device: torch.device | str = "cpu") ->
         raise ConfigError(f"{weights} does not match the sha256 in {config_file}: the file is damaged "
                           "or was replaced; export again")
     config = config_from_dict(info["config"], str(config_file))
-    generator = build_generator(config)
+    try:
+        generator = build_generator(config)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ConfigError(f"{config_file}: its config cannot build a generator ({err}); export again") from None
     try:
         generator.load_state_dict(load_file(weights))
     except Exception as err:  # safetensors raises its own error types for a damaged header

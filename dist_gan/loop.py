@@ -33,7 +33,7 @@ from dist_gan.nets import (build_ema, build_nets, images_per_step, real_images_p
                            weights_finite)
 from dist_gan.progress import write_run_pictures
 from dist_gan.ranks import any_rank, check_replicas, same_on_every_rank
-from dist_gan.rundir import claim_run_dir, lock_run_dir
+from dist_gan.rundir import SetAside, claim_run_dir, lock_run_dir
 from dist_gan.sample import sample_grid
 from dist_gan.schedules import build_schedules
 from dist_gan.seeds import derive
@@ -74,13 +74,17 @@ def train(config: Config, stop_request: StopRequest | None = None) -> RunResult:
         lock = lock_run_dir(acc_G, Path(config.run.dir))
         if lock is not None:
             cleanup.callback(runlock.release, lock)
-        resume_from = claim_run_dir(config, acc_G)
-        return run_loop(config, acc_G, acc_D, stop_request, cleanup, resume_from)
+        resume_from, earlier_run = claim_run_dir(config, acc_G)
+        if earlier_run is not None:
+            cleanup.callback(earlier_run.restore)  # a no-op once discarded at the first checkpoint
+        return run_loop(config, acc_G, acc_D, stop_request, cleanup, resume_from, earlier_run)
 
 
 def run_loop(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_request: StopRequest,
-             cleanup: contextlib.ExitStack, resume_from: Path | None) -> RunResult:
-    """Build -> resume -> loop -> finish; ``cleanup`` closes the data stream and the logger."""
+             cleanup: contextlib.ExitStack, resume_from: Path | None,
+             earlier_run: SetAside | None = None) -> RunResult:
+    """Build -> resume -> loop -> finish; ``cleanup`` closes the data stream and the logger;
+    ``earlier_run`` (run.overwrite) is deleted once this run has written a checkpoint."""
     run = Trainer(config, acc_G, acc_D, cleanup)
     step = run.start(resume_from)
     stop = StopPolicy(config.train.max_steps, config.train.time_limit_min, stop_request, run.any_rank,
@@ -117,7 +121,15 @@ def run_loop(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_reques
             run.sample_and_evaluate(step, last)
         if policy.save_now(step, last, run.best_due(step), run.guard.streak_open):
             run.checkpoint(step, last)
+            if earlier_run is not None:
+                earlier_run.discard()
     bar.close()
+    if run.guard.streak_open:  # the final save was deferred: the run would end with nothing saved
+        message = (f"the run ended inside a bad streak: its last {run.guard.in_row} step(s) had a "
+                   f"non-finite loss or gradient and were skipped, so no checkpoint was written at step "
+                   f"{step}; last good checkpoint: {last_healthy(run.run_dir)}")
+        run.logger.event(step, {"event": "diverged", "message": message})
+        raise TrainingDiverged(message)
     run.logger.event(step, {"event": "preempted" if stop.preempted else "end", "stopped_by": stop.reason,
                             "world_size": run.world, "skipped_steps": run.guard.skipped,
                             "rollbacks": run.guard.rollbacks})

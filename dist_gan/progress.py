@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 _GRID = re.compile(r"(?P<tag>[A-Za-z]+)_(?P<step>\d{8})\.png$")
 LABEL_HEIGHT = 14
+# A long run's animation shows at most this many grids (evenly spaced, first and last kept), each
+# at most this wide: 60 full-size grids of a 256 px run held 2.3 GB and took minutes.
+MAX_FRAMES = 48
+MAX_FRAME_WIDTH = 1024
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -53,10 +57,20 @@ def kimg_per_step(records: list[dict]) -> float | None:
     return logged[-1]["kimg"] / logged[-1]["step"] if logged else None
 
 
-def labelled(path: Path, step: int, per_step: float | None) -> Image.Image:
-    """The grid with a strip above it reading its step (and kimg)."""
+def spaced(frames: list, most: int) -> list:
+    """At most ``most`` of ``frames``, evenly spaced, the first and the last always among them."""
+    if len(frames) <= most:
+        return frames
+    picks = sorted({round(i * (len(frames) - 1) / (most - 1)) for i in range(most)})
+    return [frames[i] for i in picks]
+
+
+def labelled(path: Path, step: int, per_step: float | None, max_width: int = MAX_FRAME_WIDTH) -> Image.Image:
+    """The grid (shrunk to ``max_width``) with a strip above it reading its step (and kimg)."""
     with Image.open(path) as grid:
         grid = grid.convert("RGB")
+    if grid.width > max_width:
+        grid = grid.resize((max_width, round(grid.height * max_width / grid.width)), Image.Resampling.LANCZOS)
     frame = Image.new("RGB", (grid.width, grid.height + LABEL_HEIGHT), "white")
     frame.paste(grid, (0, LABEL_HEIGHT))
     text = f"step {step}" + (f"  {step * per_step:.1f} kimg" if per_step is not None else "")
@@ -64,16 +78,25 @@ def labelled(path: Path, step: int, per_step: float | None) -> Image.Image:
     return frame
 
 
-def write_progress(run_dir: str | Path, out: str | Path, fps: int = 4) -> Path:
-    """The run's sample grids as one animation at ``out`` (.gif, or .mp4 with imageio[ffmpeg])."""
+def write_progress(run_dir: str | Path, out: str | Path, fps: int = 4, max_frames: int = MAX_FRAMES) -> Path:
+    """The run's sample grids as one animation at ``out`` (.gif, or .mp4 with imageio[ffmpeg]): at
+    most ``max_frames`` of them, read one at a time, with progress in the log."""
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / "samples").is_dir() and (run_dir / "manifest.json").is_file():
         run_dir = run_dir.parent.parent  # a checkpoint: its run's grids
-    frames = grids(run_dir)
-    if not frames:
+    found = grids(run_dir)
+    if not found:
         raise ConfigError(f"{run_dir / 'samples'} holds no sample grids (written every run.sample_every steps)")
+    frames = spaced(found, max_frames)
     per_step = kimg_per_step(_records(run_dir))
-    images = [labelled(path, step, per_step) for step, path in frames]
+    log.info("writing %s from %d of the run's %d sample grids", out, len(frames), len(found))
+
+    def images():
+        for index, (step, path) in enumerate(frames, 1):
+            if index % 10 == 0 or index == len(frames):
+                log.info("%s: frame %d/%d", out.name, index, len(frames))
+            yield labelled(path, step, per_step)
+
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".mp4":
         try:
@@ -82,11 +105,14 @@ def write_progress(run_dir: str | Path, out: str | Path, fps: int = 4) -> Path:
         except ImportError:
             raise ConfigError("an MP4 needs imageio with ffmpeg: pip install 'imageio[ffmpeg]' (or write a "
                               ".gif)") from None
-        iio.imwrite(out, np.stack([np.asarray(i) for i in images]), fps=fps)
+        iio.imwrite(out, np.stack([np.asarray(i) for i in images()]), fps=fps)  # capped: <= 150 MB
         return out
-    # the last frame stays up longer, so the end of training is readable
-    durations = [round(1000 / fps)] * (len(images) - 1) + [2000]
-    images[0].save(out, save_all=True, append_images=images[1:], duration=durations, loop=0)
+    # the last frame stays up longer, so the end of training is readable; Pillow takes the frames
+    # from the generator one at a time and keeps only their palette images
+    durations = [round(1000 / fps)] * (len(frames) - 1) + [2000]
+    stream = images()
+    first = next(stream)
+    first.save(out, save_all=True, append_images=stream, duration=durations, loop=0)
     return out
 
 

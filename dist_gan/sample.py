@@ -149,8 +149,9 @@ def decode(generator: nn.Module, z: torch.Tensor, batch_size: int, device: torch
     is truncated at that threshold (BigGAN's trick: 0.5 to 1 is typical)."""
     extra = {}
     if truncation is not None:
-        if not truncation > 0:
-            raise ConfigError(f"truncation = {truncation} must be > 0")
+        if not isinstance(truncation, (int, float)) or isinstance(truncation, bool) or not (
+                math.isfinite(truncation) and truncation > 0):
+            raise ConfigError(f"--truncation={truncation!r} must be a finite number > 0")
         if has_w_space(generator):
             extra = {"truncation": float(truncation)}
         else:
@@ -163,6 +164,21 @@ def decode(generator: nn.Module, z: torch.Tensor, batch_size: int, device: torch
         for chunk, y in zip(z.split(batch_size), label_chunks)])
     generator.train(was_training)
     return images
+
+
+def parse_classes(classes) -> list[int]:
+    """``--classes=0,1,2`` (fire may hand over an int, a tuple or a string) as whole numbers, or a
+    ConfigError naming the value."""
+    parts = classes if isinstance(classes, (list, tuple)) else str(classes).split(",")
+    wanted = []
+    for part in parts:
+        text = str(part).strip()
+        if isinstance(part, bool) or not text.lstrip("-").isdigit():
+            raise ConfigError(f"--classes={classes!r}: {text!r} is not a whole number (e.g. --classes=0,1,2)")
+        wanted.append(int(text))
+    if not wanted:
+        raise ConfigError(f"--classes={classes!r} names no class (e.g. --classes=0,1,2)")
+    return wanted
 
 
 def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, raw: bool = False,
@@ -195,14 +211,13 @@ def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, 
             sys.exit(f"dist_gan.sample: error: {getattr(err, 'strerror', None) or err}")
         log.info("wrote the training progress of %s to %s", checkpoint, written)
         return
-    for name, value in (("n", n), ("per_class", per_class)):
+    for name, value in (("n", n), ("per_class", per_class), ("nrow", 1 if nrow is None else nrow)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             sys.exit(f"dist_gan.sample: error: --{name}={value!r} must be a whole number >= 1")
     try:
         generator, source = load_generator(checkpoint, ema=not raw)
         if classes is not None:
-            wanted = [int(c) for c in (classes if isinstance(classes, (list, tuple))
-                                       else str(classes).split(","))]
+            wanted = parse_classes(classes)
             images, nrow = by_class(generator, wanted, per_class, seed, truncation), per_class
         elif reconstruct:
             images, nrow = reconstructions(source, generator, n, mnist_dir), 8

@@ -46,6 +46,17 @@ def _record_status(code: int) -> None:
             f.write(str(code))
 
 
+def _record_pid() -> None:
+    """Under ``dist-gan launch``: this rank's pid, once it catches the stop signals (the command
+    sends SIGUSR1 to the ranks themselves)."""
+    directory = os.environ.get(STATUS_DIR_ENV)
+    if directory:
+        path = os.path.join(directory, f"rank{os.environ.get('RANK', '0')}.pid")
+        with open(path + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(path + ".tmp", path)
+
+
 def _peer_failure(err: BaseException) -> bool:
     """Whether ``err`` is a collective that failed because another rank went away."""
     import torch.distributed as dist
@@ -56,7 +67,7 @@ def _peer_failure(err: BaseException) -> bool:
                                       "NCCL communicator was aborted", "socket closed"))
 
 
-def main(config: str | None = None, debug: bool = False, **overrides) -> None:
+def main(config: str | None = None, *stray: str, debug: bool = False, **overrides) -> None:
     """Train from the YAML file ``config`` (none: the defaults); any ``--section.key=value`` overrides
     a config value, e.g. ``dist-gan train --data.folder=DIR --data.resolution=64 --data.channels=3``.
 
@@ -65,6 +76,11 @@ def main(config: str | None = None, debug: bool = False, **overrides) -> None:
     with --train.resume=auto).
     """
     code = 1
+    if stray or not isinstance(debug, bool):
+        extra = list(stray) + ([] if isinstance(debug, bool) else [debug])
+        _record_status(code)
+        sys.exit(f"dist_gan.train: error: unexpected argument(s) {extra} after the config {config!r}: "
+                 "give one CONFIG.yaml, then --section.key=value overrides (and --debug for tracebacks)")
     try:
         _write_to_launcher_terminal()
         _train(config, debug, **overrides)
@@ -99,6 +115,7 @@ def _train(config: str | None = None, debug: bool = False, **overrides) -> None:
     """The body of ``main`` (signals caught, errors as one line)."""
     # The stop signals are caught from here on; the slow imports (torch, accelerate) come after.
     with StopRequest() as stop_request:
+        _record_pid()
         setup_logging()
         from dist_gan.config import ConfigError, load_config
         from dist_gan.data import DataError
@@ -113,11 +130,14 @@ def _train(config: str | None = None, debug: bool = False, **overrides) -> None:
                 raise
             sys.exit(f"dist_gan.train: error: {err}")
         except Exception as err:
-            if debug or rank == 0 or not _peer_failure(err):
+            if debug or not _peer_failure(err):
                 raise
-            # rank 0 stopped (its own one-line error says why): no gloo/NCCL traceback on top
-            sys.exit(f"dist_gan.train: error: rank {rank}: rank 0 stopped (its message says why); "
-                     f"this rank's collective failed with it ({type(err).__name__})")
+            # another rank stopped (its own one-line error says why, or it was killed): no gloo/NCCL
+            # traceback on top
+            who = "another rank" if rank == 0 else "rank 0 or another rank"
+            sys.exit(f"dist_gan.train: error: rank {rank}: {who} stopped or was killed (its own message "
+                     f"says why, if it had time to write one); this rank's collective failed with it "
+                     f"({type(err).__name__})")
     if result.preempted:  # checkpoint saved; tell the scheduler to requeue
         sys.exit(PREEMPTED_EXIT_CODE)
 

@@ -165,7 +165,7 @@ def test_truncation_pulls_w_towards_its_average_and_truncates_z():
     assert t.abs().max() <= 0.5
     a = decode(G, z, 3, "cpu", truncation=0.7)
     assert a.shape == (3, 1, 16, 16)
-    with pytest.raises(ConfigError, match="must be > 0"):
+    with pytest.raises(ConfigError, match="must be a finite number > 0"):
         decode(G, z, 3, "cpu", truncation=0.0)
 
 

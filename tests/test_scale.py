@@ -163,7 +163,7 @@ def test_kill9_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, data)
         proc = start_cli(train_args("mnist_dcgan", run, data, "--run.ckpt_every=1", "--run.keep_last=2",
                                     "--train.max_steps=100000", "--train.resume=auto"),
                          log=tmp_path / f"attempt{attempt}.log")
-        wait_for(lambda: any(root.glob("step_*/manifest.json")), 300, "a first checkpoint", proc)
+        wait_for(lambda: bool(list_checkpoints(run)), 300, "a first renamed, complete checkpoint", proc)
         wait_for(lambda: any(root.glob("step_*.tmp")), 300, "a checkpoint being written", proc,
                  interval=0.0005)
         proc.send_signal(signal.SIGKILL)

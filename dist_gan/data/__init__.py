@@ -21,7 +21,7 @@ from dist_gan.data.loader import ShardReader, ShardStream
 from dist_gan.data.memory import InMemoryBatches
 from dist_gan.data.shards import (SHARD_MANIFEST, expand_urls, local_path, read_shard_manifest,
                                   resolve_encoding, resolve_shards, shard_dir_lock, write_shards)
-from dist_gan.data.sources import (DATA_SOURCES, IMAGE_SUFFIXES, DataError, ImageSet, limit_images,
+from dist_gan.data.sources import (DATA_SOURCES, IMAGE_SUFFIXES, DataError, ImageSet, folder_images, limit_images,
                                    load_mnist_idx, read_idx)
 from dist_gan.data.split import SplitPlan
 
@@ -90,11 +90,11 @@ def _prepare_if_missing(cfg: DataConfig) -> None:
                         f"files that were not written, e.g. {missing[0]}: fix the pattern or data.shard_size")
 
 
-def folder_fingerprint(folder: Path) -> dict:
+def folder_fingerprint(folder: Path, follow_symlinks: bool = False) -> dict:
     """What identifies a folder's content cheaply: its image count and a digest of every image's
     path, size and modification time (a changed, added or removed image changes it)."""
     digest, count = hashlib.sha256(), 0
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+    for path, _ in folder_images(folder, follow_symlinks)[0]:
         stat = path.stat()
         digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         count += 1
@@ -146,7 +146,7 @@ def shards_from_folder(cfg: DataConfig, run_dir: str | Path, may_prepare: bool) 
             if problem:
                 raise DataError(f"{problem}: nothing was changed; set data.shards to another directory, "
                                 "or leave it unset to use RUN_DIR/shards")
-            fingerprint = {**folder_fingerprint(folder), "resolution": cfg.resolution,
+            fingerprint = {**folder_fingerprint(folder, cfg.follow_symlinks), "resolution": cfg.resolution,
                            "channels": cfg.channels,
                            "encoding": resolve_encoding(cfg.encoding, cfg.resolution, cfg.channels)}
             known = read_shard_manifest(manifest_path).get("folder") if manifest_path.is_file() else None
@@ -190,7 +190,7 @@ def build_batch_stream(cfg: DataConfig, seed: int, rank: int, world_size: int,
     plan = SplitPlan([shard.count for shard in shards], world_size, cfg.workers, cfg.batch_size, seed,
                      cfg.resampled)
     reader = ShardReader(shards, plan, rank, cfg.resolution, cfg.channels, cfg.shuffle_buffer, cfg.strict,
-                         cfg.xflip)
+                         cfg.xflip, cfg.read_timeout_s)
     stream = ShardStream(reader, cfg.workers, device, cfg.pin_memory, cfg.prefetch_factor, num_classes)
     log.info("data: %d shards, %d samples (%s), %d ranks x %d readers, %d batches per rank per epoch, "
              "%.1f%% of the samples used per epoch", len(shards), plan.total, manifest.get("source"),

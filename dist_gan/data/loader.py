@@ -31,7 +31,9 @@ import logging
 import multiprocessing
 import os
 import random
+import select
 import signal
+import subprocess
 import tarfile
 import threading
 import urllib.request
@@ -130,7 +132,7 @@ def _label(sample: dict) -> int:
 RawSample = dict  # tar members of one key: {"__key__": ..., "u8" or "png": bytes, "cls": bytes}
 
 
-HTTP_TIMEOUT_S = 60  # a server that sends nothing for this long fails the read (counted, named)
+HTTP_TIMEOUT_S = 60  # default data.read_timeout_s: a source silent this long fails the read (counted, named)
 # What reading a shard over the network can raise besides OSError (a body cut off mid-transfer, a
 # connection dropped between requests): the shard is unreadable from there on.
 READ_ERRORS = (tarfile.TarError, OSError, EOFError, http.client.HTTPException)
@@ -230,7 +232,7 @@ def _pax_path(records: bytes) -> str | None:
 
 
 @contextlib.contextmanager
-def _open_tar(url: str, offset: int = 0) -> Iterator[TarReader]:
+def _open_tar(url: str, offset: int = 0, timeout: float = HTTP_TIMEOUT_S) -> Iterator[TarReader]:
     """Shard ``url`` opened at byte ``offset`` (a sample's first header; 0: the start).
 
     A local file is opened for seeking (headers are read, data skipped by seek); an ``http(s)://``
@@ -246,11 +248,15 @@ def _open_tar(url: str, offset: int = 0) -> Iterator[TarReader]:
         return
     if url.startswith(("http://", "https://")):
         request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             body = _WholeBody(response)
             if offset and response.status != 206:
                 _drop(body, offset)
             yield TarReader(body, seekable=False)
+        return
+    if url.startswith("pipe:"):
+        with _PipeStream(url[len("pipe:"):], timeout) as stream:
+            yield TarReader(stream, seekable=False)
         return
     stream = wds.gopen(url)
     try:
@@ -260,6 +266,40 @@ def _open_tar(url: str, offset: int = 0) -> Iterator[TarReader]:
         # early because the reader had what it needed must not turn into an error here
         with contextlib.suppress(OSError):
             stream.close()
+
+
+class _PipeStream:
+    """The output of a ``pipe:`` shard command, read with a timeout: a command that sends nothing
+    for ``timeout`` seconds fails the read (``TimeoutError``, an OSError: counted like a cut-off
+    shard, the command named), and one that exits non-zero fails it at the end of its output.
+    Closed early (the reader had what it needed), the command is stopped, which is no error."""
+
+    def __init__(self, command: str, timeout: float):
+        self.command, self.timeout = command, timeout
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, start_new_session=True)
+        self.fd = self.proc.stdout.fileno()
+
+    def read(self, size: int) -> bytes:
+        ready, _, _ = select.select([self.fd], [], [], self.timeout)
+        if not ready:
+            raise TimeoutError(f"pipe command {self.command!r} sent nothing for {self.timeout:g} s "
+                               "(data.read_timeout_s)")
+        data = os.read(self.fd, size)
+        if not data:
+            status = self.proc.wait()
+            if status != 0:
+                raise OSError(f"pipe command {self.command!r} exited with status {status}")
+        return data
+
+    def __enter__(self) -> "_PipeStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.stdout.close()
+        self.proc.wait()
 
 
 class _WholeBody:
@@ -295,7 +335,7 @@ def seekable(url: str) -> bool:
 
 
 def tar_samples(url: str, start: int, stop: int, scan_rest: bool, seen: list[int],
-                offsets: list[int] | None = None) -> Iterator[RawSample]:
+                offsets: list[int] | None = None, timeout: float = HTTP_TIMEOUT_S) -> Iterator[RawSample]:
     """Samples ``start`` to ``stop`` of shard ``url`` in file order, their bytes not decoded.
 
     With the shard's sample ``offsets`` (from the manifest) a seekable shard is opened at sample
@@ -304,7 +344,7 @@ def tar_samples(url: str, start: int, stop: int, scan_rest: bool, seen: list[int
     ends as the number of samples the shard holds, for the manifest check.
     """
     jump = start if offsets and 0 < start < len(offsets) and seekable(url) else 0
-    with _open_tar(url, offsets[jump] if jump else 0) as tar:
+    with _open_tar(url, offsets[jump] if jump else 0, timeout) as tar:
         index, current = jump - 1, None
         for name in tar.members():
             key, extension = member_key(name)
@@ -332,8 +372,9 @@ class ShardReader(IterableDataset):
     """
 
     def __init__(self, shards: list[ShardEntry], plan: SplitPlan, rank: int, resolution: int,
-                 channels: int, shuffle_buffer: int, strict: bool, xflip: bool = False):
-        self.urls, self.xflip = [shard.url for shard in shards], xflip
+                 channels: int, shuffle_buffer: int, strict: bool, xflip: bool = False,
+                 read_timeout: float = HTTP_TIMEOUT_S):
+        self.urls, self.xflip, self.read_timeout = [shard.url for shard in shards], xflip, read_timeout
         self.offsets = [shard.offsets for shard in shards]
         self.plan, self.rank = plan, rank
         self.resolution, self.channels = resolution, channels
@@ -421,7 +462,7 @@ class _Share:
         scan_rest, seen, produced = segment.stop == expected, [0], 0
         try:
             for sample in tar_samples(url, start, segment.stop, scan_rest, seen,
-                                      owner.offsets[segment.shard]):
+                                      owner.offsets[segment.shard], owner.read_timeout):
                 produced += 1
                 yield sample
         except READ_ERRORS as err:

@@ -351,6 +351,10 @@ def count_samples(path: Path) -> int:
 def verify_shards(pattern: str, manifest_path: str | None = None) -> list[str]:
     """Check every local shard against its manifest entry (sha256, then sample count); return one
     "<shard>: <what differs>" line per shard that disagrees."""
+    remote = [url for url in expand_urls(pattern) if local_path(url) is None]
+    if remote:
+        raise DataError(f"verify reads local shard files; {remote[0]!r} is not one (pipe:, http(s)://, "
+                        "s3://...): verify the shards where they are stored, or copy them here first")
     path = Path(manifest_path) if manifest_path else default_manifest_path(pattern)
     listed = {e["name"]: e for split in read_shard_manifest(path)["splits"].values() for e in split["shards"]}
     problems = []

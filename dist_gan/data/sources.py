@@ -8,6 +8,8 @@ means the dataset has no classes. The shard writer and the in-memory stream both
 from __future__ import annotations
 
 import gzip
+import logging
+import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dist_gan.config import DataConfig
+
+log = logging.getLogger(__name__)
 
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -153,10 +157,30 @@ CIFAR10_FOLDER = "cifar-10-batches-py"  # the python version of CIFAR-10, as dis
 CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
 
+# All that CIFAR-10's python batches name: NumPy's array reconstruction (the rest is dicts, lists,
+# bytes and numbers, which need no global).
+_CIFAR10_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                    ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what the real CIFAR-10 batches hold: a file naming any other
+    function or class (which unpickling would call) is refused by that name."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR10_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never holds "
+                                         "(refused: unpickling it could run code)")
+        return super().find_class(module, name)
+
+
 def _read_cifar10_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+        if not isinstance(batch, dict):
+            raise ValueError(f"it holds a {type(batch).__name__}, not a dict")
+        return batch
     except FileNotFoundError as err:
         raise DataError(f"CIFAR-10 file {path} is missing ({CIFAR10_FOLDER}/ must hold "
                         f"{CIFAR10_FILES['train'] + CIFAR10_FILES['test'] + ['batches.meta']})") from err
@@ -198,19 +222,9 @@ class FolderImageSet:
     Images are resized (shorter side) and centre-cropped to ``resolution``, converted to grey or RGB.
     """
 
-    def __init__(self, root: str | Path, resolution: int, channels: int):
-        root = Path(root)
-        if not root.is_dir():
-            raise DataError(f"image folder not found: {root} (data.root)")
+    def __init__(self, root: str | Path, resolution: int, channels: int, follow_symlinks: bool = False):
         self.resolution, self.mode = resolution, "L" if channels == 1 else "RGB"
-        subdirs = sorted(p for p in root.iterdir() if p.is_dir())
-        self.class_names = [p.name for p in subdirs]
-        if subdirs:
-            self.items = [(f, label) for label, d in enumerate(subdirs) for f in _images_in(d)]
-        else:
-            self.items = [(f, -1) for f in _images_in(root)]
-        if not self.items:
-            raise DataError(f"no images ({sorted(IMAGE_SUFFIXES)}) found under {root}")
+        self.items, self.class_names = folder_images(Path(root), follow_symlinks)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -247,12 +261,66 @@ def to_8bit(image: Image.Image) -> Image.Image:
     return image
 
 
-def _images_in(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def folder_images(root: Path, follow_symlinks: bool = False) -> tuple[list[tuple[Path, int]], list[str]]:
+    """The images of folder ``root`` with their labels, and the class names: each non-hidden
+    sub-folder is a class; a folder without sub-folders is one unlabelled set (-1). Hidden files and
+    folders (``.ipynb_checkpoints``) are ignored; images beside class folders are refused (they have
+    no class); a symbolic link whose target lies outside ``root`` is skipped, with a warning, unless
+    ``follow_symlinks`` (a folder from elsewhere could otherwise point the run at any file)."""
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root} (data.root)")
+    top = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    classes = [p for p in top if p.is_dir() and (follow_symlinks or not _leaves(p, root))]
+    flat = [p for p in top if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    if classes and flat:
+        raise DataError(f"image folder {root} holds both images ({flat[0].name}, ...) and sub-folders "
+                        f"({classes[0].name}/, ...): sub-folders are classes, so every image must be in "
+                        "one; move the loose images into a folder, or the folders out")
+    skipped: list[Path] = []
+    if classes:
+        items = [(f, label) for label, d in enumerate(classes) for f in _walk(d, root, follow_symlinks, skipped)]
+    else:
+        items = [(f, -1) for f in _walk(root, root, follow_symlinks, skipped)]
+    if skipped:
+        log.warning("image folder %s: skipped %d symbolic link(s) leading out of it (e.g. %s -> %s); "
+                    "set data.follow_symlinks=true to read them", root, len(skipped), skipped[0],
+                    os.path.realpath(skipped[0]))
+    if not items:
+        raise DataError(f"no images ({sorted(IMAGE_SUFFIXES)}) found under {root}")
+    return items, [p.name for p in classes]
+
+
+def _leaves(path: Path, root: Path) -> bool:
+    """Whether ``path`` is a symbolic link whose target lies outside ``root``."""
+    if not path.is_symlink():
+        return False
+    target, inside = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    return target != inside and inside not in target.parents
+
+
+def _walk(directory: Path, root: Path, follow_symlinks: bool, skipped: list[Path]) -> list[Path]:
+    """The image files under ``directory``, hidden entries left out; links out of ``root`` are
+    appended to ``skipped`` instead (unless ``follow_symlinks``)."""
+    found = []
+    for where, dirs, files in os.walk(directory, followlinks=follow_symlinks):
+        base = Path(where)
+        for name in [d for d in dirs if not d.startswith(".")]:
+            if not follow_symlinks and _leaves(base / name, root):
+                skipped.append(base / name)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            path = base / name
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if not follow_symlinks and _leaves(path, root):
+                skipped.append(path)
+            elif path.is_file():
+                found.append(path)
+    return sorted(found)
 
 
 def folder_source(cfg: DataConfig, split: str = "train") -> FolderImageSet:
-    return FolderImageSet(cfg.root, cfg.resolution, cfg.channels)
+    return FolderImageSet(cfg.root, cfg.resolution, cfg.channels, cfg.follow_symlinks)
 
 
 def synthetic_source(cfg: DataConfig, split: str = "train") -> TensorImageSet:

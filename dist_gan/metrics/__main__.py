@@ -18,6 +18,11 @@ def train_classifier_command(mnist_dir: str, out: str | None = None, seed: int =
     by default in the user cache; evaluate with it through ``--eval.classifier_path=PATH`` (a seed
     other than 0 is read from the cache without it). ``limit``: train on the first N images."""
     path = Path(out) if out else cached_classifier_path(seed)
+    for name, value in (("limit", 1 if limit is None else limit), ("epochs", epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            sys.exit(f"dist_gan.metrics: error: --{name}={value!r} must be a whole number >= 1")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        sys.exit(f"dist_gan.metrics: error: --seed={seed!r} must be a whole number")
     try:
         model, accuracy = train_classifier(mnist_dir, seed, epochs, limit)
     except DataError as err:

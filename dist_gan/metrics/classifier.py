@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dist_gan.config import ConfigError
 from dist_gan.data.sources import load_mnist_idx, to_grey, to_model_range
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,12 @@ def default_classifier_path(seed: int = 0) -> Path:
 def load_or_train_classifier(mnist_dir: str | None, path: str | Path | None = None,
                              seed: int = 0) -> MnistClassifier:
     """The classifier at ``path`` (default: the shipped reference, or the cache for another seed),
-    training it first if absent."""
+    training it first if the default cache file is absent. A named ``path`` that does not exist is
+    refused: training one there would measure in another feature space without a word."""
+    if path and not Path(path).is_file():
+        raise FileNotFoundError(f"eval.classifier_path={path}: no such file; write one there with "
+                                f"`python -m dist_gan.metrics train-classifier --mnist_dir=DIR --out={path}`, "
+                                "or unset it to use the shipped reference classifier")
     path = Path(path) if path else default_classifier_path(seed)
     if not path.is_file():
         if not mnist_dir:
@@ -124,9 +130,16 @@ def load_or_train_classifier(mnist_dir: str | None, path: str | Path | None = No
         log.info("training the reference MNIST classifier once; it will be cached at %s", path)
         model, acc = train_classifier(mnist_dir, seed)
         save_classifier(model, acc, path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
     model = MnistClassifier()
-    model.load_state_dict(state["model"])
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        float(state["test_accuracy"])
+    except Exception as err:  # pickle, zip, key or shape errors of a damaged or foreign file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"reference classifier {path} is not a dist_gan MNIST classifier "
+                          f"({type(err).__name__}: {reason[:200]}); retrain it with `python -m "
+                          "dist_gan.metrics train-classifier`") from None
     log.info("reference classifier %s (test accuracy %.4f)", path, state["test_accuracy"])
     return model.eval().requires_grad_(False)
 

@@ -3,6 +3,8 @@ reference statistics of a data set (``dist-gan evaluate --reference DATA --out s
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import math
 from pathlib import Path
@@ -11,7 +13,9 @@ import torch
 import torch.nn as nn
 
 from dist_gan.config import Config, ConfigError, DataConfig, load_config
-from dist_gan.data.sources import DATA_SOURCES, ImageSet, limit_images, to_model_range
+from dist_gan.data import folder_fingerprint
+from dist_gan.data.sources import (CIFAR10_FOLDER, DATA_SOURCES, MNIST_FILES, ImageSet, find_mnist_file,
+                                   limit_images, to_model_range)
 from dist_gan.metrics.classifier import cache_dir, fingerprint
 from dist_gan.metrics.networks import build_feature_net
 from dist_gan.metrics.quality import Embedder, Reference, quality
@@ -33,15 +37,53 @@ def embed_image_set(images: ImageSet, embed: Embedder) -> tuple[torch.Tensor, to
     return torch.cat(feats), torch.cat(logits)
 
 
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:12]
+
+
+def _files_digest(paths: list[Path]) -> str:
+    """Which files these are and their state: resolved path, size and modification time of each."""
+    return _digest(*(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths))
+
+
+def data_fingerprint(data: DataConfig, split: str) -> str | None:
+    """What a split's images were read from, for keying cached embeddings: the folder's images,
+    the MNIST images file's content (a directory of other IDX files, Fashion-MNIST say, differs),
+    the CIFAR-10 batch files; None for a source it cannot tell (then nothing is cached)."""
+    if data.source == "folder":
+        return folder_fingerprint(Path(data.root), data.follow_symlinks)["digest"][:12]
+    if data.source == "mnist":
+        if not data.mnist_dir:
+            return "torchvision"  # torchvision's download, checked against its MD5s
+        images = find_mnist_file(data.mnist_dir, MNIST_FILES[f"{split}_images"])
+        return hashlib.sha256(images.read_bytes()).hexdigest()[:12]
+    if data.source == "cifar10":
+        folder = Path(data.root) / CIFAR10_FOLDER
+        return _files_digest(sorted(folder.glob("*_batch*"))) if folder.is_dir() else "torchvision"
+    if data.source == "synthetic":
+        return "seeded"
+    return None
+
+
 def real_embeddings(data: DataConfig, split: str, embed: Embedder) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and logits of the real ``split`` (all of it: data.limit does not apply, so a
-    limited-data run is measured against the whole set), cached per dataset, size and network."""
-    key = f"{data.source}-{split}-{data.resolution}px-{data.channels}ch-{fingerprint(embed.network)}"
+    limited-data run is measured against the whole set), cached per dataset and its files, size and
+    network."""
+    data = data.as_read()
+    origin = data_fingerprint(data, split)
+    key = (f"{data.source}-{origin}-{split}-{data.resolution}px-{data.channels}ch-"
+           f"{fingerprint(embed.network)}")
     path = cache_dir() / "real_embeddings" / f"{key}.pt"
-    if path.is_file():
-        cached = torch.load(path, weights_only=True)
-        return cached["features"], cached["logits"]
+    if origin is not None and path.is_file():
+        try:
+            cached = torch.load(path, weights_only=True)
+            return cached["features"], cached["logits"]
+        except Exception as err:  # a damaged or foreign cache file: computed again, never unpickled
+            log.warning("ignoring the unreadable embedding cache %s (%s): computing it again", path,
+                        type(err).__name__)
     feats, logits = embed_image_set(DATA_SOURCES[data.source](data, split), embed)
+    if origin is None:
+        return feats, logits
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"features": feats, "logits": logits}, tmp)
@@ -84,6 +126,7 @@ class Evaluator:
     """Built once per run: the feature network and the real statistics; called every eval.every."""
 
     def __init__(self, config: Config, device: torch.device | str = "cpu"):
+        config = dataclasses.replace(config, data=config.data.as_read())  # a data.folder run: its folder
         self.config = config
         network = build_feature_net(config)
         self.data_classes = bool(getattr(network, "data_classes", True))
@@ -126,6 +169,7 @@ def evaluate_checkpoint(checkpoint: str | Path, n: int, ema: bool = True, seed: 
     config.eval.feature_weights = feature_weights or config.eval.feature_weights
     device = "cuda" if torch.cuda.is_available() else "cpu"
     evaluator = Evaluator(config, device)
+    config = evaluator.config
     images = generate(generator.to(device), n, seed, config.eval.batch_size, device)
     fake_feats, fake_logits = evaluator.embed(images)
     results = {"generated": quality(evaluator.reference, fake_feats, fake_logits, seed, evaluator.data_classes)}

@@ -77,6 +77,49 @@ def inception_weights_help() -> str:
             f"(dist-gan evaluate: --feature_weights), or copy it to {cached}")
 
 
+def fid_inception(weights_path: str | None) -> nn.Module:
+    """The FID Inception-v3 trunk and ``fc`` of torch-fidelity, built from its layers, its weights
+    read with ``weights_only=True`` (torch-fidelity's own loader unpickles them with
+    ``weights_only=False``: a file from elsewhere could run code). ``weights_path`` None: torch hub's
+    cache of torch-fidelity's URL, downloaded there if absent."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fidelity
+
+    layers = {
+        "Conv2d_1a_3x3": fidelity.BasicConv2d(3, 32, kernel_size=3, stride=2),
+        "Conv2d_2a_3x3": fidelity.BasicConv2d(32, 32, kernel_size=3),
+        "Conv2d_2b_3x3": fidelity.BasicConv2d(32, 64, kernel_size=3, padding=1),
+        "MaxPool_1": nn.MaxPool2d(kernel_size=3, stride=2),
+        "Conv2d_3b_1x1": fidelity.BasicConv2d(64, 80, kernel_size=1),
+        "Conv2d_4a_3x3": fidelity.BasicConv2d(80, 192, kernel_size=3),
+        "MaxPool_2": nn.MaxPool2d(kernel_size=3, stride=2),
+        "Mixed_5b": fidelity.InceptionA(192, pool_features=32),
+        "Mixed_5c": fidelity.InceptionA(256, pool_features=64),
+        "Mixed_5d": fidelity.InceptionA(288, pool_features=64),
+        "Mixed_6a": fidelity.InceptionB(288),
+        "Mixed_6b": fidelity.InceptionC(768, channels_7x7=128),
+        "Mixed_6c": fidelity.InceptionC(768, channels_7x7=160),
+        "Mixed_6d": fidelity.InceptionC(768, channels_7x7=160),
+        "Mixed_6e": fidelity.InceptionC(768, channels_7x7=192),
+        "Mixed_7a": fidelity.InceptionD(768),
+        "Mixed_7b": fidelity.InceptionE_1(1280),
+        "Mixed_7c": fidelity.InceptionE_2(2048),
+        "AvgPool": nn.AdaptiveAvgPool2d(output_size=(1, 1)),
+        "fc": nn.Linear(2048, 1008),
+    }
+    net = nn.Module()
+    for name, layer in layers.items():
+        net.add_module(name, layer)
+    if weights_path is None:
+        state = torch.hub.load_state_dict_from_url(fidelity.URL_INCEPTION_V3, map_location="cpu",
+                                                   progress=False, weights_only=True)
+    else:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"holds a {type(state).__name__}, not a state dict")
+    net.load_state_dict(state)
+    return net.eval().requires_grad_(False)
+
+
 class InceptionFeatures(nn.Module):
     """The FID Inception-v3, as torch-fidelity builds it (the network torchmetrics'
     ``FrechetInceptionDistance(feature=2048)`` uses): 2048-d pool features; logits are its 1008
@@ -96,16 +139,15 @@ class InceptionFeatures(nn.Module):
     def __init__(self, weights_path: str | None = None, chunk: int = 50):
         super().__init__()
         try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+            import torch_fidelity.feature_extractor_inceptionv3  # noqa: F401 (its layers build the net)
         except ImportError as err:
             raise ConfigError("eval.feature_net=inception needs torch-fidelity: pip install torch-fidelity") from err
         if weights_path is not None and not Path(weights_path).is_file():
             raise ConfigError(f"eval.feature_weights={weights_path}: no such file; "
                               f"{inception_weights_help()}")
         try:
-            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                   feature_extractor_weights_path=weights_path)
-        except (OSError, RuntimeError, pickle.UnpicklingError, KeyError) as err:
+            self.net = fid_inception(weights_path)
+        except (OSError, RuntimeError, pickle.UnpicklingError, KeyError, ValueError, AttributeError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             where = f"from eval.feature_weights={weights_path}" if weights_path else "(download failed)"
             raise ConfigError(f"eval.feature_net=inception: cannot load the FID Inception weights "
