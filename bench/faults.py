@@ -60,7 +60,7 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(
             "# Fault battery\n\nEvery fault case of `tests/test_faults.py` and `tests/test_lose_nothing.py` "
-            "(the reproductions of issues 13 and 24,\nand the one-line errors), run by "
+            "(the reproductions of issues 13, 24 and 31,\nand the one-line errors), run by "
             "`python bench/faults.py --out docs/faults.md` on "
             f"{time.strftime('%Y-%m-%d')}. What each case guarantees, and what is not\nguaranteed: "
             "[scale.md](scale.md#what-is-guaranteed-and-what-is-not).\n\n"

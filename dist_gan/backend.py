@@ -112,6 +112,11 @@ def _deepspeed_half_precision(ds: dict, mixed_precision: str) -> str | None:
 # process's parent: torchrun's agent runs inside `accelerate launch`). Elsewhere, or under another
 # launcher, nothing is known and nothing is checked.
 _GPU_TYPES = {"MULTI_GPU", "DEEPSPEED", "FSDP"}
+# The classes DeepSpeed's ZeRO optimizer partitions pickle (DeepSpeed loads them with
+# weights_only=False; checkpoint.refuse_code_in_pickles admits these and nothing else callable)
+BACKEND_PICKLE_GLOBALS = ("deepspeed.utils.tensor_fragment.fragment_address",
+                          "deepspeed.runtime.zero.config.ZeroStageEnum",
+                          "deepspeed.runtime.fp16.loss_scaler.LossScaler")
 # accelerate launch's options that take no value; every other option takes the next argument as its
 # value unless that argument is an option itself (--main_process_port 0 --config_file X.yaml)
 _BOOLEAN_FLAGS = {"--cpu", "--use_cpu", "--multi_gpu", "--tpu", "--use_deepspeed", "--use_fsdp",

@@ -42,7 +42,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from dist_gan.backend import check_resumable
+from dist_gan.backend import BACKEND_PICKLE_GLOBALS, check_resumable
 from dist_gan.config import Config, ConfigError, save_config, to_dict
 from dist_gan.data.shards import mount_point
 
@@ -360,13 +360,12 @@ def read_manifest(path: Path, checksums: bool = True) -> dict:
 
 
 # What a checkpoint's pickles may name beyond torch's weights_only set: NumPy arrays (Accelerate's
-# RNG states) and the plain classes DeepSpeed's ZeRO optimizer state holds. DeepSpeed unpickles its
-# files with weights_only=False, so every pickle of a checkpoint is scanned before anything loads it.
+# RNG states) and the backends' plain state classes. Some backends unpickle their files with
+# weights_only=False, so every pickle of a checkpoint is scanned before anything loads it.
 SAFE_PICKLE_GLOBALS = frozenset({
     "numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct",
     "numpy.core.multiarray._reconstruct", "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar",
-    "deepspeed.utils.tensor_fragment.fragment_address", "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    *BACKEND_PICKLE_GLOBALS,
 })
 PICKLE_SUFFIXES = (".pt", ".pkl", ".bin", ".pth")
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dist_gan.checkpoint import find_checkpoint, load_generator_state, read_manifest
@@ -124,9 +125,9 @@ def export(source: str | Path, out: str | Path, ema: bool = True, overwrite: boo
         save_png(generate(generator, 64, seed=0), staging / GRID, nrow=8)
         (staging / CARD).write_text(model_card(info))
         _swap_in(staging, out)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
         _remove_folder(staging)
-        raise ConfigError(f"cannot write the export into --out={out}: {err.strerror or err}"
+        raise ConfigError(f"cannot write the export into --out={out}: {getattr(err, 'strerror', None) or err}"
                           f"{'; the export there is unchanged' if out.is_dir() else ''}") from None
     except BaseException:
         _remove_folder(staging)

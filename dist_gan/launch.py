@@ -51,6 +51,12 @@ def valueless_options() -> frozenset[str]:
                      for name in action.option_strings)
 
 
+def distributed_flags() -> frozenset[str]:
+    """The value-less options that choose a several-process mode (--multi_gpu, --use_<backend>)."""
+    return frozenset(name for name in valueless_options()
+                     if name.startswith(("--multi", "--use_", "--use-")) and "cpu" not in name)
+
+
 def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
     """(accelerate launch's arguments, dist_gan.train's): the training config is the first argument
     ending in .yaml/.yml that is not the value of an option (``--config_file X.yaml``)."""
@@ -64,8 +70,6 @@ def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
                      "options, e.g. dist-gan launch --config_file launch/cpu_ddp.yaml configs/mnist_wgangp.yaml")
 
 
-_DISTRIBUTED_FLAGS = ("--multi_gpu", "--multi-gpu", "--use_deepspeed", "--use-deepspeed", "--use_fsdp",
-                      "--use-fsdp", "--use_megatron_lm", "--use-megatron-lm")
 # Accelerate's distributed types that start one process, whatever --num_processes says
 _ONE_PROCESS_TYPES = ("NO", "MULTI_CPU")
 
@@ -88,7 +92,7 @@ def one_process_problem(launch_args: list[str]) -> str | None:
     wanted = _option(launch_args, "--num_processes", "--num-processes")
     if wanted is None or not wanted.isdigit() or int(wanted) < 2:
         return None
-    if any(arg in _DISTRIBUTED_FLAGS for arg in launch_args):
+    if any(arg in distributed_flags() for arg in launch_args):
         return None
     profile = _option(launch_args, "--config_file", "--config-file")
     if profile is None:
@@ -105,8 +109,8 @@ def one_process_problem(launch_args: list[str]) -> str | None:
         return None
     where = f"the launch profile {profile} says distributed_type: {kind}" if profile else "no launch profile"
     return (f"--num_processes {wanted} with {where} starts ONE process; add --multi_gpu (GPUs), or "
-            "--config_file launch/cpu_ddp.yaml (CPU processes on gloo), or a profile with "
-            "distributed_type: MULTI_GPU / DEEPSPEED")
+            "--config_file launch/cpu_ddp.yaml (CPU processes on gloo), or a profile whose "
+            "distributed_type starts several (MULTI_GPU and the ZeRO / FSDP ones)")
 
 
 def _filtered(stream, out, dropped: list[str]) -> None:

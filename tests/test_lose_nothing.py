@@ -1,5 +1,6 @@
-"""Lose nothing, round two (issue 24): the shard directory as a guarded resource, fresh runs that never
-overwrite old ones, every door validated. Each case's docstring says what is expected
+"""Lose nothing, rounds two and three (issues 24 and 31): the shard directory as a guarded resource,
+fresh runs that never overwrite old ones, no file that runs code when loaded, no silent hang, every
+door validated. Each case's docstring says what is expected
 (bench/faults.py prints them as a table)."""
 
 from __future__ import annotations
@@ -285,6 +286,13 @@ def one_step_run(tmp_path_factory) -> Path:
     (["dist_gan.evaluate", "RUN", "--n=-5"], "--n=-5 must be a whole number >= 10"),
     (["dist_gan.export", "RUN", "--out=X", "--overwrte"], "did you mean --overwrite?"),
     (["dist_gan.sample", "RUN", "--out=READONLY/grid.png"], "cannot write --out="),
+    (["dist_gan.sample", "RUN", "--truncation=nan"], "--truncation='nan' must be a finite number"),
+    (["dist_gan.sample", "RUN", "--truncation=inf"], "--truncation='inf' must be a finite number"),
+    (["dist_gan.sample", "RUN", "--nrow=-3"], "--nrow=-3 must be a whole number >= 1"),
+    (["dist_gan.sample", "RUN", "--classes=a,b"], "'a' is not a whole number"),
+    (["dist_gan.sample", "RUN", "--classes=5.5"], "'5.5' is not a whole number"),
+    (["dist_gan.evaluate", "RUN", "--split=val"], "--split='val' must be one of ['train', 'test']"),
+    (["dist_gan.data", "verify", "pipe:cat x-{000000..000001}.tar"], "verify reads local shard files"),
 ])
 def test_cli_arguments_are_validated_in_one_line(tmp_path, args, message, one_step_run, capsys):
     """Unknown flags (with a did-you-mean), mistyped values, evaluate --n below 10, an unwritable
@@ -385,3 +393,447 @@ def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path):
                    check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"cannot write run.dir {tmp_path / 'a_file' / 'run'}" in proc.stderr
+
+
+# --- round three (issue 31): no file runs code, nothing deleted early, no silent hang, every door -----
+
+class _Marker:
+    """Unpickling this creates the file ``path``: what a malicious file would do, harmlessly."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _plant(path: Path, marker: Path, torch_format: bool = True) -> None:
+    """A file at ``path`` that creates ``marker`` when it is unpickled."""
+    import pickle
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if torch_format:
+        torch.save({"state": _Marker(marker)}, path)
+    else:
+        path.write_bytes(pickle.dumps({b"data": _Marker(marker), b"labels": [0]}, protocol=2))
+
+
+def _replace_in_checkpoint(checkpoint: Path, name: str, marker: Path) -> None:
+    """Plant a marker file as checkpoint file ``name`` with its manifest entry made to match, so
+    that only the loader's refusal to run code stands between it and the marker."""
+    from dist_gan.checkpoint import file_crc32
+
+    _plant(checkpoint / name, marker)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"][name] = (checkpoint / name).stat().st_size
+    manifest["crc32"][name] = file_crc32(checkpoint / name)
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _copy_run(run: Path, where: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, where)
+    (where / "run.lock").unlink(missing_ok=True)
+    return where
+
+
+@pytest.mark.parametrize("name", ["G/optimizer.bin", "D/random_states_0.pkl", "trainer_state.pt"])
+def test_a_checkpoint_file_that_would_run_code_is_refused_unread(tmp_path, one_step_run, name):
+    """A checkpoint pickle naming anything but tensors and arrays is refused unread, on resume and sample; no marker."""
+    marker = tmp_path / "MARKER"
+    run = _copy_run(one_step_run, tmp_path / "run")
+    checkpoint = run / "checkpoints" / "step_00000001"
+    _replace_in_checkpoint(checkpoint, name, marker)
+    proc = run_cli(["dist_gan.train", *TINY, f"--run.dir={run}", "--train.max_steps=2", "--train.resume=auto"],
+                   check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "could run code" in proc.stderr and name in proc.stderr
+    sampled = run_cli(["dist_gan.sample", str(run), f"--out={tmp_path / 'grid.png'}"], check=False)
+    assert not marker.exists()
+    if name == "trainer_state.pt":  # the only file sample reads besides safetensors
+        assert sampled.returncode == 1 and "could run code" in sampled.stderr
+
+
+def test_the_checkpoint_scan_admits_what_accelerate_and_deepspeed_write(tmp_path):
+    """The scan admits NumPy arrays and DeepSpeed's state classes, refuses any other callable, and never unpickles."""
+    import numpy as np
+
+    from dist_gan.checkpoint import CheckpointError, refuse_code_in_pickles
+
+    torch.save({"random_state": np.random.get_state(), "step": 3, "w": torch.ones(2)}, tmp_path / "ok.pkl")
+    refuse_code_in_pickles(tmp_path)
+    marker = tmp_path / "MARKER"
+    _plant(tmp_path / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
+    with pytest.raises(CheckpointError, match=r"names (io|builtins).open.*could run code"):
+        refuse_code_in_pickles(tmp_path)
+    (tmp_path / "bare.pt").write_bytes(b"\x80\x02N.")  # a pickle that is no torch.save archive
+    (tmp_path / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(CheckpointError, match="bare.pt is not a torch.save archive"):
+        refuse_code_in_pickles(tmp_path)
+    assert not marker.exists()
+
+
+def test_weights_statistics_and_caches_that_would_run_code_are_never_unpickled(tmp_path, monkeypatch,
+                                                                                reference_classifier):
+    """Classifier, FID Inception (named, or torch hub's cache), torchvision weights, reference statistics, embedding caches, CIFAR-10: no marker."""
+    import numpy as np
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    from dist_gan.config import Config
+    from dist_gan.data.sources import CIFAR10_FILES, CIFAR10_FOLDER, cifar10_source
+    from dist_gan.metrics import Embedder
+    from dist_gan.metrics.classifier import load_or_train_classifier
+    from dist_gan.metrics.evaluator import load_reference, real_embeddings
+    from dist_gan.metrics.networks import InceptionFeatures, TorchvisionFeatures
+
+    marker = tmp_path / "MARKER"
+    evil = tmp_path / "evil.pt"
+    _plant(evil, marker)
+    with pytest.raises(ConfigError, match="is not a dist_gan MNIST classifier"):
+        load_or_train_classifier(None, evil)
+    with pytest.raises(ConfigError, match="cannot load the FID Inception weights from eval.feature_weights"):
+        InceptionFeatures(str(evil))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # the hub cache the help points at
+    _plant(tmp_path / "torch_home" / "hub" / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[-1], marker)
+    with pytest.raises(ConfigError, match="cannot load the FID Inception weights"):
+        InceptionFeatures(None)
+    with pytest.raises(ConfigError, match="eval.feature_weights=.*cannot be loaded"):
+        TorchvisionFeatures("resnet18", str(evil))
+
+    stats = tmp_path / "stats.npz"  # an object array: a pickle inside the npz
+    np.savez(stats, mean=np.zeros(4), cov=np.eye(4), meta=np.array([_Marker(marker)], dtype=object))
+    with pytest.raises(ConfigError, match="eval.reference_stats"):
+        load_reference(stats, Config(), reference_classifier[0])
+
+    data = load_config(None, {"data.source": "synthetic"}).data
+    embed = Embedder(reference_classifier[0], 512, "cpu")
+    first, _ = real_embeddings(data, "test", embed)
+    caches = list(Path(os.environ["DIST_GAN_CACHE"], "real_embeddings").glob("synthetic-*.pt"))
+    assert caches
+    for cache in caches:
+        _plant(cache, marker)
+    again, _ = real_embeddings(data, "test", embed)  # the damaged cache is computed again
+    assert torch.equal(first, again)
+
+    batches = tmp_path / "cifar" / CIFAR10_FOLDER
+    for name in CIFAR10_FILES["train"] + CIFAR10_FILES["test"] + ["batches.meta"]:
+        _plant(batches / name, marker, torch_format=False)
+    with pytest.raises(DataError, match=r"names (io|builtins).open, which a CIFAR-10 batch never holds"):
+        cifar10_source(load_config(None, {"data.source": "cifar10", "data.root": str(tmp_path / "cifar"),
+                                          "data.resolution": 32, "data.channels": 3}).data)
+    assert not marker.exists()
+
+
+def test_the_cifar10_unpickler_reads_real_batches(tmp_path):
+    """Batches pickled as CIFAR-10's are (protocol 2, a uint8 array, byte keys) read; an array of objects is refused."""
+    import pickle
+
+    import numpy as np
+
+    from dist_gan.data.sources import CIFAR10_FOLDER, cifar10_source
+
+    folder = tmp_path / CIFAR10_FOLDER
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"batch_label": b"x", b"labels": [int(v) for v in rng.integers(0, 10, 4)],
+                 b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"filenames": [b"a"] * 4}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"cat"] * 10}, protocol=2))
+    cfg = load_config(None, {"data.source": "cifar10", "data.root": str(tmp_path), "data.resolution": 32,
+                             "data.channels": 3}).data
+    images = cifar10_source(cfg)
+    assert len(images) == 20 and images.class_names[0] == "cat"
+
+
+def test_a_symlink_out_of_an_image_folder_is_skipped_unless_asked(tmp_path, caplog):
+    """A link leaving an image folder is skipped with a warning naming it; data.follow_symlinks=true reads it."""
+    folder, outside = tmp_path / "folder", tmp_path / "outside"
+    folder.mkdir(), outside.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8), "L").save(folder / f"{i}.png")
+    Image.fromarray(np.full((8, 8), 255, np.uint8), "L").save(outside / "elsewhere.png")
+    (folder / "link.png").symlink_to(outside / "elsewhere.png")
+    (folder / "passwd.png").symlink_to("/etc/passwd")
+    (folder / "inside.png").symlink_to(folder / "0.png")  # a link within the folder is fine
+    with caplog.at_level("WARNING"):
+        names = sorted(p.name for p, _ in FolderImageSet(folder, 8, 1).items)
+    assert names == ["0.png", "1.png", "inside.png"]
+    assert "skipped 2 symbolic link(s) leading out of it" in caplog.text and "follow_symlinks" in caplog.text
+    followed = sorted(p.name for p, _ in FolderImageSet(folder, 8, 1, follow_symlinks=True).items)
+    assert "link.png" in followed
+
+
+def test_a_flat_folder_keeps_its_images_beside_hidden_folders_and_refuses_mixed_layouts(tmp_path):
+    """A flat folder with .ipynb_checkpoints/ keeps its images; images beside class folders are refused naming both."""
+    folder = tmp_path / "flat"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(folder / f"{i}.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(folder / ".ipynb_checkpoints" / "0-checkpoint.png")
+    flat = FolderImageSet(folder, 8, 1)
+    assert len(flat) == 3 and flat.class_names == [] and {label for _, label in flat.items} == {-1}
+    (folder / "cats").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(folder / "cats" / "c.png")
+    with pytest.raises(DataError, match=r"holds both images \(0.png, ...\) and sub-folders \(cats/, ...\)"):
+        FolderImageSet(folder, 8, 1)
+
+
+def test_overwrite_deletes_the_earlier_run_only_once_the_new_one_has_a_checkpoint(tmp_path):
+    """run.overwrite: a failed start leaves the earlier run whole; a started run replaces all of it (grids, events, metrics)."""
+    run = tmp_path / "run"
+    run_cli(["dist_gan.train", *TINY, f"--run.dir={run}", "--train.max_steps=2", "--run.ckpt_every=1",
+             "--run.sample_every=1"])
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert any(p.parts[0] == "samples" for p in before)
+    typo = run_cli(["dist_gan.train", *TINY, f"--run.dir={run}", "--train.max_steps=1", "--run.overwrite=true",
+                    "--data.format=shards", f"--data.shards={tmp_path}/nowhere-{{000000..000001}}.tar",
+                    "--data.prepare_if_missing=false"], check=False)
+    assert typo.returncode == 1 and "Traceback" not in typo.stderr, typo.stderr[-2000:]
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before, "the failed start changed the earlier run"
+    run_cli(["dist_gan.train", *TINY, f"--run.dir={run}", "--train.max_steps=1", "--run.ckpt_every=1",
+             "--run.overwrite=true", "--run.sample_every=100"])
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000001"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["ema_00000001.png"]
+    assert [r["event"] for r in read_metrics(run) if "event" in r].count("start") == 1
+    assert len(list(run.glob("events.out.tfevents.*"))) <= 1 and not (run / ".overwritten").exists()
+
+
+def test_an_overwrite_interrupted_by_a_kill_is_settled_at_the_next_start(tmp_path):
+    """A kill while the earlier run was set aside: before the first checkpoint it comes back, after it is deleted."""
+    from dist_gan.rundir import ASIDE, settle_interrupted_overwrite
+
+    run = tmp_path / "run"
+    (run / ASIDE / "checkpoints" / "step_00000005").mkdir(parents=True)
+    (run / ASIDE / "checkpoints" / "step_00000005" / "manifest.json").write_text("{}")
+    (run / ASIDE / "metrics.jsonl").write_text("old\n")
+    (run / "metrics.jsonl").write_text("new, never checkpointed\n")
+    settle_interrupted_overwrite(run)
+    assert (run / "metrics.jsonl").read_text() == "old\n" and (run / "checkpoints" / "step_00000005").is_dir()
+    assert not (run / ASIDE).exists()
+    (run / ASIDE).mkdir()
+    (run / ASIDE / "metrics.jsonl").write_text("older\n")
+    settle_interrupted_overwrite(run)  # the run in place has a checkpoint: the aside one goes
+    assert not (run / ASIDE).exists() and (run / "metrics.jsonl").read_text() == "old\n"
+
+
+def test_a_stalled_pipe_command_times_out_naming_it(tmp_path, caplog):
+    """A pipe: shard command that sends nothing fails its read after data.read_timeout_s, named and counted."""
+    import time
+
+    from helpers import stream, tiny_shards
+
+    _, _ = tiny_shards(tmp_path, n_shards=2)
+    urls = f"pipe:cat {tmp_path}/train-000000.tar::pipe:sleep 600; cat {tmp_path}/train-000001.tar"
+    start = time.monotonic()
+    with caplog.at_level("WARNING"):
+        s = stream(urls, manifest=str(tmp_path / SHARD_MANIFEST), read_timeout_s=1.0, workers=0)
+        try:
+            labels = [int(v) for _ in range(8) for v in s.next_batch()[1]]
+            counters = s.counters()
+        finally:
+            s.close()
+    assert time.monotonic() - start < 120
+    assert counters["data_bad_shards"] >= 1 and set(labels) <= set(range(24))
+    assert "pipe command 'sleep 600; cat" in caplog.text and "sent nothing for 1 s" in caplog.text
+
+
+def test_the_progress_animation_is_capped_and_shrunk(tmp_path):
+    """The end-of-run GIF shows at most 48 grids, first and last kept, at most 1024 px wide."""
+    from dist_gan.progress import MAX_FRAME_WIDTH, MAX_FRAMES, grids, write_progress
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for i in range(1, 61):
+        Image.fromarray(np.full((16, 1100, 3), i * 4, np.uint8), "RGB").save(samples / f"ema_{i:08d}.png")
+    out = write_progress(tmp_path, tmp_path / "progress.gif")
+    with Image.open(out) as gif:
+        assert gif.n_frames == MAX_FRAMES and gif.width == MAX_FRAME_WIDTH
+        gif.seek(gif.n_frames - 1)
+        assert gif.info["duration"] == 2000  # the last grid, held
+    assert len(grids(tmp_path)) == 60
+
+
+def test_ramps_need_every_part_and_stay_in_their_keys_range():
+    """A ramp given only start, a beta2 ramp to 1.0, a learning rate ramp to 0: refused naming the key."""
+    with pytest.raises(ConfigError, match="schedule.g_lr needs end, kimg"):
+        load_config(None, {"schedule.g_lr.start": 0.001})
+    for key, (start, end), rule in (("beta2", (0.9, 1.0), r"in \[0, 1\), as optim.betas"),
+                                    ("g_lr", (0.001, 0), "> 0, as optim.g_lr"),
+                                    ("augment_p", (0, 1.5), r"in \[0, 1\], as augment.p")):
+        overrides = {f"schedule.{key}.start": start, f"schedule.{key}.end": end, f"schedule.{key}.kimg": 10}
+        if key == "augment_p":
+            overrides.update({"augment.kind": "diffaugment", "augment.target": None})
+        with pytest.raises(ConfigError, match=f"schedule.{key} = .*{rule}"):
+            load_config(None, overrides)
+
+
+def test_a_run_whose_last_steps_were_all_skipped_exits_non_zero(tmp_path):
+    """A run ending inside a bad streak (nothing saved at the end) exits 1 naming the last good checkpoint."""
+    run = tmp_path / "run"
+    proc = run_cli(["dist_gan.train", *TINY, f"--run.dir={run}", "--train.max_steps=6", "--run.ckpt_every=100",
+                    "--optim.g_lr=1e30", "--optim.d_lr=1e30", "--train.max_bad_steps=1000"], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "the run ended inside a bad streak" in proc.stderr and "last good checkpoint: None" in proc.stderr
+    assert [r for r in read_metrics(run) if r.get("event") == "diverged"]
+
+
+def test_a_named_classifier_that_does_not_exist_is_refused_not_trained(tmp_path, mnist_dir, capsys):
+    """eval.classifier_path naming no file is refused (nothing trained there); train-classifier --limit 0 or -5 too."""
+    from dist_gan.metrics.classifier import load_or_train_classifier
+
+    absent = tmp_path / "mine.pt"
+    with pytest.raises(FileNotFoundError, match="eval.classifier_path=.*mine.pt: no such file"):
+        load_or_train_classifier(str(mnist_dir), absent)
+    assert not absent.exists()
+    for limit in ("0", "-5"):
+        code, stderr = run_module_here(["dist_gan.metrics", "train-classifier", f"--mnist_dir={mnist_dir}",
+                                        f"--out={absent}", f"--limit={limit}"], capsys)
+        assert code != 0 and f"--limit={limit} must be a whole number >= 1" in stderr
+    assert not absent.exists()
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(ConfigError, match="corrupt.pt is not a dist_gan MNIST classifier"):
+        load_or_train_classifier(None, corrupt)
+
+
+def test_a_folder_run_is_measured_against_its_folder_and_caches_are_keyed_by_the_files(tmp_path,
+                                                                                       reference_classifier):
+    """A data.folder run's real statistics come from its folder (not MNIST's), keyed by the folder's files."""
+    from dist_gan.metrics import Embedder
+    from dist_gan.metrics.evaluator import real_embeddings
+
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((28, 28), 50 * i, np.uint8), "L").save(folder / f"{i}.png")
+    data = load_config(None, {"data.folder": str(folder)}).data
+    assert load_config(None, {"data.folder": str(folder)}).eval.resolved_feature_net(data) == "inception"
+    embed = Embedder(reference_classifier[0], 64, "cpu")
+    feats, _ = real_embeddings(data, "train", embed)
+    assert len(feats) == 5  # the folder, not MNIST's 60,000
+    Image.fromarray(np.full((28, 28), 255, np.uint8), "L").save(folder / "5.png")
+    feats, _ = real_embeddings(data, "train", embed)
+    assert len(feats) == 6  # the folder changed: its cached embeddings are not reused
+
+
+@pytest.mark.slow
+def test_export_card_snippets_run_overwrite_replaces_whole_and_a_full_disk_keeps_the_export(tmp_path, small_tmpfs):
+    """Every snippet of a stylegan2 export's card runs; --overwrite leaves no stale generator.onnx; a full disk or a damaged config.json is one line."""
+    import re
+    import shutil
+
+    from dist_gan.export import ONNX_FILE, load_generator
+
+    run = tmp_path / "run"
+    run_cli(["dist_gan.train", "configs/folder256_stylegan2.yaml", "--data.folder=null", "--data.source=synthetic",
+             "--data.format=memory", "--data.resolution=32", "--data.batch_size=4", "--model.generator.width=4",
+             "--model.discriminator.width=4", "--model.generator.mapping_layers=2", f"--run.dir={run}",
+             "--train.max_steps=1", "--run.ckpt_every=1", "--eval.every=0", "--run.trackers=[]",
+             "--train.mixed_precision=no"])
+    out = tmp_path / "export"
+    run_cli(["dist_gan.export", str(run), f"--out={out}", "--onnx"])
+    card = (out / "README.md").read_text()
+    assert "not clamped" in card
+    snippets = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert len(snippets) == 2
+    for snippet in snippets:
+        proc = subprocess.run([sys.executable, "-c", snippet], cwd=out, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{snippet}\n{proc.stderr[-2000:]}"
+    run_cli(["dist_gan.export", str(run), f"--out={out}", "--overwrite"])
+    assert not (out / ONNX_FILE).exists() and "onnx" not in json.loads((out / "config.json").read_text())
+
+    on_tmpfs = small_tmpfs / "export"
+    shutil.copytree(out, on_tmpfs)
+    before = {p.name: p.read_bytes() for p in on_tmpfs.iterdir()}
+    filler = small_tmpfs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    for chunk in (1 << 20, 4096, 1):  # fill the disk to the last byte
+        try:
+            while os.write(fd, bytes(chunk)):
+                pass
+        except OSError:
+            pass
+    os.close(fd)
+    full = run_cli(["dist_gan.export", str(run), f"--out={on_tmpfs}", "--overwrite"], check=False)
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-2000:]
+    assert "cannot write the export" in full.stderr and "unchanged" in full.stderr
+    assert {p.name: p.read_bytes() for p in on_tmpfs.iterdir()} == before
+    filler.unlink()
+
+    info = json.loads((out / "config.json").read_text())
+    for damage in ({"config": "a string"}, {"sha256": "abc"}, {"config": {**info["config"], "model": {
+            **info["config"]["model"], "z_dim": "many"}}}):
+        (out / "config.json").write_text(json.dumps({**info, **damage}))
+        with pytest.raises(ConfigError, match="config.json"):
+            load_generator(out)
+
+
+def test_launch_options_before_the_config_and_one_process_refusals(tmp_path, monkeypatch):
+    """Value-less launcher flags before the config do not eat it; --num_processes 2 that would start one process is refused."""
+    from dist_gan.launch import one_process_problem, split_arguments
+
+    for flag in ("--cpu", "--multi_gpu", "--use_deepspeed", "--debug", "-q"):
+        assert split_arguments([flag, "configs/x.yaml", "--a=1"]) == ([flag], ["configs/x.yaml", "--a=1"])
+    assert split_arguments(["--config_file", "p.yaml", "c.yaml"]) == (["--config_file", "p.yaml"], ["c.yaml"])
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no default accelerate profile
+    import importlib
+
+    import accelerate.commands.config as accelerate_config
+    importlib.reload(accelerate_config.config_args)
+    importlib.reload(accelerate_config)
+    assert "starts ONE process" in one_process_problem(["--num_processes", "2"])
+    assert one_process_problem(["--num_processes", "2", "--multi_gpu"]) is None
+    assert one_process_problem(["--config_file", str(REPO / "launch" / "cpu_ddp.yaml"), "--num_processes", "2"]) is None
+    single = tmp_path / "single.yaml"
+    single.write_text("distributed_type: 'NO'\n")
+    assert "distributed_type: NO" in one_process_problem(["--config_file", str(single), "--num_processes=2"])
+
+
+@pytest.mark.slow
+def test_dist_gan_launch_shows_its_own_errors_relays_sigusr1_and_reports_a_killed_rank(tmp_path):
+    """dist-gan launch: a missing --config_file is one line; SIGUSR1 makes both ranks checkpoint and exit 75; a kill -9 of rank 1 leaves rank 0 one line."""
+    missing = run_cli(["dist_gan", "launch", "--config_file", str(tmp_path / "missing.yaml"), *TINY,
+                       f"--run.dir={tmp_path / 'never'}"], check=False)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "accelerate launch failed before any rank started" in missing.stderr and "missing.yaml" in missing.stderr
+
+    run = tmp_path / "run"
+    proc = start_cli(["dist_gan", "launch", *ACCELERATE_CPU, *TINY, f"--run.dir={run}", "--train.max_steps=100000",
+                      "--run.ckpt_every=100000"], log=tmp_path / "usr1.log")
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and any("loss_D" in r for r in read_metrics(run)),
+             300, "a logged step", proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=300) == 75, (tmp_path / "usr1.log").read_text()[-3000:]
+    assert [r["stopped_by"] for r in read_metrics(run) if r.get("event") == "preempted"] == ["SIGUSR1"]
+
+    killed = tmp_path / "killed"
+    log = tmp_path / "kill.log"
+    proc = start_cli(["dist_gan", "launch", *ACCELERATE_CPU, *TINY, f"--run.dir={killed}",
+                      "--train.max_steps=100000", "--run.ckpt_every=100000"], log=log)
+    wait_for(lambda: (killed / "metrics.jsonl").is_file() and any("loss_D" in r for r in read_metrics(killed)),
+             300, "a logged step", proc)
+    from helpers import descendants
+
+    ranks = [pid for pid in descendants(proc.pid)
+             if "dist_gan.train" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+             and b"RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes()]
+    assert ranks, "rank 1 not found"
+    os.kill(ranks[0], signal.SIGKILL)
+    assert proc.wait(timeout=300) != 0
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert "dist_gan.train: error: rank 0: another rank stopped or was killed" in text
+
+
+def test_train_arguments_a_stray_word_or_malformed_yaml_are_one_line(tmp_path):
+    """python -m dist_gan.train: a stray positional argument or a malformed YAML override is one line naming it."""
+    stray = run_cli(["dist_gan.train", *TINY, "oops", f"--run.dir={tmp_path / 'a'}"], check=False)
+    assert stray.returncode == 1 and "Traceback" not in stray.stderr
+    assert "unexpected argument(s) ['oops']" in stray.stderr
+    bad = run_cli(["dist_gan.train", *TINY, "--train.max_steps=[1", f"--run.dir={tmp_path / 'b'}"], check=False)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "train.max_steps = '[1' is not a valid value" in bad.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

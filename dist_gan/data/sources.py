@@ -158,9 +158,10 @@ CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["te
 
 
 # All that CIFAR-10's python batches name: NumPy's array reconstruction (the rest is dicts, lists,
-# bytes and numbers, which need no global).
+# bytes and numbers, which need no global; a re-pickled copy spells bytes with _codecs.encode).
 _CIFAR10_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                    ("numpy", "ndarray"), ("numpy", "dtype")}
+                    ("numpy", "ndarray"), ("numpy", "dtype"),
+                    ("_codecs", "encode")}  # bytes, as Python 3 pickles them at protocol 2
 
 
 class _CifarUnpickler(pickle.Unpickler):

@@ -42,7 +42,12 @@ class TorchvisionFeatures(nn.Module):
         from torchvision.models import get_model
 
         model = get_model(arch, weights=None)
-        model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        try:
+            model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        except (OSError, RuntimeError, pickle.UnpicklingError, KeyError, ValueError, AttributeError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"eval.feature_weights={weights_path} cannot be loaded into torchvision's "
+                              f"{arch}: {reason[:200]}") from None
         if not isinstance(getattr(model, "fc", None), nn.Linear):
             raise ConfigError(f"eval.feature_arch={arch}: torchvision model has no final `fc` layer")
         self.head, model.fc = model.fc, nn.Identity()
