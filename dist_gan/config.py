@@ -85,7 +85,8 @@ DEFAULT_SHARDS = "data/mnist/train-{000000..000005}.tar"
 
 @dataclass
 class DataConfig:
-    source: str = "mnist"  # the dataset: mnist | cifar10 | folder (see dist_gan.data.sources)
+    # the dataset: mnist | cifar10 | folder | stacked_mnist | synthetic (see dist_gan.data.sources)
+    source: str = "mnist"
     # shards: stream WebDataset tar shards (the default); memory: load the whole source into memory.
     format: Literal["shards", "memory"] = "shards"
     # Brace pattern or URLs (local paths, file://, pipe:...), several patterns joined by "::".
@@ -116,7 +117,7 @@ class DataConfig:
     # epoch first is drawn per image), so any two epochs hold the doubled set. Off for digits.
     xflip: bool = False
     # Train on this many images of the source (a seeded subset, the same for every run and seed);
-    # 0: all. Read into memory (data.format: memory) or written by `python -m dist_gan.data prepare
+    # 0: all. For stacked_mnist the size of its fixed set (0: the protocol's 128,000). Read into memory (data.format: memory) or written by `python -m dist_gan.data prepare
     # --limit=N`.
     limit: int = 0
     # A symbolic link in an image folder whose target lies outside the folder is skipped (with a
@@ -139,7 +140,7 @@ class DataConfig:
                           ("shuffle_buffer", 0), ("prefetch_factor", 1), ("limit", 0)):
             if getattr(self, name) < low:
                 found.append((name, getattr(self, name), f"must be >= {low}"))
-        if self.limit and self.format == "shards":
+        if self.limit and self.format == "shards" and self.source != "stacked_mnist":  # its set's size
             found.append(("limit", self.limit, "applies to data.format: memory; for shards, write a "
                           "limited set with `python -m dist_gan.data prepare --limit=N` and point "
                           "data.shards at it"))

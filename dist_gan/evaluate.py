@@ -23,10 +23,9 @@ from pathlib import Path
 
 
 from dist_gan.config import MIN_EVAL_SAMPLES, ConfigError, load_config
-from dist_gan.data.sources import DataError
+from dist_gan.data.sources import NATURAL_SIZE, DataError
 
 COLUMNS = ["fid", "kid", "is", "precision", "recall", "classes_covered", "min_class_share"]
-NATURAL_SIZE = {"mnist": (28, 1), "cifar10": (32, 3)}  # resolution, channels of a named source
 
 
 def format_table(results: dict) -> str:

@@ -19,6 +19,7 @@ import fire
 from dist_gan.config import ConfigError, load_config
 from dist_gan.data import DATA_SOURCES, DataError, prepare_shards
 from dist_gan.data.shards import verify_shards
+from dist_gan.data.sources import NATURAL_SIZE
 
 
 def prepare(source: str, out: str, split: str = "train", shard_size: int = 10000,
@@ -39,7 +40,7 @@ def prepare(source: str, out: str, split: str = "train", shard_size: int = 10000
     Existing shards in ``out`` are replaced only once every image has been read. Unreadable images
     are skipped and counted; ``--strict`` stops at the first one instead.
     """
-    natural = {"mnist": (28, 1), "cifar10": (32, 3)}.get(source, (64, 3))
+    natural = NATURAL_SIZE.get(source, (64, 3))
     overrides = {"source": source, "mnist_dir": mnist_dir, "root": root, "shard_size": shard_size,
                  "resolution": resolution or natural[0], "channels": channels or natural[1], "strict": strict,
                  "limit": limit, "encoding": encoding, "format": "memory"}  # format: data.limit is checked against it

@@ -7,6 +7,7 @@ means the dataset has no classes. The shard writer and the in-memory stream both
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import logging
 import os
@@ -324,6 +325,37 @@ def folder_source(cfg: DataConfig, split: str = "train") -> FolderImageSet:
     return FolderImageSet(cfg.root, cfg.resolution, cfg.channels, cfg.follow_symlinks)
 
 
+# (resolution, channels) each named data set comes at; a folder's is the config's (default 64 px RGB)
+NATURAL_SIZE = {"mnist": (28, 1), "cifar10": (32, 3), "stacked_mnist": (28, 3)}
+STACKED_MNIST_SIZE = 128_000  # the set VEEGAN and PacGAN train on
+STACKED_MNIST_TEST_SIZE = 26_000  # as many real triples as the protocol's generated samples
+STACKED_MNIST_MODES = 1000
+
+
+def stacked_mnist_source(cfg: DataConfig, split: str = "train") -> TensorImageSet:
+    """StackedMNIST (Metz et al. 2017; VEEGAN, PacGAN): three MNIST digits of ``split``, one per
+    channel, drawn with a fixed seed (the same set on every machine), ``data.limit`` of them (default
+    128,000; the test split 26,000), label = the triple's class 100 a + 10 b + c (0-999). At
+    ``data.resolution`` above 28 the digits are padded with black (32: for power-of-two networks),
+    below it resized. Needs ``data.channels: 3``."""
+    if cfg.channels != 3:
+        raise DataError(f"data.source=stacked_mnist stacks three digits as three channels: set "
+                        f"data.channels=3 (it is {cfg.channels})")
+    mnist = mnist_source(dataclasses.replace(cfg, resolution=28, channels=1), split)
+    digits, labels = mnist.images, mnist.labels
+    count = (cfg.limit or STACKED_MNIST_SIZE) if split == "train" else STACKED_MNIST_TEST_SIZE
+    generator = torch.Generator().manual_seed(0 if split == "train" else 1)
+    picks = torch.randint(0, len(digits), (count, 3), generator=generator)
+    images = digits[:, 0][picks]  # (count, 3, 28, 28)
+    triples = (labels[picks] * torch.tensor([100, 10, 1])).sum(1)
+    if cfg.resolution > 28:
+        before = (cfg.resolution - 28) // 2
+        images = F.pad(images, (before, cfg.resolution - 28 - before) * 2)
+    elif cfg.resolution < 28:
+        images = fit_images(images, cfg.resolution, 3)
+    return TensorImageSet(images.contiguous(), triples, [f"{t:03d}" for t in range(STACKED_MNIST_MODES)])
+
+
 def synthetic_source(cfg: DataConfig, split: str = "train") -> TensorImageSet:
     """Seeded random pixels at the configured size, 10 classes: for throughput measurements and
     machines without a dataset (the GPU check). Nothing a GAN can learn anything useful from."""
@@ -367,6 +399,7 @@ DATA_SOURCES: dict[str, Callable[..., ImageSet]] = {
     "cifar10": cifar10_source,
     "folder": folder_source,
     "synthetic": synthetic_source,
+    "stacked_mnist": stacked_mnist_source,
 }
 
 
