@@ -85,7 +85,9 @@ DEFAULT_SHARDS = "data/mnist/train-{000000..000005}.tar"
 
 @dataclass
 class DataConfig:
-    # the dataset: mnist | cifar10 | folder | stacked_mnist | synthetic (see dist_gan.data.sources)
+    # the dataset: mnist | cifar10 | folder | stacked_mnist | synthetic (see dist_gan.data.sources), or
+    # a 2-D mixture of Gaussians, ring8 | grid25 (dist_gan.data.mixtures: resolution 1, channels 2,
+    # format memory)
     source: str = "mnist"
     # shards: stream WebDataset tar shards (the default); memory: load the whole source into memory.
     format: Literal["shards", "memory"] = "shards"
@@ -109,7 +111,7 @@ class DataConfig:
     mnist_dir: Optional[str] = None
     root: str = "data"  # torchvision download directory, or the image folder for source=folder
     resolution: int = 28
-    channels: Literal[1, 3] = 1
+    channels: int = 1  # 1 (grey) or 3 (RGB); 2 for the 2-D mixtures' points
     batch_size: int = 64  # per process
     pin_memory: Optional[bool] = None  # page-locked host batches for async copies; None: on CUDA only
     prefetch_factor: int = 4  # batches each loader worker reads ahead
@@ -117,8 +119,9 @@ class DataConfig:
     # epoch first is drawn per image), so any two epochs hold the doubled set. Off for digits.
     xflip: bool = False
     # Train on this many images of the source (a seeded subset, the same for every run and seed);
-    # 0: all. For stacked_mnist the size of its fixed set (0: the protocol's 128,000). Read into memory (data.format: memory) or written by `python -m dist_gan.data prepare
-    # --limit=N`.
+    # 0: all. Read into memory (data.format: memory) or written by `python -m dist_gan.data prepare
+    # --limit=N`. For stacked_mnist and the 2-D mixtures, the size of their fixed set (0: the
+    # protocols' 128,000 and 100,000).
     limit: int = 0
     # A symbolic link in an image folder whose target lies outside the folder is skipped (with a
     # warning) unless this is true: a folder from elsewhere could otherwise point the run at any file.
@@ -133,13 +136,24 @@ class DataConfig:
         return dataclasses.replace(self, source="folder", root=self.folder) if self.folder else self
 
     def problems(self) -> list[tuple[str, Any, str]]:
+        from dist_gan.data.mixtures import MIXTURES, POINT_SHAPE  # data imports config: at call time
+
         found = []
         if self.read_timeout_s <= 0:
             found.append(("read_timeout_s", self.read_timeout_s, "must be > 0"))
-        for name, low in (("batch_size", 1), ("resolution", 8), ("shard_size", 1), ("workers", 0),
-                          ("shuffle_buffer", 0), ("prefetch_factor", 1), ("limit", 0)):
+        points = self.source in MIXTURES
+        for name, low in (("batch_size", 1), ("resolution", 1 if points else 8), ("shard_size", 1),
+                          ("workers", 0), ("shuffle_buffer", 0), ("prefetch_factor", 1), ("limit", 0)):
             if getattr(self, name) < low:
                 found.append((name, getattr(self, name), f"must be >= {low}"))
+        if points:
+            channels, size = POINT_SHAPE[:2]
+            for name, want in (("channels", channels), ("resolution", size), ("format", "memory")):
+                if getattr(self, name) != want:
+                    found.append((name, getattr(self, name), f"must be {want!r} for data.source="
+                                  f"{self.source} (2-D points, held as {channels} channels of {size} px)"))
+        elif self.channels not in (1, 3):
+            found.append(("channels", self.channels, "must be 1 (grey) or 3 (RGB)"))
         if self.limit and self.format == "shards" and self.source != "stacked_mnist":  # its set's size
             found.append(("limit", self.limit, "applies to data.format: memory; for shards, write a "
                           "limited set with `python -m dist_gan.data prepare --limit=N` and point "
@@ -172,9 +186,14 @@ class NetConfig:
     blocks: list[int] = field(default_factory=list)
     group_size: int = 16
     expansion: int = 2
+    # discriminators: PacGAN's packing, D judges this many samples at once (joined along channels;
+    # each batch is split into groups of it), all real or all fake. 1: one sample at a time.
+    pack: int = 1
 
     def problems(self) -> list[tuple[str, Any, str]]:
         found = [("width", self.width, "must be >= 1")] if self.width < 1 else []
+        if self.pack < 1:
+            found.append(("pack", self.pack, "must be >= 1 (1: no packing)"))
         for name in ("widths", "blocks"):
             if any(v < 1 for v in getattr(self, name)):
                 found.append((name, getattr(self, name), "entries must be >= 1"))
@@ -208,6 +227,15 @@ class ModelConfig:
             found.append(("num_classes", self.num_classes, "must be >= 0 (0: unconditional)"))
         if self.generator.mbstd:
             found.append(("generator.mbstd", True, "is a discriminator layer"))
+        for name in ("generator", "encoder"):
+            if getattr(self, name).pack != 1:
+                found.append((f"{name}.pack", getattr(self, name).pack, "packs a discriminator's input"))
+        pack = self.discriminator.pack
+        if pack > 1 and self.num_classes:
+            found.append(("discriminator.pack", pack, "packs unconditional samples; a conditional D "
+                          f"(model.num_classes={self.num_classes}) judges each sample with its label"))
+        if pack > 1 and self.encoder.arch != "none":
+            found.append(("discriminator.pack", pack, "a VAE-GAN compares D's features per sample"))
         return found
 
 
@@ -408,7 +436,8 @@ class AugmentConfig:
 
 
 MIN_EVAL_SAMPLES = 10  # the fewest generated samples an evaluation accepts (eval.n_samples, evaluate --n)
-FEATURE_NET_NAMES = ("auto", "inception", "mnist_classifier", "torchvision")
+FEATURE_NET_NAMES = ("auto", "inception", "mnist_classifier", "torchvision", "stacked_mnist_classifier",
+                     "points")
 
 
 @dataclass
@@ -444,10 +473,16 @@ class EvalConfig:
         return found
 
     def resolved_feature_net(self, data: DataConfig) -> str:
-        """The feature network ``auto`` stands for: the MNIST classifier for MNIST, else Inception."""
+        """The feature network ``auto`` stands for: the MNIST classifier for MNIST, the mode-coverage
+        networks for StackedMNIST and the 2-D mixtures, else Inception."""
+        from dist_gan.data.mixtures import MIXTURES  # data imports config: at call time
+
         if self.feature_net != "auto":
             return self.feature_net
-        return "mnist_classifier" if data.as_read().source == "mnist" else "inception"
+        source = data.as_read().source
+        if source in MIXTURES:
+            return "points"
+        return {"mnist": "mnist_classifier", "stacked_mnist": "stacked_mnist_classifier"}.get(source, "inception")
 
 
 @dataclass
@@ -518,6 +553,10 @@ class Config:
                     "use layer, instance or none",
                 )
             )
+        pack = self.model.discriminator.pack
+        if pack >= 1 and self.data.batch_size % pack:
+            found.append(("data.batch_size", self.data.batch_size, f"must be a multiple of "
+                          f"model.discriminator.pack={pack} (D judges groups of {pack} samples)"))
         if self.run.keep_best and not self.eval.every:
             found.append(("run.keep_best", True, "needs evaluation during training (eval.every > 0)"))
         if self.loss.pl_weight > 0 and self.model.generator.arch != "stylegan2":
@@ -527,6 +566,18 @@ class Config:
         if self.loss.name == "rpgan" and self.model.encoder.arch != "none":
             found.append(("loss.name", "rpgan", "pairs real and fake logits; a VAE-GAN (model.encoder) "
                           "needs ns, hinge or wgan_gp"))
+        return found
+
+    def warnings(self) -> list[str]:
+        """Valid settings known to train badly, said at the start of a run."""
+        found = []
+        lazy = [f"loss.{name}={getattr(self.loss, name)}" for name in ("r1_every", "r2_every")
+                if getattr(self.loss, name) > 1 and getattr(self.loss, name.replace("every", "gamma")) > 0]
+        if self.loss.name == "rpgan" and lazy:
+            found.append(f"lazy zero-centred penalties ({', '.join(lazy)}) with the RpGAN loss: R3GAN's "
+                         "authors found that lazy R1/R2 leads to complete convergence failure on "
+                         "StackedMNIST and 2-D mixtures (their appendix E); set them to 1 to penalise "
+                         "every D step")
         return found
 
     def _schedule_problems(self) -> list[tuple[str, Any, str]]:

@@ -25,7 +25,8 @@ from pathlib import Path
 from dist_gan.config import MIN_EVAL_SAMPLES, ConfigError, load_config
 from dist_gan.data.sources import NATURAL_SIZE, DataError
 
-COLUMNS = ["fid", "kid", "is", "precision", "recall", "classes_covered", "min_class_share"]
+COLUMNS = ["fid", "kid", "is", "precision", "recall", "classes_covered", "min_class_share", "modes", "modes_kl",
+           "mode_hit_share"]
 
 
 def format_table(results: dict) -> str:
@@ -74,7 +75,7 @@ def reference_config(reference: str, resolution: int | None, channels: int | Non
 SPLITS = ("train", "test")  # what every data source holds (a folder is one set: train and test alike)
 
 
-def main(checkpoint: str | None = None, n: int = 10000, json_out: str | None = None, raw: bool = False,
+def main(checkpoint: str | None = None, n: int | None = None, json_out: str | None = None, raw: bool = False,
          seed: int = 0, mnist_dir: str | None = None, reference: str | None = None, out: str | None = None,
          split: str = "train", resolution: int | None = None, channels: int | None = None,
          root: str | None = None, feature_net: str = "auto", feature_weights: str | None = None,
@@ -96,9 +97,10 @@ def main(checkpoint: str | None = None, n: int = 10000, json_out: str | None = N
             return
         if checkpoint is None:
             raise ConfigError("give a run directory or checkpoint to evaluate, or --reference=DATA --out=FILE")
-        if isinstance(n, bool) or not isinstance(n, int) or n < MIN_EVAL_SAMPLES:
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < MIN_EVAL_SAMPLES):
             raise ConfigError(f"--n={n!r} must be a whole number >= {MIN_EVAL_SAMPLES} (training's eval.n_samples "
-                              "minimum; FID needs thousands to mean much: 10000 is the default)")
+                              "minimum; FID needs thousands to mean much: 10000 is the default, the mode-"
+                              "coverage protocols' count for StackedMNIST and the 2-D mixtures)")
         if json_out and Path(json_out).is_dir():
             raise ConfigError(f"--json_out={json_out} is a directory: name a file")
         results = evaluate_checkpoint(checkpoint, n, ema=not raw, seed=seed, mnist_dir=mnist_dir,
@@ -106,7 +108,7 @@ def main(checkpoint: str | None = None, n: int = 10000, json_out: str | None = N
                                       feature_net=feature_net)
     except (ConfigError, DataError, FileNotFoundError) as err:
         sys.exit(f"dist_gan.evaluate: error: {err}")
-    print(f"{results['_source']['checkpoint']} ({'raw' if raw else 'EMA'} weights, n={n}, "
+    print(f"{results['_source']['checkpoint']} ({'raw' if raw else 'EMA'} weights, n={results['_source']['n']}, "
           f"{results['_source']['feature_net']} features)")
     print(format_table(results))
     if json_out:

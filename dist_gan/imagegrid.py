@@ -1,4 +1,4 @@
-"""Images in [-1, 1] as PNG files: one image, or a grid of them.
+"""Images in [-1, 1] as PNG files: one image, or a grid of them (2-D points: a scatter plot).
 
 The same pixels torchvision's ``make_grid``/``save_image`` write (2-pixel black borders, grey images
 as RGB, rounding by +0.5), without importing torchvision: its import pulls in torchvision.models and
@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 PADDING = 2
 
@@ -39,6 +40,34 @@ def make_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
     return grid
 
 
+def is_points(samples: torch.Tensor) -> bool:
+    """Samples of the 2-D mixtures: (N, 2, 1, 1) points, drawn as a scatter plot, not a grid."""
+    return samples.dim() == 4 and tuple(samples.shape[1:]) == (2, 1, 1)
+
+
+def scatter_plot(points: torch.Tensor, extent: float | None = None, size: int = 512) -> torch.Tensor:
+    """(N, 2, 1, 1) points as a (3, size, size) image in [0, 1]: black dots on white over the square
+    [-extent, extent]^2 (default: the points' own reach, rounded up), axes through the origin in grey.
+    Points outside the square are drawn on its border, so none vanishes."""
+    xy = points.detach().float().cpu().flatten(1)
+    if extent is None:
+        extent = max(1.0, math.ceil(float(xy.abs().max()) * 1.1)) if len(xy) else 1.0
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    middle = size // 2
+    draw.line([(middle, 0), (middle, size)], fill=(200, 200, 200))
+    draw.line([(0, middle), (size, middle)], fill=(200, 200, 200))
+    pixels = ((xy / extent + 1) / 2 * (size - 1)).clamp(0, size - 1)
+    for x, y in pixels.tolist():
+        draw.rectangle([x - 1, size - 2 - y, x, size - 1 - y], fill="black")  # y grows upwards, as on a plot
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+
+
+def picture(samples: torch.Tensor, nrow: int = 8, extent: float | None = None) -> torch.Tensor:
+    """What a batch of samples looks like, in [0, 1]: a grid of images, or a scatter plot of points."""
+    return scatter_plot(samples, extent) if is_points(samples) else make_grid(samples, nrow)
+
+
 def to_pixels(image: torch.Tensor) -> torch.Tensor:
     """A (C, H, W) image in [0, 1] as (H, W, C) uint8."""
     return image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
@@ -46,7 +75,7 @@ def to_pixels(image: torch.Tensor) -> torch.Tensor:
 
 def save_png(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
     """One image (C, H, W) or a batch (N, C, H, W) in [-1, 1] as a PNG at ``path`` (a grid for N > 1)."""
-    save_grid_png(make_grid(images if images.dim() == 4 else images[None], nrow), path)
+    save_grid_png(picture(images if images.dim() == 4 else images[None], nrow), path)
 
 
 def save_grid_png(grid: torch.Tensor, path: str | Path) -> None:

@@ -34,7 +34,7 @@ from dist_gan.nets import (build_ema, build_nets, images_per_step, real_images_p
 from dist_gan.progress import write_run_pictures
 from dist_gan.ranks import any_rank, check_replicas, same_on_every_rank
 from dist_gan.rundir import SetAside, claim_run_dir, lock_run_dir
-from dist_gan.sample import sample_grid
+from dist_gan.sample import picture_extent, sample_count, sample_grid
 from dist_gan.schedules import build_schedules
 from dist_gan.seeds import derive
 from dist_gan.step import StatsWindow, train_step
@@ -43,7 +43,6 @@ from dist_gan.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
-SAMPLE_GRID_SIZE = 64
 
 
 class TrainingDiverged(RuntimeError):
@@ -162,7 +161,7 @@ class Trainer:
 
             with acc.main_process_first():  # rank 0 trains/caches the reference network once
                 self.evaluator = Evaluator(config, acc.device)
-        self.fixed_z = torch.randn(SAMPLE_GRID_SIZE, config.model.z_dim,
+        self.fixed_z = torch.randn(sample_count(config.data), config.model.z_dim,
                                    generator=torch.Generator().manual_seed(config.run.seed)).to(acc.device)
         self.lr_scale = 1.0
         self.guard = DivergenceGuard(config.train)
@@ -216,6 +215,9 @@ class Trainer:
                  "processes x %d accumulated), run dir %s", config.loss.name, config.train.max_steps,
                  self.world, acc.device, acc.distributed_type, images_per_step(config, self.world),
                  config.data.batch_size, self.world, config.optim.accumulate, self.run_dir)
+        if acc.is_main_process:
+            for warning in config.warnings():
+                log.warning("%s", warning)
         return step
 
     def restore(self, path: Path, verified: bool = False) -> int:
@@ -321,7 +323,7 @@ class Trainer:
         if step % config.run.sample_every == 0 or last:
             self.logger.images(step, "ema" if self.ema is not None else "G",
                                sample_grid(self.sampler, self.fixed_z, config.model.num_classes,
-                                              config.run.sample_truncation))
+                                           config.run.sample_truncation), picture_extent(config.data))
         if self.evaluator and (step % config.eval.every == 0 or last):
             figures = self.evaluator(self.sampler, self.accelerator)
             self.logger.scalars(step, figures or {}, tb_prefix="eval/")

@@ -116,14 +116,24 @@ def write_progress(run_dir: str | Path, out: str | Path, fps: int = 4, max_frame
     return out
 
 
+CURVES = {"fid": "FID", "modes": "modes covered", "modes_kl": "KL(modes || uniform)"}  # key: title
+
+
 def write_fid_curve(run_dir: str | Path, out: str | Path | None = None, size: tuple[int, int] = (480, 300)) -> Path | None:
     """The run's logged FIDs against steps as a line chart (``RUN_DIR/fid.png``); None without any."""
+    return write_curve(run_dir, "fid", out, size)
+
+
+def write_curve(run_dir: str | Path, key: str, out: str | Path | None = None,
+                size: tuple[int, int] = (480, 300)) -> Path | None:
+    """One logged evaluation figure (``CURVES``) against steps as a line chart (``RUN_DIR/<key>.png``);
+    None when the run logged none."""
     run_dir = Path(run_dir)
-    points = [(r["step"], r["fid"]) for r in _records(run_dir)
-              if isinstance(r.get("fid"), (int, float)) and r["fid"] == r["fid"]]
+    points = [(r["step"], r[key]) for r in _records(run_dir)
+              if isinstance(r.get(key), (int, float)) and r[key] == r[key] and abs(r[key]) != float("inf")]
     if not points:
         return None
-    out = Path(out) if out is not None else run_dir / "fid.png"
+    out = Path(out) if out is not None else run_dir / f"{key}.png"
     width, height = size
     left, right, top, bottom = 56, 16, 24, 36
     image = Image.new("RGB", size, "white")
@@ -142,7 +152,7 @@ def write_fid_curve(run_dir: str | Path, out: str | Path | None = None, size: tu
     for p in points:
         x, y = xy(*p)
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill="navy")
-    draw.text((4, 4), f"FID ({run_dir.name})", fill="black")
+    draw.text((4, 4), f"{CURVES.get(key, key)} ({run_dir.name})", fill="black")
     draw.text((4, top - 2), f"{high:.1f}", fill="black")
     draw.text((4, height - bottom - 10), f"{low:.1f}", fill="black")
     draw.text((left, height - bottom + 6), f"step {min(steps)}", fill="black")
@@ -152,12 +162,13 @@ def write_fid_curve(run_dir: str | Path, out: str | Path | None = None, size: tu
 
 
 def write_run_pictures(run_dir: str | Path) -> None:
-    """At the end of a run: ``progress.gif`` (two or more grids) and ``fid.png`` (any FID) in the run
-    directory. A picture that cannot be written is a warning: it never fails the run."""
+    """At the end of a run: ``progress.gif`` (two or more grids) and ``fid.png`` (any FID; also
+    ``modes.png`` and ``modes_kl.png`` for a mode-coverage run) in the run directory. A picture that cannot be written is a warning: it never fails the run."""
     run_dir = Path(run_dir)
     try:
         if len(grids(run_dir)) >= 2:
             write_progress(run_dir, run_dir / "progress.gif")
-        write_fid_curve(run_dir)
+        for key in CURVES:
+            write_curve(run_dir, key)
     except Exception as err:  # a full disk, an odd PNG: the run itself is done and saved
         log.warning("could not write the run's progress pictures in %s: %s", run_dir, err)

@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 
 from dist_gan.checkpoint import find_checkpoint, load_encoder_state, load_generator_state
-from dist_gan.config import ConfigError, load_config
+from dist_gan.config import ConfigError, DataConfig, load_config
 from dist_gan.data import DATA_SOURCES, DataError
+from dist_gan.data.mixtures import MIXTURES
 from dist_gan.data.sources import to_model_range
 from dist_gan.imagegrid import save_png
 from dist_gan.models import build_encoder, build_generator
@@ -245,6 +246,20 @@ def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, 
         sys.exit(f"dist_gan.sample: error: cannot write {where}: {getattr(err, 'strerror', None) or err}")
     log.info("wrote %d %s %s from %s to %s", n, "raw" if raw else "EMA",
              "interpolation steps" if interpolate else "samples", source, target)
+
+
+SAMPLE_GRID_SIZE = 64  # images in a run's sample grids
+SAMPLE_POINTS = 1000  # points in a 2-D mixture run's scatter plots
+
+
+def sample_count(data: DataConfig) -> int:
+    """Samples in each of a run's sample pictures: a grid of images, or a scatter plot of points."""
+    return SAMPLE_POINTS if data.source in MIXTURES else SAMPLE_GRID_SIZE
+
+
+def picture_extent(data: DataConfig) -> float | None:
+    """The half-width of a 2-D mixture's scatter plots (the same square in every picture of a run)."""
+    return MIXTURES[data.source].extent if data.source in MIXTURES else None
 
 
 def sample_grid(generator: nn.Module, fixed_z: torch.Tensor, num_classes: int,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dist_gan.config import ConfigError
-from dist_gan.imagegrid import make_grid, save_grid_png
+from dist_gan.imagegrid import picture, save_grid_png
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +121,13 @@ class RunLogger:
                        for k, v in values.items()})
         self.jsonl.write(json.dumps(record) + "\n")
 
-    def images(self, step: int, tag: str, images: torch.Tensor) -> None:
-        """A grid of images in [-1, 1] to RUN_DIR/samples/<tag>_<step>.png and every tracker that
-        takes images (TensorBoard, W&B, Aim, ClearML, SwanLab; MLflow as an image artifact)."""
+    def images(self, step: int, tag: str, images: torch.Tensor, extent: float | None = None) -> None:
+        """A grid of images in [-1, 1] (2-D points: their scatter plot over [-extent, extent]^2) to
+        RUN_DIR/samples/<tag>_<step>.png and every tracker that takes images (TensorBoard, W&B, Aim,
+        ClearML, SwanLab; MLflow as an image artifact)."""
         if not self.enabled:
             return
-        grid = make_grid(images, nrow=8)
+        grid = picture(images, nrow=8, extent=extent)
         save_grid_png(grid, self.run_dir / "samples" / f"{tag}_{step:08d}.png")
         pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         for tracker in self.trackers:

@@ -19,6 +19,7 @@ import torch
 from dist_gan.config import DEFAULT_SHARDS, DataConfig, lookup
 from dist_gan.data.loader import ShardReader, ShardStream
 from dist_gan.data.memory import InMemoryBatches
+from dist_gan.data.mixtures import MIXTURES
 from dist_gan.data.shards import (SHARD_MANIFEST, expand_urls, local_path, read_shard_manifest,
                                   resolve_encoding, resolve_shards, shard_dir_lock, write_shards)
 from dist_gan.data.sources import (DATA_SOURCES, IMAGE_SUFFIXES, DataError, ImageSet, folder_images, limit_images,
@@ -43,6 +44,9 @@ def prepare_shards(cfg: DataConfig, out_dir: str | Path, split: str = "train",
     """Write ``cfg.source``'s ``split`` as shards of at most ``cfg.shard_size`` samples into ``out_dir``;
     with ``shards_multiple_of`` = m, as a multiple of m shards of one size (the last one shorter),
     e.g. m = GPUs x loader workers. The directory is locked while it is written."""
+    if cfg.source in MIXTURES:
+        raise DataError(f"data.source={cfg.source} is 2-D points, not images: shards hold pixels; train "
+                        "on it with data.format=memory")
     with shard_dir_lock(out_dir):
         return _write_source_shards(cfg, out_dir, split, progress, shards_multiple_of)
 

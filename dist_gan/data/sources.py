@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dist_gan.config import DataConfig
+from dist_gan.data.mixtures import MIXTURES, POINT_SHAPE, mixture_points
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class ImageSet(Protocol):
 
 @dataclass
 class TensorImageSet:
-    """Images already in memory: uint8 (N, C, H, W) and int64 labels."""
+    """Images already in memory: uint8 (N, C, H, W) (float for the 2-D mixtures' points) and int64
+    labels."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -103,9 +105,12 @@ def load_mnist_idx(directory: str | Path, split: str = "train") -> tuple[torch.T
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels in [0, 255] -> float in [-1, 1], the range every network takes and gives."""
+    """uint8 pixels in [0, 255] -> float in [-1, 1], the range every network takes and gives; float
+    samples (the 2-D mixtures' points) are already in the model's space and pass as float32."""
+    if images.dtype.is_floating_point:
+        return images.float()
     if images.dtype != torch.uint8:
-        raise TypeError(f"expected uint8 pixels, got {images.dtype}")
+        raise TypeError(f"expected uint8 pixels or float samples, got {images.dtype}")
     return images.float().div_(127.5).sub_(1.0)  # .float() copied: in place is safe
 
 
@@ -326,7 +331,8 @@ def folder_source(cfg: DataConfig, split: str = "train") -> FolderImageSet:
 
 
 # (resolution, channels) each named data set comes at; a folder's is the config's (default 64 px RGB)
-NATURAL_SIZE = {"mnist": (28, 1), "cifar10": (32, 3), "stacked_mnist": (28, 3)}
+NATURAL_SIZE = {"mnist": (28, 1), "cifar10": (32, 3), "stacked_mnist": (28, 3),
+                **{name: POINT_SHAPE[1::-1] for name in MIXTURES}}
 STACKED_MNIST_SIZE = 128_000  # the set VEEGAN and PacGAN train on
 STACKED_MNIST_TEST_SIZE = 26_000  # as many real triples as the protocol's generated samples
 STACKED_MNIST_MODES = 1000
@@ -354,6 +360,12 @@ def stacked_mnist_source(cfg: DataConfig, split: str = "train") -> TensorImageSe
     elif cfg.resolution < 28:
         images = fit_images(images, cfg.resolution, 3)
     return TensorImageSet(images.contiguous(), triples, [f"{t:03d}" for t in range(STACKED_MNIST_MODES)])
+
+
+def mixture_source(cfg: DataConfig, split: str = "train") -> TensorImageSet:
+    """A 2-D mixture of Gaussians (``data.mixtures``): float points, labelled by their mode."""
+    points, modes = mixture_points(cfg, split)
+    return TensorImageSet(points, modes, [f"mode{m}" for m in range(MIXTURES[cfg.source].modes)])
 
 
 def synthetic_source(cfg: DataConfig, split: str = "train") -> TensorImageSet:
@@ -400,6 +412,7 @@ DATA_SOURCES: dict[str, Callable[..., ImageSet]] = {
     "folder": folder_source,
     "synthetic": synthetic_source,
     "stacked_mnist": stacked_mnist_source,
+    **{name: mixture_source for name in MIXTURES},
 }
 
 

@@ -18,6 +18,7 @@ from dist_gan.data.sources import (CIFAR10_FOLDER, DATA_SOURCES, MNIST_FILES, Im
                                    limit_images, to_model_range)
 from dist_gan.metrics.classifier import cache_dir, fingerprint
 from dist_gan.metrics.networks import build_feature_net
+from dist_gan.metrics.modes import coverage_figures
 from dist_gan.metrics.quality import Embedder, Reference, quality
 from dist_gan.sample import generate, load_generator
 from dist_gan.seeds import derive
@@ -62,6 +63,8 @@ def data_fingerprint(data: DataConfig, split: str) -> str | None:
         return _files_digest(sorted(folder.glob("*_batch*"))) if folder.is_dir() else "torchvision"
     if data.source == "synthetic":
         return "seeded"
+    if data.source == "stacked_mnist":  # drawn with fixed seeds from MNIST: its digits and the set's size
+        return f"{data_fingerprint(dataclasses.replace(data, source='mnist'), split)}-{data.limit}"
     return None
 
 
@@ -90,6 +93,16 @@ def real_embeddings(data: DataConfig, split: str, embed: Embedder) -> tuple[torc
     tmp.replace(path)
     log.info("cached %d real %s embeddings at %s", len(feats), split, path)
     return feats, logits
+
+
+def figures(reference: Reference, network: nn.Module, feats: torch.Tensor, logits: torch.Tensor,
+            seed: int) -> dict[str, float]:
+    """``quality`` of generated (or real test) embeddings and, when the feature network assigns modes
+    (``metrics/modes.py``), their mode coverage."""
+    out = quality(reference, feats, logits, seed=seed, data_classes=bool(getattr(network, "data_classes", True)))
+    if hasattr(network, "mode_ids"):
+        out.update(coverage_figures(network.mode_ids(feats, logits), network.modes))
+    return out
 
 
 def reference_meta(config: Config, network: nn.Module, description: str) -> dict:
@@ -128,8 +141,7 @@ class Evaluator:
     def __init__(self, config: Config, device: torch.device | str = "cpu"):
         config = dataclasses.replace(config, data=config.data.as_read())  # a data.folder run: its folder
         self.config = config
-        network = build_feature_net(config)
-        self.data_classes = bool(getattr(network, "data_classes", True))
+        self.network = network = build_feature_net(config)
         self.embed = Embedder(network, config.eval.batch_size, device)
         if config.eval.reference_stats:
             self.reference = load_reference(config.eval.reference_stats, config, network)
@@ -149,17 +161,21 @@ class Evaluator:
         logits = accelerator.gather(logits.to(accelerator.device))[: cfg.n_samples].cpu()
         if not accelerator.is_main_process:
             return None
-        return quality(self.reference, feats, logits, seed=self.config.run.seed,
-                       data_classes=self.data_classes)
+        return figures(self.reference, self.network, feats, logits, self.config.run.seed)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, n: int, ema: bool = True, seed: int = 0,
+DEFAULT_EVAL_SAMPLES = 10_000
+
+
+def evaluate_checkpoint(checkpoint: str | Path, n: int | None = None, ema: bool = True, seed: int = 0,
                         mnist_dir: str | None = None, reference_stats: str | None = None,
                         feature_weights: str | None = None,
                         feature_net: str = "auto") -> dict[str, dict[str, float]]:
     """Figures for a checkpoint's generator and, as the floor, for real test data vs real train
     (the floor only when the real data is at hand: not with ``reference_stats``). ``feature_net``
-    other than auto replaces the run's eval.feature_net."""
+    other than auto replaces the run's eval.feature_net. ``n`` None: the mode-coverage protocol's
+    sample count when the feature network has one (StackedMNIST 26,000; the mixtures 2,500), else
+    ``DEFAULT_EVAL_SAMPLES``."""
     generator, source = load_generator(checkpoint, ema=ema)
     config = load_config(source / "config.yaml")
     if feature_net != "auto":
@@ -170,14 +186,15 @@ def evaluate_checkpoint(checkpoint: str | Path, n: int, ema: bool = True, seed: 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     evaluator = Evaluator(config, device)
     config = evaluator.config
+    n = n or getattr(evaluator.network, "protocol_samples", DEFAULT_EVAL_SAMPLES)
     images = generate(generator.to(device), n, seed, config.eval.batch_size, device)
     fake_feats, fake_logits = evaluator.embed(images)
-    results = {"generated": quality(evaluator.reference, fake_feats, fake_logits, seed, evaluator.data_classes)}
+    results = {"generated": figures(evaluator.reference, evaluator.network, fake_feats, fake_logits, seed)}
     if not config.eval.reference_stats:
         test_feats, test_logits = real_embeddings(config.data, "test", evaluator.embed)
         m = min(n, len(test_feats))
-        results["real test (floor)"] = quality(evaluator.reference, test_feats[:m], test_logits[:m], seed,
-                                               evaluator.data_classes)
+        results["real test (floor)"] = figures(evaluator.reference, evaluator.network, test_feats[:m],
+                                               test_logits[:m], seed)
     results["_source"] = {"checkpoint": str(source), "n": n, "ema": ema,
                           "feature_net": config.eval.resolved_feature_net(config.data)}
     return results

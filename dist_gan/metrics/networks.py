@@ -9,6 +9,8 @@ N x d, logits N x classes)``; ``data_classes = True`` when its logits are the da
   for any data but MNIST (``auto``).
 - ``mnist_classifier``: a small MNIST classifier (trained on first use, cached); the default for MNIST.
 - ``torchvision`` (``eval.feature_arch``, e.g. resnet18, with a local ``eval.feature_weights`` file).
+- ``stacked_mnist_classifier`` and ``points``: the mode-coverage protocols' networks (``metrics/modes.py``),
+  the defaults for StackedMNIST and the 2-D mixtures.
 
 Your own: ``eval.feature_net: my_package.my_module:build`` names a function ``build(config) -> module``.
 """
@@ -25,7 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dist_gan.config import Config, ConfigError
+from dist_gan.data.mixtures import MIXTURES
 from dist_gan.metrics.classifier import load_or_train_classifier
+from dist_gan.metrics.modes import PointFeatures, StackedMnistFeatures
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -184,6 +188,18 @@ def _mnist_classifier(config: Config) -> nn.Module:
     return load_or_train_classifier(config.data.mnist_dir, config.eval.classifier_path)
 
 
+def _stacked_mnist_classifier(config: Config) -> nn.Module:
+    return StackedMnistFeatures(_mnist_classifier(config))
+
+
+def _points(config: Config) -> nn.Module:
+    source = config.data.as_read().source
+    if source not in MIXTURES:
+        raise ConfigError(f"eval.feature_net=points reads 2-D points; data.source={source} is not one of "
+                          f"the mixtures {sorted(MIXTURES)}")
+    return PointFeatures(MIXTURES[source])
+
+
 def _torchvision(config: Config) -> nn.Module:
     if not config.eval.feature_weights:
         raise ConfigError("eval.feature_net=torchvision needs eval.feature_weights (a local state_dict file)")
@@ -194,6 +210,8 @@ FEATURE_NETS: dict[str, Callable[[Config], nn.Module]] = {
     "inception": _inception,
     "mnist_classifier": _mnist_classifier,
     "torchvision": _torchvision,
+    "stacked_mnist_classifier": _stacked_mnist_classifier,
+    "points": _points,
 }
 
 

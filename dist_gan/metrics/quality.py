@@ -44,7 +44,8 @@ def as_saved(images: torch.Tensor) -> torch.Tensor:
 
 
 class Embedder:
-    """Batched ``(features, logits)`` of images in [-1, 1] (``as_saved`` first) from a feature network's
+    """Batched ``(features, logits)`` of images in [-1, 1] (``as_saved`` first, unless the network's
+    ``takes_pixels`` is False: the 2-D mixtures' points) from a feature network's
     ``embed``, run on ``device`` (a GPU embeds 299 px Inception inputs ~100x faster); results on the CPU."""
 
     def __init__(self, network: nn.Module, batch_size: int = 500, device: torch.device | str = "cpu"):
@@ -53,7 +54,8 @@ class Embedder:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [self.network.embed(as_saved(chunk.to(self.device))) for chunk in images.split(self.batch_size)]
+        saved = as_saved if getattr(self.network, "takes_pixels", True) else torch.Tensor.float
+        pairs = [self.network.embed(saved(chunk.to(self.device))) for chunk in images.split(self.batch_size)]
         return (torch.cat([f for f, _ in pairs]).float().cpu(), torch.cat([l for _, l in pairs]).float().cpu())
 
 

@@ -8,7 +8,9 @@ import torch.nn as nn
 from dist_gan.backend import accept_fp32_io
 from dist_gan.config import Config, NetConfig, lookup
 from dist_gan.models.dcgan import DCGANDiscriminator, DCGANEncoder, DCGANGenerator
+from dist_gan.models.base import PackedDiscriminator
 from dist_gan.models.mlp import MLPDiscriminator, MLPGenerator
+from dist_gan.models.points import PointsDiscriminator, PointsGenerator
 from dist_gan.models.r3gan import R3GANDiscriminator, R3GANGenerator
 from dist_gan.models.resnet import ResNetDiscriminator, ResNetGenerator
 from dist_gan.models.rnn import RNNDiscriminator, RNNGenerator
@@ -16,17 +18,21 @@ from dist_gan.models.stylegan2 import StyleGAN2Discriminator, StyleGAN2Generator
 
 GENERATORS: dict[str, type[nn.Module]] = {"dcgan": DCGANGenerator, "mlp": MLPGenerator,
                                           "rnn": RNNGenerator, "resnet": ResNetGenerator,
-                                          "stylegan2": StyleGAN2Generator, "r3gan": R3GANGenerator}
+                                          "stylegan2": StyleGAN2Generator, "r3gan": R3GANGenerator,
+                                          "points": PointsGenerator}
 DISCRIMINATORS: dict[str, type[nn.Module]] = {"dcgan": DCGANDiscriminator, "mlp": MLPDiscriminator,
                                               "rnn": RNNDiscriminator, "resnet": ResNetDiscriminator,
                                               "stylegan2": StyleGAN2Discriminator,
-                                              "r3gan": R3GANDiscriminator}
+                                              "r3gan": R3GANDiscriminator,
+                                              "points": PointsDiscriminator}
 ENCODERS: dict[str, type[nn.Module]] = {"dcgan": DCGANEncoder}  # model.encoder.arch "none": no encoder
 
 
 def _build(registry: dict, key: str, net: NetConfig, config: Config) -> nn.Module:
     network = lookup(registry, key, net.arch)(net, config.model.z_dim, config.data.resolution,
-                                              config.data.channels, config.model.num_classes)
+                                              config.data.channels * net.pack, config.model.num_classes)
+    if net.pack > 1:
+        network = PackedDiscriminator(network, net.pack)
     return accept_fp32_io(network)
 
 

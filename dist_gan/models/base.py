@@ -80,3 +80,22 @@ class Discriminator(nn.Module):
         h = self.body(x)
         logits = self.head(h, labels)
         return (logits, h) if return_features else logits
+
+
+class PackedDiscriminator(nn.Module):
+    """PacGAN's packing (Lin et al. 2018): ``inner``, built for ``pack`` times the channels, judges
+    each group of ``pack`` consecutive samples at once, joined along channels: one logit per group.
+    A generator that draws few modes shows it in a group (near-identical samples), not only in each
+    sample, so D can punish it."""
+
+    def __init__(self, inner: nn.Module, pack: int):
+        super().__init__()
+        self.inner, self.pack = inner, pack
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, return_features: bool = False):
+        count = x.shape[0]
+        if count % self.pack:
+            raise ValueError(f"a batch of {count} cannot be packed in groups of {self.pack} "
+                             "(model.discriminator.pack)")
+        grouped = x.reshape(count // self.pack, self.pack * x.shape[1], *x.shape[2:])
+        return self.inner(grouped, labels, return_features)
