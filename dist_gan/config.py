@@ -83,6 +83,11 @@ class RunConfig:
 DEFAULT_SHARDS = "data/mnist/train-{000000..000005}.tar"
 
 
+# The 2-D mixtures (dist_gan.data.mixtures defines them): samples are points held as (2, 1, 1)
+POINT_SOURCES = ("ring8", "grid25")
+POINT_SHAPE = (2, 1, 1)
+
+
 @dataclass
 class DataConfig:
     # the dataset: mnist | cifar10 | folder | stacked_mnist | synthetic (see dist_gan.data.sources), or
@@ -136,12 +141,10 @@ class DataConfig:
         return dataclasses.replace(self, source="folder", root=self.folder) if self.folder else self
 
     def problems(self) -> list[tuple[str, Any, str]]:
-        from dist_gan.data.mixtures import MIXTURES, POINT_SHAPE  # data imports config: at call time
-
         found = []
         if self.read_timeout_s <= 0:
             found.append(("read_timeout_s", self.read_timeout_s, "must be > 0"))
-        points = self.source in MIXTURES
+        points = self.source in POINT_SOURCES
         for name, low in (("batch_size", 1), ("resolution", 1 if points else 8), ("shard_size", 1),
                           ("workers", 0), ("shuffle_buffer", 0), ("prefetch_factor", 1), ("limit", 0)):
             if getattr(self, name) < low:
@@ -475,12 +478,10 @@ class EvalConfig:
     def resolved_feature_net(self, data: DataConfig) -> str:
         """The feature network ``auto`` stands for: the MNIST classifier for MNIST, the mode-coverage
         networks for StackedMNIST and the 2-D mixtures, else Inception."""
-        from dist_gan.data.mixtures import MIXTURES  # data imports config: at call time
-
         if self.feature_net != "auto":
             return self.feature_net
         source = data.as_read().source
-        if source in MIXTURES:
+        if source in POINT_SOURCES:
             return "points"
         return {"mnist": "mnist_classifier", "stacked_mnist": "stacked_mnist_classifier"}.get(source, "inception")
 

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dist_gan.config import POINT_SHAPE, POINT_SOURCES
+
 if TYPE_CHECKING:
     from dist_gan.config import DataConfig
 
-POINT_SHAPE = (2, 1, 1)  # (channels, resolution, resolution) of one sample
 MIXTURE_SIZE = 100_000  # points per training set, as PacGAN's synthetic experiments
 MIXTURE_TEST_SIZE = 2_500  # PacGAN's num_log_figure_sample: the samples each evaluation scores
 QUALITY_SIGMAS = 3.0  # a sample within this many standard deviations of a mode is of high quality
@@ -69,6 +70,7 @@ MIXTURES: dict[str, Mixture] = {
     "ring8": Mixture(_ring(8, 1.0), sigma=0.01, extent=1.5),
     "grid25": Mixture(_grid([-4.0, -2.0, 0.0, 2.0, 4.0]), sigma=0.05, extent=6.0),
 }
+assert tuple(MIXTURES) == POINT_SOURCES, "config.POINT_SOURCES names the mixtures defined here"
 
 
 def mixture_points(cfg: "DataConfig", split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
