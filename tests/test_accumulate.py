@@ -43,6 +43,8 @@ worst = max(float((whole[k] - split[k]).abs().max() / whole[k].abs().max().clamp
 # One file per rank: two processes printing to one pipe can interleave their lines.
 with open(os.path.join(sys.argv[1], f"result{acc_G.process_index}.txt"), "w") as out:
     out.write(f"{acc_G.process_index} {acc_G.num_processes} {len(whole)} {worst}\n")
+sys.stdout.flush()
+os._exit(0)  # as `dist_gan.train` leaves a rank of a multi-process run (train._leave says why)
 '''
 
 
