@@ -1,17 +1,19 @@
 """Mode coverage on the field's own tables, at CPU scale, budgets in images seen (kimg).
 
-    python bench/mode_coverage.py mixtures --kimg=200                       # grid25 + ring8, 3 seeds
+    python bench/mode_coverage.py mixtures --kimg=512 --jobs=2              # grid25 + ring8, 3 seeds
     python bench/mode_coverage.py stacked --row=r3gan --kimg=100 --mnist_dir=../shared/data/mnist
+    python bench/mode_coverage.py trend --kimg=4096 --evals=8              # one long grid25 run
     python bench/mode_coverage.py report                                   # tables only
 
 - **mixtures**: PacGAN's Table 1 setting (``configs/grid25_gan.yaml``; ring8 the same networks):
-  GAN (non-saturating), PacGAN4 (the same with ``model.discriminator.pack=4``) and R3GAN's loss
-  (RpGAN + R1 + R2 every step), seeds 0-2 each; 2,500 samples scored as PacGAN does (modes with a
-  sample within 3 sigma, the share of such high-quality samples, KL of the mode histogram to
-  uniform). Mean and spread (population standard deviation) over the seeds.
-- **stacked**: one StackedMNIST row per invocation (each takes up to ~30 minutes on 2 cores);
-  26,000 samples, each channel read by the reference MNIST classifier; the floor is 26,000 real
-  test triples scored the same way.
+  GAN (non-saturating), PacGAN4 (the same with ``model.discriminator.pack=4``) and the shipped
+  R3GAN recipe (``configs/grid25_r3gan.yaml``: RpGAN + R1 + R2 every step), seeds 0-2 each;
+  2,500 samples scored as PacGAN does (modes with a sample within 3 sigma, the share of such
+  high-quality samples, KL of the mode histogram to uniform). Mean and spread (population standard
+  deviation) over the seeds. ``--jobs=2`` trains two runs at a time, one CPU thread each.
+- **stacked**: one StackedMNIST row per invocation (each takes up to ~30 minutes on 2 cores;
+  ``--threads=1`` lets two invocations share them); 26,000 samples, each channel read by the
+  reference MNIST classifier; the floor is 26,000 real test triples scored the same way.
 
 Training is deterministic, so every figure is the same on any machine for the same kimg. Throughput
 is a separate column, as a ratio against a baseline measured in the same invocation (mixtures: the
@@ -25,21 +27,30 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SEEDS = (0, 1, 2)
+# id: (label, config, flags); the GAN rows are PacGAN's own setting, the R3GAN row the shipped recipe.
+# PacGAN's batches are 100 packs of m points (m x 100 real points per step, 400 epochs for every m):
+# "pacgan4" is that; "pacgan4_b100" keeps batch 100 (25 packs) to show what packing alone does.
 MIXTURE_VARIANTS = {
-    "GAN (ns)": [],
-    "PacGAN4 (ns, pack 4)": ["--model.discriminator.pack=4"],
-    "R3GAN loss (RpGAN + R1 + R2)": ["--loss.name=rpgan", "--loss.r1_gamma=GAMMA", "--loss.r2_gamma=GAMMA"],
+    "gan": ("GAN (ns)", "grid25_gan", []),
+    "pacgan4_b100": ("PacGAN4, batch 100 (25 packs of 4)", "grid25_gan", ["--model.discriminator.pack=4"]),
+    "pacgan4": ("PacGAN4 as PacGAN (100 packs of 4: batch 400)", "grid25_gan",
+                ["--model.discriminator.pack=4", "--data.batch_size=400"]),
+    "r3gan": ("R3GAN (configs/grid25_r3gan.yaml)", "grid25_r3gan", []),
 }
+LABELS = [label for label, _, _ in MIXTURE_VARIANTS.values()]
 STACKED_ROWS = {
     "dcgan": ("DCGAN (the seed's recipe)", "stacked_mnist_dcgan", []),
     "wgan_gp": ("WGAN-GP", "stacked_mnist_dcgan",
@@ -73,29 +84,30 @@ SECTION = ("<!-- mode_coverage:start -->", "<!-- mode_coverage:end -->")
 
 def steps_for(config: Path, extra: list[str], kimg: float) -> int:
     """G steps that show ``kimg`` thousand real images to D (batch x n_critic per step)."""
-    from dist_gan.cliargs import parse_overrides
     from dist_gan.config import load_config
     from dist_gan.nets import real_images_per_step
 
-    loaded = load_config(config, parse_overrides(extra))
+    loaded = load_config(config, dict(flag[2:].split("=", 1) for flag in extra))
     return max(1, round(kimg * 1000 / real_images_per_step(loaded, 1)))
 
 
-def train(config: str, extra: list[str], kimg: float, run_dir: Path, evals: int = 1) -> dict:
+def train(config: str, extra: list[str], kimg: float, run_dir: Path, evals: int = 1, threads: int | None = None) -> dict:
     """Train ``config`` for ``kimg`` (evaluated ``evals`` times, the last at the end); the last
-    evaluation's figures, the kimg and the training throughput in img/s."""
+    evaluation's figures, the kimg and the training throughput in img/s. ``threads`` caps torch's
+    CPU threads (OMP_NUM_THREADS) so that parallel runs do not compete for the same cores."""
     path = REPO / "configs" / f"{config}.yaml"
     steps = steps_for(path, extra, kimg)
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "dist_gan.train", str(path), f"--run.dir={run_dir}",
            f"--train.max_steps={steps}", f"--eval.every={max(1, steps // evals)}", "--run.trackers=[]",
            f"--run.ckpt_every={steps}", f"--run.sample_every={max(1, steps // 4)}", *extra]
-    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evaluations = [r for r in records if "modes" in r]
-    rates = [r["img_s"] for r in records if isinstance(r.get("img_s"), (int, float))]
+    rates = [r["imgs_per_sec"] for r in records if isinstance(r.get("imgs_per_sec"), (int, float))]
     return {**{k: evaluations[-1][k] for k in ("modes", "modes_kl", "mode_hit_share", "fid")},
-            "curve": [(r["step"], r["modes"], r["modes_kl"]) for r in evaluations],
+            "curve": [(r["step"], r["modes"], r["modes_kl"], r["mode_hit_share"]) for r in evaluations],
             "kimg": kimg, "steps": steps, "img_s": statistics.median(rates) if rates else math.nan}
 
 
@@ -115,46 +127,78 @@ def load_results() -> dict:
     return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"mixtures": {}, "stacked": {}}
 
 
-def run_mixtures(args: argparse.Namespace, results: dict) -> None:
-    for source in ("grid25", "ring8"):
-        for name, flags in MIXTURE_VARIANTS.items():
-            flags = [f.replace("GAMMA", str(args.gamma)) for f in flags]
-            for seed in SEEDS:
-                extra = [f"--data.source={source}", f"--run.seed={seed}", *flags]
-                row = train("grid25_gan", extra, args.kimg, Path(args.runs) / f"{source}_{len(flags)}_{seed}", 4)
-                results["mixtures"].setdefault(source, {}).setdefault(name, {})[str(seed)] = row
-                print(f"{source} {name} seed {seed}: {row['modes']} modes, {row['mode_hit_share']:.3f} "
-                      f"high quality, KL {row['modes_kl']:.3f} ({row['img_s']:.0f} img/s)", flush=True)
-                RESULTS.write_text(json.dumps(results, indent=1))
+def save(update: Callable[[dict], None]) -> None:
+    """Apply ``update`` to the results file as it is now (another invocation may be adding rows)."""
+    results = load_results()
+    update(results)
+    RESULTS.write_text(json.dumps(results, indent=1))
 
 
-def run_stacked(args: argparse.Namespace, results: dict) -> None:
+def run_mixtures(args: argparse.Namespace) -> None:
+    """Every mixture x variant x seed, ``args.jobs`` runs at a time (one thread each)."""
+    runs = [(source, key, seed) for source in args.sources for key in args.variants for seed in SEEDS]
+
+    def one(source: str, key: str, seed: int) -> dict:
+        _, config, flags = MIXTURE_VARIANTS[key]
+        extra = [f"--data.source={source}", f"--run.seed={seed}", *flags]
+        run_dir = Path(args.runs) / f"{source}_{key}_{seed}"
+        return train(config, extra, args.kimg, run_dir, 4, threads=1 if args.jobs > 1 else args.threads)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [(run, pool.submit(one, *run)) for run in runs]
+        for (source, key, seed), future in futures:
+            name, config, flags = MIXTURE_VARIANTS[key]
+            row = {**future.result(), "config": config, "flags": flags}
+            save(lambda results: results["mixtures"].setdefault(source, {}).setdefault(name, {}).update({str(seed): row}))
+            print(f"{source} {name} seed {seed}: {row['modes']} modes, {row['mode_hit_share']:.3f} "
+                  f"high quality, KL {number(row['modes_kl'])} ({row['img_s']:.0f} img/s)", flush=True)
+
+
+def run_trend(args: argparse.Namespace) -> None:
+    """One long grid25 run of the shipped R3GAN recipe (seed 0), evaluated ``args.evals`` times: how
+    the figures move with the budget."""
+    row = train("grid25_r3gan", [], args.kimg, Path(args.runs) / "grid25_trend", args.evals, threads=args.threads)
+    save(lambda results: results.update({"trend": row}))
+
+
+def run_stacked(args: argparse.Namespace) -> None:
     label, config, flags = STACKED_ROWS[args.row]
     extra = [f"--data.mnist_dir={args.mnist_dir}", *flags]
     baseline = train("stacked_mnist_dcgan", [f"--data.mnist_dir={args.mnist_dir}", "--eval.n_samples=1000"],
-                     args.baseline_kimg, Path(args.runs) / "stacked_baseline")
-    row = train(config, extra, args.kimg, Path(args.runs) / f"stacked_{args.row}_{args.kimg:g}", args.evals)
+                     args.baseline_kimg, Path(args.runs) / "stacked_baseline", threads=args.threads)
+    row = train(config, extra, args.kimg, Path(args.runs) / f"stacked_{args.row}_{args.kimg:g}", args.evals,
+                threads=args.threads)
     row.update({"label": label, "config": config, "flags": flags, "baseline_img_s": baseline["img_s"]})
-    results["stacked"][f"{args.row}@{args.kimg:g}"] = row
-    if "floor" not in results:
-        results["floor"] = stacked_floor(args.mnist_dir)
-    RESULTS.write_text(json.dumps(results, indent=1))
-    print(f"{label} at {args.kimg:g} kimg: {row['modes']} modes, KL {row['modes_kl']:.3f} "
+    floor = None if "floor" in load_results() else stacked_floor(args.mnist_dir)
+    save(lambda results: results["stacked"].update({f"{args.row}@{args.kimg:g}": row}))
+    if floor:
+        save(lambda results: results.update({"floor": floor}))
+    print(f"{label} at {args.kimg:g} kimg: {row['modes']} modes, KL {number(row['modes_kl'])} "
           f"({row['img_s']:.0f} img/s, {row['img_s'] / baseline['img_s']:.2f}x DCGAN)", flush=True)
 
 
-def spread(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3g} ± {statistics.pstdev(values):.2g}"
+def number(value: float | None) -> str:
+    """A KL figure; None where no sample reached a mode (the KL over modes is undefined)."""
+    return "undefined (no sample near a mode)" if value is None else f"{value:.3f}"
 
 
-def report(results: dict, gamma: float) -> str:
+def spread(values: list[float | None]) -> str:
+    """Mean ± population standard deviation, over the defined values (and how many were not)."""
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return "undefined"
+    text = f"{statistics.mean(defined):.3g} ± {statistics.pstdev(defined):.2g}"
+    return text if len(defined) == len(values) else f"{text} ({len(values) - len(defined)} undefined)"
+
+
+def report(results: dict) -> str:
     lines = ["### StackedMNIST: modes of 1000 and KL(modes || uniform), 26,000 samples", "",
              "| recipe | kimg | modes | KL | FID (classifier features) | img/s (x DCGAN baseline) | command |",
              "|---|---|---|---|---|---|---|"]
     for key, row in sorted(results.get("stacked", {}).items(), key=lambda kv: (kv[1]["label"], kv[1]["kimg"])):
         ratio = row["img_s"] / row["baseline_img_s"]
         command = f"`bench/mode_coverage.py stacked --row={key.split('@')[0]} --kimg={row['kimg']:g}`"
-        lines.append(f"| {row['label']} | {row['kimg']:g} | {row['modes']} | {row['modes_kl']:.3f} | "
+        lines.append(f"| {row['label']} | {row['kimg']:g} | {row['modes']} | {number(row['modes_kl'])} | "
                      f"{row['fid']:.2f} | {row['img_s']:.0f} ({ratio:.2f}x) | {command} |")
     if "floor" in results:
         floor = results["floor"]
@@ -169,21 +213,30 @@ def report(results: dict, gamma: float) -> str:
                   f"spread over seeds {', '.join(map(str, SEEDS))})", "",
                   "| recipe | kimg | modes | high quality | reverse KL | img/s (x GAN) |", "|---|---|---|---|---|---|"]
         base = rows.get("GAN (ns)", {})
-        for name, seeds in rows.items():
+        for name, seeds in sorted(rows.items(), key=lambda kv: LABELS.index(kv[0]) if kv[0] in LABELS else len(LABELS)):
             runs = list(seeds.values())
             ratios = [seeds[s]["img_s"] / base[s]["img_s"] for s in seeds if s in base]
             lines.append(f"| {name} | {runs[0]['kimg']:g} | {spread([r['modes'] for r in runs])} | "
-                         f"{spread([r['mode_hit_share'] for r in runs])} | {spread([r['modes_kl'] for r in runs])} | "
+                         f"{spread([100 * r['mode_hit_share'] for r in runs])} % | {spread([r['modes_kl'] for r in runs])} | "
                          f"{statistics.median(r['img_s'] for r in runs):.0f} ({statistics.mean(ratios):.2f}x) |")
+        if rows:
+            lines += ["", f"Command: `python bench/mode_coverage.py mixtures --kimg={runs[0]['kimg']:g} --jobs=2`"]
         lines += ["", f"Published (PacGAN Table 1, {source}; 400 epochs of 100,000 points = 40 Mimg):", "",
                   "| model | modes | high quality | reverse KL |", "|---|---|---|---|"]
         lines += [f"| {name} | {modes} | {hq} | {kl} |" for name, modes, hq, kl in published]
-    lines += ["", f"R3GAN loss rows use gamma = {gamma:g} for R1 and R2 (`--gamma`)."]
+    if "trend" in results:
+        trend = results["trend"]
+        per_step = trend["kimg"] / trend["steps"]
+        lines += ["", f"### grid25 over a longer budget: configs/grid25_r3gan.yaml, seed 0, {trend['kimg']:g} kimg", "",
+                  f"Command: `python bench/mode_coverage.py trend --kimg={trend['kimg']:g} --evals={len(trend['curve'])}`", "",
+                  "| kimg | modes | high quality | reverse KL |", "|---|---|---|---|"]
+        lines += [f"| {step * per_step:.0f} | {modes} | {100 * hit:.1f} % | {number(kl)} |"
+                  for step, modes, kl, hit in trend["curve"]]
     return "\n".join(lines)
 
 
-def write_report(results: dict, gamma: float) -> None:
-    tables = report(results, gamma)
+def write_report(results: dict) -> None:
+    tables = report(results)
     (REPO / "docs" / "mode_coverage.md").write_text("# Mode coverage (bench/mode_coverage.py)\n\n" + __doc__.split("\n\n", 1)[1] + "\n" + tables + "\n")
     results_md = REPO / "docs" / "results.md"
     text = results_md.read_text()
@@ -198,23 +251,27 @@ def write_report(results: dict, gamma: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=["mixtures", "stacked", "report"])
+    parser.add_argument("table", choices=["mixtures", "trend", "stacked", "report"])
     parser.add_argument("--kimg", type=float, default=100.0)
     parser.add_argument("--row", choices=sorted(STACKED_ROWS), default="r3gan")
     parser.add_argument("--mnist_dir", default=None)
-    parser.add_argument("--gamma", type=float, default=0.05, help="R1/R2 weight of the mixtures' R3GAN rows")
+    parser.add_argument("--sources", nargs="+", default=["grid25", "ring8"], choices=["grid25", "ring8"])
+    parser.add_argument("--variants", nargs="+", default=list(MIXTURE_VARIANTS), choices=list(MIXTURE_VARIANTS))
+    parser.add_argument("--jobs", type=int, default=1, help="mixture runs at a time (one CPU thread each)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of each run (with --jobs=1)")
     parser.add_argument("--evals", type=int, default=4, help="StackedMNIST evaluations along the run")
     parser.add_argument("--baseline_kimg", type=float, default=3.0)
     parser.add_argument("--runs", default="runs/bench_mode_coverage")
     args = parser.parse_args()
-    results = load_results()
     if args.table == "mixtures":
-        run_mixtures(args, results)
+        run_mixtures(args)
+    elif args.table == "trend":
+        run_trend(args)
     elif args.table == "stacked":
         if not args.mnist_dir:
             parser.error("stacked needs --mnist_dir (the MNIST IDX files)")
-        run_stacked(args, results)
-    write_report(results, args.gamma)
+        run_stacked(args)
+    write_report(load_results())
 
 
 if __name__ == "__main__":

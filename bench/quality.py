@@ -1,13 +1,16 @@
-"""Sample quality against CPU time: train mnist_wgangp and mnist_dcgan for a fixed wall-clock budget
-each, evaluating FID/KID/IS/coverage every few minutes, and write a report with a plot.
+"""Sample quality per image seen: train each config for the same budget in kimg (thousands of real
+images shown to D), evaluating FID/KID/IS/coverage along the way, and write a report with a plot.
 
-    python bench/quality.py --mnist_dir=../shared/data/mnist --minutes=25 --out=docs
+    python bench/quality.py --mnist_dir=../shared/data/mnist --kimg=60 --jobs=2 \
+        --configs=mnist_r3gan,mnist_resnet,mnist_dcgan --report_name=quality_kimg
 
-Each config runs as its own `python -m dist_gan.train` process (one process, the machine's cores) with
-`--train.time_limit_min`; evaluation uses 5,000 samples from the EMA generator against MNIST train, and
-the floor is real MNIST test against train with the same number of samples. Writes
-OUT/quality.md (a table), OUT/quality.json, OUT/quality.png (FID and IS against minutes and steps)
-and OUT/quality_<config>.png (the final sample grids).
+Each config runs as its own `python -m dist_gan.train` process for the steps that make ``--kimg``
+(batch x n_critic real images per step), so the figures are the same on any machine (training is
+deterministic); ``--jobs`` runs that many at once, one CPU thread each. Throughput (img/s) is a
+separate column, as a ratio against the first config, measured in the same invocation. Evaluation
+uses 5,000 samples from the EMA generator against MNIST train, and the floor is real MNIST test
+against train with the same number of samples. Writes OUT/<name>.md (a table), OUT/<name>.json,
+OUT/<name>.png (FID and IS against kimg and minutes) and OUT/<name>_<config>.png (the final grids).
 """
 
 from __future__ import annotations
@@ -15,16 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import os
+import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Evaluate roughly every 3 minutes at each config's CPU speed (steps/s measured on 2 cores).
-EVAL_EVERY = {"mnist_dcgan": 1500, "mnist_wgangp": 300, "mnist_resnet": 400, "mnist_r3gan": 400}
-TARGETS = {"is": 9.5, "fid_vs_floor": 2.0, "min_class_share": 0.05}
+EVALS = 4  # evaluations along each run, the last at the end
 
 
 def run_config(name: str, args: argparse.Namespace, run_dir: Path) -> list[dict]:
@@ -34,14 +38,30 @@ def run_config(name: str, args: argparse.Namespace, run_dir: Path) -> list[dict]
     return [r for r in records if "fid" in r]
 
 
+def steps_for(name: str, kimg: float) -> int:
+    """G steps that show ``kimg`` thousand real images to D in one process."""
+    from dist_gan.config import load_config
+    from dist_gan.nets import real_images_per_step
+
+    return max(1, round(kimg * 1000 / real_images_per_step(load_config(REPO / "configs" / f"{name}.yaml", {}), 1)))
+
+
 def train(name: str, args: argparse.Namespace, run_dir: Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
+    steps = steps_for(name, args.kimg)
     cmd = [sys.executable, "-m", "dist_gan.train", f"configs/{name}.yaml", f"--run.dir={run_dir}",
-           f"--data.mnist_dir={args.mnist_dir}", "--train.max_steps=1000000",
-           f"--train.time_limit_min={args.minutes}", f"--eval.every={EVAL_EVERY[name]}",
-           "--eval.n_samples=5000", "--run.log_every=50", "--run.ckpt_every=100000",
-           "--run.sample_every=1500"]
-    subprocess.run(cmd, cwd=REPO, check=True)
+           f"--data.mnist_dir={args.mnist_dir}", f"--train.max_steps={steps}",
+           f"--eval.every={max(1, steps // EVALS)}", "--eval.n_samples=5000", "--run.log_every=50",
+           f"--run.ckpt_every={steps}", f"--run.sample_every={max(1, steps // EVALS)}", "--run.trackers=[]"]
+    threads = 1 if args.jobs > 1 else args.threads
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    subprocess.run(cmd, cwd=REPO, check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def throughput(run_dir: Path) -> float:
+    """Median training img/s over the run's log windows."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["imgs_per_sec"] for r in records if isinstance(r.get("imgs_per_sec"), (int, float)))
 
 
 def floor(mnist_dir: str) -> dict:
@@ -63,12 +83,13 @@ def plot(results: dict, out: Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for name, evals in results["runs"].items():
+        per_step = results["kimg"] / evals[-1]["step"]
+        kimg = [r["step"] * per_step for r in evals]
         minutes = [r["time_s"] / 60 for r in evals]
-        steps = [r["step"] for r in evals]
-        for col, x in enumerate((minutes, steps)):
+        for col, x in enumerate((kimg, minutes)):
             axes[0, col].plot(x, [r["fid"] for r in evals], marker="o", label=name)
             axes[1, col].plot(x, [r["is"] for r in evals], marker="o", label=name)
-    for col, xlabel in enumerate(("wall-clock minutes (2 CPU cores)", "generator steps")):
+    for col, xlabel in enumerate(("kimg (real images shown to D)", "wall-clock minutes (not comparable across machines)")):
         axes[0, col].axhline(results["floor"]["fid"], color="grey", ls="--", label="floor (real test)")
         axes[0, col].set_yscale("log")
         axes[1, col].axhline(results["floor"]["is"], color="grey", ls="--", label="floor (real test)")
@@ -82,13 +103,14 @@ def plot(results: dict, out: Path) -> None:
 
 def report(results: dict) -> str:
     fl = results["floor"]
-    lines = ["| config | steps | minutes | FID | FID / floor | KID | IS | precision | recall | "
-             "digits >= 5% | smallest digit share |", "|---|---|---|---|---|---|---|---|---|---|---|",
-             f"| real MNIST test (floor) | | | {fl['fid']:.2f} | 1.00 | {fl['kid']:.2f} | {fl['is']:.2f} | "
+    lines = ["| config | kimg | steps | img/s (x first) | FID | FID / floor | KID | IS | precision | recall | "
+             "digits >= 5% | smallest digit share |", "|---|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| real MNIST test (floor) | | | | {fl['fid']:.2f} | 1.00 | {fl['kid']:.2f} | {fl['is']:.2f} | "
              f"{fl['precision']:.3f} | {fl['recall']:.3f} | {fl['classes_covered']} | {fl['min_class_share']:.3f} |"]
+    first = next(iter(results["img_s"].values()))
     for name, evals in results["runs"].items():
-        r = evals[-1]
-        lines.append(f"| {name} | {r['step']} | {r['time_s'] / 60:.1f} | {r['fid']:.2f} | "
+        r, rate = evals[-1], results["img_s"][name]
+        lines.append(f"| {name} | {results['kimg']:g} | {r['step']} | {rate:.0f} ({rate / first:.2f}x) | {r['fid']:.2f} | "
                      f"{r['fid'] / fl['fid']:.2f} | {r['kid']:.2f} | {r['is']:.2f} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} | {r['classes_covered']} | {r['min_class_share']:.3f} |")
     return "\n".join(lines)
@@ -97,7 +119,9 @@ def report(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mnist_dir", required=True)
-    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--kimg", type=float, default=60.0, help="budget of every config, in kimg")
+    parser.add_argument("--jobs", type=int, default=1, help="configs trained at once (one CPU thread each)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of each run when --jobs=1")
     parser.add_argument("--configs", default="mnist_wgangp,mnist_dcgan")
     parser.add_argument("--out", default="docs")
     parser.add_argument("--runs", default="runs/bench_quality")
@@ -105,15 +129,16 @@ def main() -> None:
     parser.add_argument("--report_name", default="quality", help="OUT/<name>.{md,json,png}")
     args = parser.parse_args()
     out = Path(args.out)
-    results = {"minutes": args.minutes, "floor": floor(args.mnist_dir), "runs": {}}
-    for name in args.configs.split(","):
+    results = {"kimg": args.kimg, "floor": floor(args.mnist_dir), "runs": {}, "img_s": {}}
+    names = args.configs.split(",")
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = dict(zip(names, pool.map(lambda name: run_config(name, args, REPO / args.runs / name), names)))
+    for name in names:
         run_dir = REPO / args.runs / name
-        results["runs"][name] = run_config(name, args, run_dir)
+        results["runs"][name], results["img_s"][name] = runs[name], throughput(run_dir)
         grids = sorted((run_dir / "samples").glob("*.png"))
         if grids:
-            shutil.copy(grids[-1], out / f"quality_{name}.png")
-        if (run_dir / "samples" / "ema_00001500.png").is_file():
-            shutil.copy(run_dir / "samples" / "ema_00001500.png", out / f"{name}_1500.png")
+            shutil.copy(grids[-1], out / f"{args.report_name}_{name}.png")
     (out / f"{args.report_name}.json").write_text(json.dumps(results, indent=1))
     plot(results, out / f"{args.report_name}.png")
     table = report(results)
