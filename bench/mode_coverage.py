@@ -50,7 +50,6 @@ MIXTURE_VARIANTS = {
                 ["--model.discriminator.pack=4", "--data.batch_size=400"]),
     "r3gan": ("R3GAN (configs/grid25_r3gan.yaml)", "grid25_r3gan", []),
 }
-LABELS = [label for label, _, _ in MIXTURE_VARIANTS.values()]
 STACKED_ROWS = {
     "dcgan": ("DCGAN (the seed's recipe)", "stacked_mnist_dcgan", []),
     "wgan_gp": ("WGAN-GP", "stacked_mnist_dcgan",
@@ -149,7 +148,8 @@ def run_mixtures(args: argparse.Namespace) -> None:
         for (source, key, seed), future in futures:
             name, config, flags = MIXTURE_VARIANTS[key]
             row = {**future.result(), "config": config, "flags": flags}
-            save(lambda results: results["mixtures"].setdefault(source, {}).setdefault(name, {}).update({str(seed): row}))
+            save(lambda results: results["mixtures"].setdefault(source, {}).setdefault(
+                f"{key}@{args.kimg:g}", {}).update({str(seed): row}))
             print(f"{source} {name} seed {seed}: {row['modes']} modes, {row['mode_hit_share']:.3f} "
                   f"high quality, KL {number(row['modes_kl'])} ({row['img_s']:.0f} img/s)", flush=True)
 
@@ -211,16 +211,18 @@ def report(results: dict) -> str:
         rows = results.get("mixtures", {}).get(source, {})
         lines += ["", f"### {source}: modes of {total}, high-quality share, reverse KL (2,500 samples; mean ± "
                   f"spread over seeds {', '.join(map(str, SEEDS))})", "",
-                  "| recipe | kimg | modes | high quality | reverse KL | img/s (x GAN) |", "|---|---|---|---|---|---|"]
-        base = rows.get("GAN (ns)", {})
-        for name, seeds in sorted(rows.items(), key=lambda kv: LABELS.index(kv[0]) if kv[0] in LABELS else len(LABELS)):
-            runs = list(seeds.values())
+                  "| recipe | kimg | modes | high quality | reverse KL | img/s (x GAN at the same kimg) | command |",
+                  "|---|---|---|---|---|---|---|"]
+        order = list(MIXTURE_VARIANTS)
+        for cell, seeds in sorted(rows.items(), key=lambda kv: (order.index(kv[0].split("@")[0]), float(kv[0].split("@")[1]))):
+            key, kimg = cell.split("@")
+            runs, base = list(seeds.values()), rows.get(f"gan@{kimg}", {})
             ratios = [seeds[s]["img_s"] / base[s]["img_s"] for s in seeds if s in base]
-            lines.append(f"| {name} | {runs[0]['kimg']:g} | {spread([r['modes'] for r in runs])} | "
+            ratio = f" ({statistics.mean(ratios):.2f}x)" if ratios else ""
+            command = f"`mixtures --kimg={kimg} --variants={key} --sources={source}`"
+            lines.append(f"| {MIXTURE_VARIANTS[key][0]} | {kimg} | {spread([r['modes'] for r in runs])} | "
                          f"{spread([100 * r['mode_hit_share'] for r in runs])} % | {spread([r['modes_kl'] for r in runs])} | "
-                         f"{statistics.median(r['img_s'] for r in runs):.0f} ({statistics.mean(ratios):.2f}x) |")
-        if rows:
-            lines += ["", f"Command: `python bench/mode_coverage.py mixtures --kimg={runs[0]['kimg']:g} --jobs=2`"]
+                         f"{statistics.median(r['img_s'] for r in runs):.0f}{ratio} | {command} |")
         lines += ["", f"Published (PacGAN Table 1, {source}; 400 epochs of 100,000 points = 40 Mimg):", "",
                   "| model | modes | high quality | reverse KL |", "|---|---|---|---|"]
         lines += [f"| {name} | {modes} | {hq} | {kl} |" for name, modes, hq, kl in published]

@@ -38,21 +38,35 @@ def run_config(name: str, args: argparse.Namespace, run_dir: Path) -> list[dict]
     return [r for r in records if "fid" in r]
 
 
+def variant(name: str) -> tuple[str, dict[str, str]]:
+    """``CONFIG@key=value@...`` (a shipped config with overrides) as the config and its overrides."""
+    config, *flags = name.split("@")
+    return config, dict(flag.split("=", 1) for flag in flags)
+
+
+def slug(name: str) -> str:
+    """A variant's name as a file name."""
+    return name.replace("@", "__").replace("=", "-")
+
+
 def steps_for(name: str, kimg: float) -> int:
     """G steps that show ``kimg`` thousand real images to D in one process."""
     from dist_gan.config import load_config
     from dist_gan.nets import real_images_per_step
 
-    return max(1, round(kimg * 1000 / real_images_per_step(load_config(REPO / "configs" / f"{name}.yaml", {}), 1)))
+    config, overrides = variant(name)
+    return max(1, round(kimg * 1000 / real_images_per_step(load_config(REPO / "configs" / f"{config}.yaml", overrides), 1)))
 
 
 def train(name: str, args: argparse.Namespace, run_dir: Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     steps = steps_for(name, args.kimg)
-    cmd = [sys.executable, "-m", "dist_gan.train", f"configs/{name}.yaml", f"--run.dir={run_dir}",
+    config, overrides = variant(name)
+    cmd = [sys.executable, "-m", "dist_gan.train", f"configs/{config}.yaml", f"--run.dir={run_dir}",
            f"--data.mnist_dir={args.mnist_dir}", f"--train.max_steps={steps}",
            f"--eval.every={max(1, steps // EVALS)}", "--eval.n_samples=5000", "--run.log_every=50",
-           f"--run.ckpt_every={steps}", f"--run.sample_every={max(1, steps // EVALS)}", "--run.trackers=[]"]
+           f"--run.ckpt_every={steps}", f"--run.sample_every={max(1, steps // EVALS)}", "--run.trackers=[]",
+           *(f"--{key}={value}" for key, value in overrides.items())]
     threads = 1 if args.jobs > 1 else args.threads
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     subprocess.run(cmd, cwd=REPO, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -122,7 +136,8 @@ def main() -> None:
     parser.add_argument("--kimg", type=float, default=60.0, help="budget of every config, in kimg")
     parser.add_argument("--jobs", type=int, default=1, help="configs trained at once (one CPU thread each)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of each run when --jobs=1")
-    parser.add_argument("--configs", default="mnist_wgangp,mnist_dcgan")
+    parser.add_argument("--configs", default="mnist_r3gan,mnist_resnet,mnist_dcgan",
+                        help="comma-separated; CONFIG@key=value@... trains a shipped config with overrides")
     parser.add_argument("--out", default="docs")
     parser.add_argument("--runs", default="runs/bench_quality")
     parser.add_argument("--report_only", action="store_true", help="rebuild the report from finished runs")
@@ -132,13 +147,13 @@ def main() -> None:
     results = {"kimg": args.kimg, "floor": floor(args.mnist_dir), "runs": {}, "img_s": {}}
     names = args.configs.split(",")
     with ThreadPoolExecutor(args.jobs) as pool:
-        runs = dict(zip(names, pool.map(lambda name: run_config(name, args, REPO / args.runs / name), names)))
+        runs = dict(zip(names, pool.map(lambda name: run_config(name, args, REPO / args.runs / slug(name)), names)))
     for name in names:
-        run_dir = REPO / args.runs / name
+        run_dir = REPO / args.runs / slug(name)
         results["runs"][name], results["img_s"][name] = runs[name], throughput(run_dir)
         grids = sorted((run_dir / "samples").glob("*.png"))
         if grids:
-            shutil.copy(grids[-1], out / f"{args.report_name}_{name}.png")
+            shutil.copy(grids[-1], out / f"{args.report_name}_{slug(name)}.png")
     (out / f"{args.report_name}.json").write_text(json.dumps(results, indent=1))
     plot(results, out / f"{args.report_name}.png")
     table = report(results)
