@@ -165,7 +165,7 @@ def run_stacked(args: argparse.Namespace) -> None:
     label, config, flags = STACKED_ROWS[args.row]
     extra = [f"--data.mnist_dir={args.mnist_dir}", *flags]
     baseline = train("stacked_mnist_dcgan", [f"--data.mnist_dir={args.mnist_dir}", "--eval.n_samples=1000"],
-                     args.baseline_kimg, Path(args.runs) / "stacked_baseline", threads=args.threads)
+                     args.baseline_kimg, Path(args.runs) / f"stacked_baseline_{args.row}", threads=args.threads)
     row = train(config, extra, args.kimg, Path(args.runs) / f"stacked_{args.row}_{args.kimg:g}", args.evals,
                 threads=args.threads)
     row.update({"label": label, "config": config, "flags": flags, "baseline_img_s": baseline["img_s"]})
