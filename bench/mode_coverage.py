@@ -25,6 +25,7 @@ in docs/mode_coverage.md and the marked section of docs/results.md.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -49,6 +50,9 @@ MIXTURE_VARIANTS = {
     "pacgan4": ("PacGAN4 as PacGAN (100 packs of 4: batch 400)", "grid25_gan",
                 ["--model.discriminator.pack=4", "--data.batch_size=400"]),
     "r3gan": ("R3GAN (configs/grid25_r3gan.yaml)", "grid25_r3gan", []),
+    # gamma scaled with the modes' variance: ring8's sigma is 5x smaller than grid25's, so 0.05 / 25
+    "r3gan_gamma002": ("R3GAN, gamma 0.002 (grid25's scaled to ring8's sigma)", "grid25_r3gan",
+                       ["--loss.r1_gamma=0.002", "--loss.r2_gamma=0.002"]),
 }
 STACKED_ROWS = {
     "dcgan": ("DCGAN (the seed's recipe)", "stacked_mnist_dcgan", []),
@@ -127,10 +131,13 @@ def load_results() -> dict:
 
 
 def save(update: Callable[[dict], None]) -> None:
-    """Apply ``update`` to the results file as it is now (another invocation may be adding rows)."""
-    results = load_results()
-    update(results)
-    RESULTS.write_text(json.dumps(results, indent=1))
+    """Apply ``update`` to the results file as it is now, under a lock (another invocation may be
+    adding rows)."""
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load_results()
+        update(results)
+        RESULTS.write_text(json.dumps(results, indent=1))
 
 
 def run_mixtures(args: argparse.Namespace) -> None:
@@ -166,8 +173,9 @@ def run_stacked(args: argparse.Namespace) -> None:
     extra = [f"--data.mnist_dir={args.mnist_dir}", *flags]
     baseline = train("stacked_mnist_dcgan", [f"--data.mnist_dir={args.mnist_dir}", "--eval.n_samples=1000"],
                      args.baseline_kimg, Path(args.runs) / f"stacked_baseline_{args.row}", threads=args.threads)
-    row = train(config, extra, args.kimg, Path(args.runs) / f"stacked_{args.row}_{args.kimg:g}", args.evals,
-                threads=args.threads)
+    run_dir = Path(args.runs) / f"stacked_{args.row}_{args.kimg:g}"
+    row = train(config, extra, args.kimg, run_dir, args.evals, threads=args.threads)
+    copy_last_grid(run_dir, REPO / "docs" / f"stacked_{args.row}_{args.kimg:g}kimg.png")
     row.update({"label": label, "config": config, "flags": flags, "baseline_img_s": baseline["img_s"]})
     floor = None if "floor" in load_results() else stacked_floor(args.mnist_dir)
     save(lambda results: results["stacked"].update({f"{args.row}@{args.kimg:g}": row}))
@@ -175,6 +183,13 @@ def run_stacked(args: argparse.Namespace) -> None:
         save(lambda results: results.update({"floor": floor}))
     print(f"{label} at {args.kimg:g} kimg: {row['modes']} modes, KL {number(row['modes_kl'])} "
           f"({row['img_s']:.0f} img/s, {row['img_s'] / baseline['img_s']:.2f}x DCGAN)", flush=True)
+
+
+def copy_last_grid(run_dir: Path, out: Path) -> None:
+    """The run's last sample grid (EMA generator) beside the tables."""
+    grids = sorted((run_dir / "samples").glob("ema_*.png"))
+    if grids:
+        shutil.copy(grids[-1], out)
 
 
 def number(value: float | None) -> str:
