@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dist_gan.checkpoint import MANIFEST, MANIFEST_FORMAT, file_crc32, read_manifest
+from dist_gan.checkpoint import MANIFEST, MANIFEST_FORMAT, read_manifest
+from dist_gan.fsutil import crc32_of
 
 
 def write_checkpoint(folder: Path, mb: int) -> None:
@@ -54,7 +55,7 @@ def main() -> None:
             times["write"].append(time.perf_counter() - start)
             files = sorted(p for p in folder.iterdir() if p.is_file())
             start = time.perf_counter()
-            crc = {p.name: file_crc32(p) for p in files}
+            crc = {p.name: crc32_of(p) for p in files}
             times["checksum"].append(time.perf_counter() - start)
             manifest = {"format": MANIFEST_FORMAT, "step": 1, "world_size": 1, "distributed_type": "NO",
                         "files": {p.name: p.stat().st_size for p in files}, "crc32": crc}

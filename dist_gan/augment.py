@@ -279,6 +279,15 @@ class Augmentation:
     def load_state_dict(self, state: dict) -> None:
         self.p = float(state["p"])
 
+    def replica_values(self) -> dict[str, float]:
+        """p is agreed by arithmetic on values reduced over ranks; a save checks it is."""
+        return {"augment_p": self.p}
+
+    def log_values(self, window: dict[str, float], real_images: int) -> dict[str, float]:
+        """At a log step: ``adjust`` on the window's E[sign(D(real))] (reduced over ranks)."""
+        self.adjust(window.get("D_real_sign", math.nan), real_images)
+        return {"augment_p": self.p}
+
 
 class DiffAugment(Augmentation):
     """Zhao et al.'s DiffAugment: the policy's groups in order, each transform with probability p."""

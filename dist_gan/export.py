@@ -32,10 +32,11 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dist_gan.checkpoint import find_checkpoint, load_generator_state, read_manifest
+from dist_gan.retention import find_checkpoint
+from dist_gan.checkpoint import load_generator_state, read_manifest
 from dist_gan.config import ConfigError, config_from_dict, load_config, to_dict
 from dist_gan.data import DataError
-from dist_gan.data.shards import sha256_of
+from dist_gan.fsutil import sha256_of
 from dist_gan.imagegrid import save_png
 from dist_gan.nets import real_images_per_step
 from dist_gan.models import build_generator

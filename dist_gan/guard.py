@@ -9,6 +9,7 @@ previous one), that is, a rollback target.
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass, field
 
@@ -18,7 +19,14 @@ from dist_gan.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-GO_ON, ROLL_BACK, STOP = "go_on", "roll_back", "stop"
+
+
+class Verdict(enum.Enum):
+    """What the guard's review says the run does next."""
+
+    GO_ON = "go_on"
+    ROLL_BACK = "roll_back"
+    STOP = "stop"
 
 
 @dataclass
@@ -39,11 +47,11 @@ class DivergenceGuard:
         """A bad streak is going on: weights may be poisoned, so no checkpoint now."""
         return self.in_row > 0
 
-    def review(self, step: int, tally: "Tally") -> str:
-        """Take in what the device counted since the last review; GO_ON, ROLL_BACK or STOP."""
+    def review(self, step: int, tally: "Tally") -> Verdict:
+        """Take in what the device counted since the last review."""
         if not tally.skipped:
             self.in_row = tally.in_row  # 0 once an update went through: a streak has ended
-            return GO_ON
+            return Verdict.GO_ON
         self.skipped += tally.skipped
         self.since_checkpoint += tally.skipped
         self.in_row, self.last_bad, self.last_bad_step = tally.in_row, tally.losses, tally.last_bad_step
@@ -51,11 +59,11 @@ class DivergenceGuard:
                     "zeroed), the last at step %d %s; %d in a row now", tally.since + 1, step,
                     tally.skipped, tally.last_bad_step, tally.losses, tally.in_row)
         if tally.worst_in_row < self.cfg.max_bad_steps:
-            return GO_ON
+            return Verdict.GO_ON
         self.in_row = max(self.in_row, tally.worst_in_row)
         if self.cfg.on_divergence == "rollback" and self.rollbacks < self.cfg.max_rollbacks:
-            return ROLL_BACK
-        return STOP
+            return Verdict.ROLL_BACK
+        return Verdict.STOP
 
     def message(self, step: int) -> str:
         return (f"training diverged: {self.in_row} steps in a row with a non-finite loss or gradient, "
@@ -73,11 +81,25 @@ class DivergenceGuard:
         self.rollbacks += 1
         self.in_row = self.since_checkpoint = 0
 
-    def checkpointed(self) -> bool:
-        """A checkpoint is being written now: whether it is healthy (no skipped update since the last)."""
-        healthy = self.since_checkpoint == 0
+    @property
+    def healthy_since_checkpoint(self) -> bool:
+        """No update was skipped since the last checkpoint: one written now may be a rollback target."""
+        return self.since_checkpoint == 0
+
+    def mark_checkpointed(self) -> None:
         self.since_checkpoint = 0
-        return healthy
+
+    def state_dict(self) -> dict[str, int]:
+        """The run's counters (``train.max_rollbacks`` is a budget per run, not per process)."""
+        return {"skipped": self.skipped, "rollbacks": self.rollbacks}
+
+    def load_state_dict(self, state: dict) -> None:
+        # max(): a rollback restores an older checkpoint, whose counters must not undo the rollback
+        self.skipped = max(self.skipped, int(state["skipped"]))
+        self.rollbacks = max(self.rollbacks, int(state["rollbacks"]))
+
+    def log_values(self, window: dict[str, float], images: int) -> dict[str, float]:
+        return {"skipped_steps": self.skipped, "rollbacks": self.rollbacks}
 
 
 @dataclass
@@ -94,6 +116,9 @@ class Tally:
 
 class StepTally:
     """Skipped updates counted on the device, step by step, read (and agreed over ranks) on demand.
+
+    Apart from ``step.StatsWindow`` on purpose: the window's sums are reset at every log line and
+    exclude skipped steps, while the tally counts exactly those and carries a streak across reads.
 
     Everything stays a device tensor between reads, so counting a step costs a few tiny kernels and
     no host sync; the read takes one small all-gather and one transfer.

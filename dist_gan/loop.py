@@ -4,7 +4,8 @@ It builds the networks, loss and data by name from the config and knows none of 
 runs in one process, under DDP on gloo or NCCL, under ZeRO 1/2, and in mixed precision; what differs
 between those is decided in ``backend``. Read ``train`` and then ``run_loop`` top to bottom for the run;
 the step itself is ``step.train_step`` (one generator step with its ``n_critic`` discriminator steps),
-the networks ``nets``, what the ranks agree on ``ranks``, and when to save ``checkpoint.SavePolicy``.
+the networks ``nets``, the state a checkpoint carries ``runstate``, what the ranks agree on ``ranks``,
+and when to stop and save ``stop``.
 """
 
 from __future__ import annotations
@@ -19,30 +20,30 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from dist_gan import backend, runlock
-from dist_gan.checkpoint import (ReplicasDiffer, SavePolicy, keep_as_best, last_healthy, load_checkpoint,
-                                 position_for_rank, remove_stale_staging, restore_best, save_checkpoint)
+from dist_gan.checkpoint import Snapshot, load_checkpoint, save_checkpoint
 from dist_gan.config import Config, save_config, to_dict
 from dist_gan.data import build_batch_stream
-from dist_gan.guard import GO_ON, STOP, DivergenceGuard, StepTally
+from dist_gan.guard import DivergenceGuard, StepTally, Verdict
 from dist_gan.losses import build_loss
-from dist_gan.nets import (build_ema, build_nets, images_per_step, real_images_per_step, set_learning_rates,
+from dist_gan.nets import (LearningRates, build_ema, build_nets, images_per_step, real_images_per_step,
                            weights_finite)
 from dist_gan.progress import write_run_pictures
-from dist_gan.ranks import any_rank, check_replicas, same_on_every_rank
+from dist_gan.ranks import ReplicasDiffer, agree_on, any_rank
+from dist_gan.runstate import DATA, EMA, WORLD_SIZE, DataPosition, RunState
+from dist_gan.retention import keep_as_best, last_healthy, prune_checkpoints, remove_stale_staging, restore_best
 from dist_gan.rundir import SetAside, claim_run_dir, lock_run_dir
 from dist_gan.sample import picture_extent, sample_count, sample_grid
 from dist_gan.schedules import build_schedules
 from dist_gan.seeds import derive
 from dist_gan.step import StatsWindow, train_step
-from dist_gan.stop import StopPolicy, StopRequest, is_preemption
+from dist_gan.stop import SavePolicy, StopPolicy, StopRequest, is_preemption
 from dist_gan.tracking import RunLogger
 
 log = logging.getLogger(__name__)
-
 
 
 class TrainingDiverged(RuntimeError):
@@ -84,26 +85,26 @@ def run_loop(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_reques
              earlier_run: SetAside | None = None) -> RunResult:
     """Build -> resume -> loop -> finish; ``cleanup`` closes the data stream and the logger;
     ``earlier_run`` (run.overwrite) is deleted once this run has written a checkpoint."""
-    run = Trainer(config, acc_G, acc_D, cleanup)
+    run = Run(config, acc_G, acc_D, cleanup)
     step = run.start(resume_from)
     stop = StopPolicy(config.train.max_steps, config.train.time_limit_min, stop_request, run.any_rank,
                       agree_every_step=run.world == 1)
     bar = tqdm(total=config.train.max_steps, initial=step, disable=not acc_G.is_main_process,
                unit="step", dynamic_ncols=True)
-    policy = SavePolicy(config.run.ckpt_every, config.eval.every if config.run.keep_best else 0)
+    policy = SavePolicy(config.run.ckpt_every)
     while step < stop.last_step:
         measure = (step + 1) % config.run.log_every == 0 or step + 1 == stop.last_step
-        if run.schedules is not None:
-            run.schedules.apply(step)
+        run.schedules.apply(step)
         stats, applied = train_step(run.nets, run.loss, run.data, config, measure)
         step += 1
         run.after_step(step, stats, applied)
         # Between these points the loop never waits for the device nor talks to other ranks
         # (DDP's gradient all-reduce aside): the guard and the stop signal are agreed on here. A
-        # signal can end the run at any step in one process (stop.signalled: a flag, no collective),
-        # at log steps only with several.
-        if measure or policy.may_save(step, step == stop.last_step) or stop.signalled():
-            run.agree_terms()
+        # signal can end the run at any step in one process (stop.latch_signal: a flag, no
+        # collective), at log steps only with several.
+        if (measure or policy.wanted(step, step == stop.last_step, run.best.may_find(step))
+                or stop.latch_signal()):
+            run.agree()
             step, rolled_back = run.review(step)
             if rolled_back:
                 bar.n = step
@@ -118,8 +119,8 @@ def run_loop(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_reques
         last = step == stop.last_step
         if not stop.preempted:
             run.sample_and_evaluate(step, last)
-        if policy.save_now(step, last, run.best_due(step), run.guard.streak_open):
-            run.checkpoint(step, last)
+        if policy.decide(step, last, run.best.found(step), run.guard.streak_open):
+            run.checkpoint(step)
             if earlier_run is not None:
                 earlier_run.discard()
     bar.close()
@@ -138,9 +139,45 @@ def run_loop(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_reques
     return RunResult(run.run_dir, step, stop.reason)
 
 
-class Trainer:
-    """What one run holds besides the step: the networks, EMA, loss, data, logger and guard, and
-    what the loop does around each step (resume, log, sample, evaluate, checkpoint, roll back)."""
+class BestFID:
+    """``run.keep_best``: the lowest FID kept so far (``{"fid", "step"}``, the run-state part) and a
+    better one measured at the current step, waiting for its checkpoint."""
+
+    def __init__(self, evaluate_every: int) -> None:
+        self.evaluate_every = evaluate_every  # 0: keep_best is off
+        self.best: dict | None = None
+        self.candidate: dict | None = None
+
+    def state_dict(self) -> dict | None:
+        return self.best
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = {"fid": float(state["fid"]), "step": int(state["step"])}
+
+    def may_find(self, step: int) -> bool:
+        """Whether ``step`` evaluates, so it may find a new best (and save)."""
+        return self.evaluate_every > 0 and step % self.evaluate_every == 0
+
+    def consider(self, step: int, fid: float | None) -> None:
+        self.candidate = None
+        if fid is not None and math.isfinite(fid) and (self.best is None or fid < self.best["fid"]):
+            self.candidate = {"fid": float(fid), "step": step}
+
+    def found(self, step: int) -> bool:
+        """Whether ``step``'s evaluation found a new best (its checkpoint is due)."""
+        return self.candidate is not None and self.candidate["step"] == step
+
+    def accept(self) -> dict:
+        """The new best becomes the best kept (its checkpoint is being written)."""
+        assert self.candidate is not None
+        self.best, self.candidate = self.candidate, None
+        return self.best
+
+
+class Run:
+    """One run as the loop drives it: the networks, EMA, loss, data, logger and guard, the run state
+    they register, and what happens around each step (resume, log, sample, evaluate, checkpoint,
+    roll back). The step itself is ``step.train_step``."""
 
     def __init__(self, config: Config, acc_G: Accelerator, acc_D: Accelerator,
                  cleanup: contextlib.ExitStack) -> None:
@@ -163,7 +200,6 @@ class Trainer:
                 self.evaluator = Evaluator(config, acc.device)
         self.fixed_z = torch.randn(sample_count(config.data), config.model.z_dim,
                                    generator=torch.Generator().manual_seed(config.run.seed)).to(acc.device)
-        self.lr_scale = 1.0
         self.guard = DivergenceGuard(config.train)
         self.window = StatsWindow()
         self.tally = StepTally(acc.device)
@@ -173,19 +209,25 @@ class Trainer:
         sides = {"G": [n.optimizer for n in self.nets.generator_side()], "D": [self.nets.D.optimizer]}
         self.schedules = build_schedules(config.schedule, self.imgs_per_step, self.loss, sides,
                                          self.nets.augment)
-        # run.keep_best: the lowest FID kept so far ({"fid", "step"}), and a better one waiting for
-        # its checkpoint (saved at the step it was measured)
-        self.best: dict | None = None
-        self.best_candidate: dict | None = None
+        self.learning_rates = LearningRates(self.nets, config)
+        self.best = BestFID(config.eval.every if config.run.keep_best else 0)
+        self.state = RunState()
+        # in loading order: the schedulers' step before the scale applied to their rates
+        parts = {**self.nets.schedulers(), "lr_scale": self.learning_rates, "loss": self.loss,
+                 "augment": self.nets.augment, EMA: self.ema, "best": self.best, "guard": self.guard,
+                 "schedules": self.schedules, "nets": self.nets}
+        for name, part in parts.items():
+            if part is not None:  # a feature the config leaves off has no part
+                self.state.register(name, part, optional=name == "guard")  # format 1 had no guard
+        self.state.register(DATA, DataPosition(self.data), per_rank=True)
 
     def any_rank(self, flag: bool) -> bool:
         return any_rank(self.accelerator, flag)
 
-    def agree_terms(self) -> None:
-        """At a log or checkpoint step: the loss terms' per-rank state (path length's running mean)
-        becomes the mean over ranks, so every rank saves and continues with the same."""
-        if self.world > 1:
-            self.loss.agree(lambda t: self.accelerator.reduce(t.to(self.accelerator.device).clone(), "mean"))
+    def agree(self) -> None:
+        """At a log or checkpoint step: per-rank state (path length's running mean) becomes the mean
+        over ranks, so every rank saves and continues with the same."""
+        self.state.agree(lambda t: self.accelerator.reduce(t.to(self.accelerator.device).clone(), "mean"))
 
     @property
     def sampler(self) -> nn.Module:
@@ -224,36 +266,14 @@ class Trainer:
         """Load checkpoint ``path`` into everything the run holds; return its step (``verified``:
         its checksums were checked moments ago)."""
         state = load_checkpoint(self.accelerators, path, self.config, verified)  # RNG states too
-        self.load_state_dict(state)
-        if int(state["world_size"]) != self.world:
+        step = self.state.load_state_dict(state, self.rank, self.world)
+        if int(state[WORLD_SIZE]) != self.world:
             log.warning("checkpoint %s was written by %d process(es), this run has %d: weights, "
                         "optimizers, EMA and step restored; data order and noise re-derived",
-                        path, state["world_size"], self.world)
-            set_seed(derive(self.config.run.seed, "noise/resume", self.rank, int(state["step"])))
-        log.info("resumed from %s at step %d", path, int(state["step"]))
-        return int(state["step"])
-
-    def state_dict(self, step: int, best: dict | None) -> dict:
-        """Everything of the run a checkpoint carries besides the accelerators' state (weights,
-        optimisers, RNG) and each rank's data position: the one place that names its keys."""
-        return {"step": step, "lr_scale": self.lr_scale, "loss": self.loss.state_dict(), "best": best,
-                "augment": self.nets.augment.state_dict() if self.nets.augment is not None else None,
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                **{name: s.state_dict() for name, s in self.nets.schedulers().items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        """The inverse of ``state_dict`` (plus this rank's data position from ``state["ranks"]``)."""
-        for name, scheduler in self.nets.schedulers().items():
-            scheduler.load_state_dict(state[name])
-        self.loss.load_state_dict(state["loss"])
-        if self.nets.augment is not None and state.get("augment") is not None:
-            self.nets.augment.load_state_dict(state["augment"])
-        self.lr_scale = float(state["lr_scale"])
-        set_learning_rates(self.nets, self.config, self.lr_scale)
-        self.data.load_state_dict(position_for_rank(state, self.rank, self.world))
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.best = state.get("best")
+                        path, state[WORLD_SIZE], self.world)
+            set_seed(derive(self.config.run.seed, "noise/resume", self.rank, step))
+        log.info("resumed from %s at step %d", path, step)
+        return step
 
     def after_step(self, step: int, stats: dict[str, torch.Tensor], applied: torch.Tensor) -> None:
         """Count the step on the device (statistics, the guard's tally, the EMA): no host sync."""
@@ -266,23 +286,22 @@ class Trainer:
         """At a log or checkpoint step: the guard reads the device tally (agreed over ranks) and the
         run goes on, rolls back or stops; return the step to go on from and whether it rolled back."""
         verdict = self.guard.review(step, self.tally.read(step, self.accelerator.gather))
-        if verdict == GO_ON:
+        if verdict is Verdict.GO_ON:
             return step, False
         target = last_healthy(self.run_dir)
         message = self.guard.message(step)
-        if verdict == STOP or target is None:
+        if verdict is Verdict.STOP or target is None:
             self.logger.event(step, {"event": "diverged", "message": message})
             raise TrainingDiverged(f"{message}{self.guard.why_stopped(target)}; last good checkpoint: "
                                    f"{target}")
         self.guard.rolled_back()
         step = self.restore(target, verified=True)  # last_healthy checked it
         self.tally.reset(step)
-        self.lr_scale *= self.config.train.rollback_lr_scale
-        set_learning_rates(self.nets, self.config, self.lr_scale)
+        self.learning_rates.scale_down(self.config.train.rollback_lr_scale)
         # a different noise stream, or the same steps would diverge the same way
         set_seed(derive(self.config.run.seed, "noise/rollback", self.rank, self.guard.rollbacks))
         self.logger.event(step, {"event": "rollback", "message": message, "to": str(target),
-                                 "lr_scale": self.lr_scale, "rollbacks": self.guard.rollbacks})
+                                 "lr_scale": self.learning_rates.scale, "rollbacks": self.guard.rollbacks})
         log.warning("%s; rolled back to %s with learning rates x%s", message, target,
                     self.config.train.rollback_lr_scale)
         self.window.reset()
@@ -297,15 +316,8 @@ class Trainer:
             values.update(zip(counters, self.accelerator.reduce(totals, "sum").tolist()))
         values.update(
             imgs_per_sec=self.imgs_per_step * self.window.steps / (time.perf_counter() - self.window.start),
-            lr_G=self.nets.G.scheduler.get_last_lr()[0], lr_D=self.nets.D.scheduler.get_last_lr()[0],
-            kimg=step * self.imgs_per_step / 1000, world_size=self.world,
-            skipped_steps=self.guard.skipped, rollbacks=self.guard.rollbacks)
-        augment = self.nets.augment
-        if augment is not None:  # ADA's p moves on the window's reduced r_t: the same on every rank
-            augment.adjust(values.get("D_real_sign", math.nan), self.imgs_per_step * self.window.steps)
-            values["augment_p"] = augment.p
-        if self.schedules is not None:  # the values the step just taken used
-            values.update({f"schedule/{k}": v for k, v in self.schedules.values(step - 1).items()})
+            kimg=step * self.imgs_per_step / 1000, world_size=self.world)
+        values.update(self.state.log_values(values, self.imgs_per_step * self.window.steps))
         if self.accelerator.device.type == "cuda":  # the allocator's own count: no device sync
             values["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 1e9
         self.logger.scalars(step, values)
@@ -328,53 +340,37 @@ class Trainer:
             figures = self.evaluator(self.sampler, self.accelerator)
             self.logger.scalars(step, figures or {}, tb_prefix="eval/")
             if config.run.keep_best:
-                self.consider_best(step, figures)
+                fid = [figures["fid"] if figures else None]  # rank 0's figure: the save is collective
+                self.best.consider(step, broadcast_object_list(fid)[0] if self.world > 1 else fid[0])
 
-    def consider_best(self, step: int, figures: dict[str, float] | None) -> None:
-        """Mark a checkpoint due at ``step`` if its FID (rank 0's figure, shared with every rank:
-        the save is collective) beats the best kept so far."""
-        fid = [figures["fid"] if figures else None]
-        if self.world > 1:
-            fid = broadcast_object_list(fid)
-        self.best_candidate = None
-        if fid[0] is not None and math.isfinite(fid[0]) and (self.best is None or fid[0] < self.best["fid"]):
-            self.best_candidate = {"fid": float(fid[0]), "step": step}
-
-    def best_due(self, step: int) -> bool:
-        return self.best_candidate is not None and self.best_candidate["step"] == step
-
-    def checkpoint(self, step: int, last: bool) -> None:
-        """Save at ``step`` (the SavePolicy decided it may: no bad streak is open)."""
+    def checkpoint(self, step: int) -> None:
+        """Save at ``step`` (the SavePolicy decided it: no bad streak is open), then prune."""
         averaged = [self.ema.model] if self.ema is not None else []
-        healthy = self.guard.checkpointed() and weights_finite(list(self.nets.plain().values()) + averaged)
-        nets = self.nets
-        best = self.best_candidate if self.best_due(step) else self.best
-        shared = self.state_dict(step, best)
-        weights = {"generator": nets.G.plain, **({"encoder": nets.E.plain} if nets.E is not None else {})}
-        replicas: dict[str, bool] = {}
-
-        def replicas_agree() -> dict[str, bool]:
-            replicas.update(check_replicas(self.accelerator, nets.plain()))
-            if nets.augment is not None:  # ADA's p: agreed by arithmetic on reduced values, checked here
-                replicas["augment_p"] = same_on_every_rank(self.accelerator, nets.augment.p)
-            if self.schedules is not None:  # ramps: the same function of the step on every rank
-                for name, value in self.schedules.values(step).items():
-                    replicas[f"schedule/{name}"] = same_on_every_rank(self.accelerator, value)
-            return replicas
-
-        try:
-            path = save_checkpoint(self.accelerators, self.run_dir, step, shared, self.data.state_dict(),
-                                   weights, self.config, healthy, replicas_agree)
-        except ReplicasDiffer as err:
-            self.logger.event(step, {"event": "replicas_differ", "message": str(err),
+        healthy = self.guard.healthy_since_checkpoint and weights_finite(
+            list(self.nets.plain().values()) + averaged)
+        replicas = agree_on(self.accelerator, self.state.replica_values())
+        if not all(replicas.values()):
+            error = ReplicasDiffer.naming(replicas, self.state.replica_values(), step)
+            self.logger.event(step, {"event": "replicas_differ", "message": str(error),
                                      "replicas_identical": replicas})
-            raise
+            raise error
+        new_best = self.best.found(step)
+        if new_best:
+            self.best.accept()
+        nets = self.nets
+        weights = {"generator": nets.G.plain, **({"encoder": nets.E.plain} if nets.E is not None else {})}
+        state = self.state.state_dict(step, self.world, gather_object)
+        path = save_checkpoint(Snapshot(step, self.accelerators, state, weights, self.config, healthy),
+                               self.run_dir)
+        self.guard.mark_checkpointed()
+        if self.accelerator.is_main_process:
+            prune_checkpoints(self.run_dir, self.config.run.keep_last)
+        self.accelerator.wait_for_everyone()
         self.logger.event(step, {"event": "checkpoint", "path": str(path), "world_size": self.world,
                                  "healthy": healthy, "replicas_identical": replicas})
-        if self.best_due(step):
-            self.best, self.best_candidate = best, None
+        if new_best:
             if self.accelerator.is_main_process:
                 kept = keep_as_best(path)
-                self.logger.event(step, {"event": "best", "fid": best["fid"], "path": str(kept),
+                self.logger.event(step, {"event": "best", "fid": self.best.best["fid"], "path": str(kept),
                                          "from": str(path)})
             self.accelerator.wait_for_everyone()

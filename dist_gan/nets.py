@@ -68,6 +68,10 @@ class Nets:
         """The plain networks by name (replica checks, finiteness)."""
         return {"G": self.G.plain, "D": self.D.plain, **({"E": self.E.plain} if self.E else {})}
 
+    def replica_values(self) -> dict[str, nn.Module]:
+        """The run-state hook: every rank must hold the same weights (DDP's invariant)."""
+        return self.plain()
+
     def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
         """Named as their entries in the loop state of a checkpoint."""
         found = {"sched_G": self.G.scheduler, "sched_D": self.D.scheduler}
@@ -177,6 +181,27 @@ def set_learning_rates(nets: Nets, config: Config, scale: float) -> None:
                                    scheduler.lr_lambdas):
             group["lr"] = base * fn(scheduler.last_epoch)
         backend.set_last_lr(scheduler)
+
+
+class LearningRates:
+    """The learning rates' scale over the config's base rates: 1, times ``train.rollback_lr_scale``
+    at each rollback. A run-state part (its state is the scale); the schedules' factors stay theirs."""
+
+    def __init__(self, nets: Nets, config: Config) -> None:
+        self.nets, self.config, self.scale = nets, config, 1.0
+
+    def state_dict(self) -> float:
+        return self.scale
+
+    def load_state_dict(self, scale: float) -> None:
+        self.scale = float(scale)
+        set_learning_rates(self.nets, self.config, self.scale)
+
+    def scale_down(self, factor: float) -> None:
+        self.load_state_dict(self.scale * factor)
+
+    def log_values(self, window: dict[str, float], real_images: int) -> dict[str, float]:
+        return {"lr_G": self.nets.G.scheduler.get_last_lr()[0], "lr_D": self.nets.D.scheduler.get_last_lr()[0]}
 
 
 @torch.no_grad()

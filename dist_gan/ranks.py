@@ -54,3 +54,24 @@ def same_on_every_rank(accelerator: Accelerator, value: float) -> bool:
     """Whether every rank holds exactly ``value`` (one small all-gather)."""
     gathered = accelerator.gather(torch.tensor([value], dtype=torch.float64, device=accelerator.device))
     return bool((gathered == gathered[0]).all())
+
+
+def agree_on(accelerator: Accelerator, values: dict[str, float | nn.Module]) -> dict[str, bool]:
+    """Whether every rank holds the same of each entry: modules through ``check_replicas``, numbers
+    exactly (``same_on_every_rank``). A collective; the same answer on every rank."""
+    modules = {name: v for name, v in values.items() if isinstance(v, nn.Module)}
+    agreed = check_replicas(accelerator, modules) if modules else {}
+    agreed.update({name: same_on_every_rank(accelerator, float(v)) for name, v in values.items()
+                   if name not in modules})
+    return agreed
+
+
+class ReplicasDiffer(RuntimeError):
+    """The ranks' copies of a network or a value differ at a checkpoint (DDP's invariant broke)."""
+
+    @classmethod
+    def naming(cls, agreed: dict[str, bool], values: dict, step: int) -> "ReplicasDiffer":
+        differ = ", ".join(f"the weights of {name}" if isinstance(values[name], nn.Module) else name
+                           for name, same in agreed.items() if not same)
+        return cls(f"ranks disagree on {differ} at step {step}: the checkpoint was not written (the "
+                   "previous one stays the newest)")

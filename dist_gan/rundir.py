@@ -14,7 +14,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from dist_gan import runlock
-from dist_gan.checkpoint import checkpoint_step, list_checkpoints, resolve_resume
+from dist_gan.checkpoint import checkpoint_step, list_checkpoints
+from dist_gan.retention import resolve_resume
 from dist_gan.config import Config, ConfigError
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from dist_gan.checkpoint import find_checkpoint, load_encoder_state, load_generator_state
+from dist_gan.retention import find_checkpoint
+from dist_gan.checkpoint import load_encoder_state, load_generator_state
 from dist_gan.config import ConfigError, DataConfig, load_config
 from dist_gan.data import DATA_SOURCES, DataError
 from dist_gan.data.mixtures import MIXTURES

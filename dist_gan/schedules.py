@@ -10,7 +10,8 @@ the rest are set here on the loss's terms, the optimisers and the augmentation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
 import torch
 
 from dist_gan.augment import Augmentation
@@ -18,15 +19,20 @@ from dist_gan.config import Ramp, ScheduleConfig
 from dist_gan.losses import GANLoss
 
 
+# The loss term each ramped penalty weight belongs to.
+GAMMA_TERMS = {"r1_gamma": "r1", "r2_gamma": "r2"}
+
+
 @dataclass
 class Schedules:
-    """The ramps of one run and the objects they set."""
+    """The ramps of one run (none: every method does nothing) and the objects they set."""
 
     ramps: dict[str, Ramp]
     real_images_per_step: int
     loss: GANLoss
     optimizers: dict[str, list[torch.optim.Optimizer]]  # "G" (with E) and "D"
     augment: Augmentation | None
+    applied: dict[str, float] = field(default_factory=dict)  # what the latest step used
 
     def kimg(self, step: int) -> float:
         return step * self.real_images_per_step / 1000
@@ -39,21 +45,28 @@ class Schedules:
     def apply(self, step: int) -> dict[str, float]:
         """Set every ramped value for the step after ``step``; return them (for the log)."""
         values = self.values(step)
-        for name in ("r1_gamma", "r2_gamma"):
+        for name, term in GAMMA_TERMS.items():
             if name in values:
-                self.loss.terms[name[:2]].gamma = values[name]
+                self.loss.terms[term].gamma = values[name]
         if "beta2" in values:
             for optimizer in (o for side in self.optimizers.values() for o in side):
                 for group in optimizer.param_groups:
                     group["betas"] = (group["betas"][0], values["beta2"])
         if "augment_p" in values and self.augment is not None:
             self.augment.p = values["augment_p"]
+        self.applied = values
         return values
+
+    def replica_values(self) -> dict[str, float]:
+        """Each ramp is the same function of the step on every rank; a save checks it."""
+        return {f"schedule/{name}": value for name, value in self.applied.items()}
+
+    def log_values(self, window: dict[str, float], real_images: int) -> dict[str, float]:
+        return self.replica_values()
 
 
 def build_schedules(cfg: ScheduleConfig, real_images_per_step: int, loss: GANLoss,
                     optimizers: dict[str, list[torch.optim.Optimizer]],
-                    augment: Augmentation | None) -> Schedules | None:
-    """The run's schedules, or None when the config ramps nothing."""
-    ramps = cfg.ramps()
-    return Schedules(ramps, real_images_per_step, loss, optimizers, augment) if ramps else None
+                    augment: Augmentation | None) -> Schedules:
+    """The run's schedules (empty when the config ramps nothing)."""
+    return Schedules(cfg.ramps(), real_images_per_step, loss, optimizers, augment)

@@ -1,5 +1,6 @@
 """Pre-emption signals: SIGUSR1/SIGTERM become "checkpoint after this step and exit 75"; the
-stop policy (max steps, time limit, signal) that decides the run's last step.
+stop policy (max steps, time limit, signal) that decides the run's last step, and the save policy
+that decides which steps write a checkpoint.
 
 Standard library only, so ``dist_gan.train`` can install the handler before the slow imports and
 the config load: a signal at any moment of start-up still ends in a checkpoint and status 75.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class StopPolicy:
         self.last_step, self.reason = max_steps, "max_steps"
         self.agree_every_step = agree_every_step
         self.request, self.any_rank = request, any_rank
-        self._seen: bool | None = None  # what ``signalled`` saw this step
+        self._seen: bool | None = None  # what ``latch_signal`` saw this step
         self.time_limit_min = time_limit_min
         self.deadline = time.perf_counter() + time_limit_min * 60 if time_limit_min else None
 
@@ -80,10 +82,11 @@ class StopPolicy:
     def preempted(self) -> bool:
         return is_preemption(self.reason)
 
-    def signalled(self) -> bool:
-        """One process: whether a stop signal has come, so this step will be the last (a flag read, no
-        collective; ``after_step`` then acts on this same answer). Several: False, as a signal is
-        agreed on at log steps only."""
+    def latch_signal(self) -> bool:
+        """Record for this step whether a stop signal has come, and return it: one process only (a
+        flag read, no collective; ``after_step`` then acts on this same answer, so a signal arriving
+        in between waits for the next step). Several processes: False, as a signal is agreed on at
+        log steps only."""
         self._seen = self.agree_every_step and self.request.received is not None
         return self._seen
 
@@ -101,3 +104,33 @@ class StopPolicy:
             self.last_step, self.reason = step, self.request.received or "SIGNAL"
             log.warning("%s received: checkpointing at step %d and exiting with status %d",
                         self.reason, step, PREEMPTED_EXIT_CODE)
+
+
+@dataclass
+class SavePolicy:
+    """Which steps write a checkpoint: every ``every`` steps, the run's last step, a step whose
+    evaluation found the best FID so far (``run.keep_best``), and the first step after a bad streak
+    that deferred a save. Never while the divergence guard's bad streak is open: the save is owed."""
+
+    every: int
+    owed: bool = False
+
+    def wanted(self, step: int, last: bool, best: bool) -> bool:
+        """The one rule. Before the guard's review ``best`` says whether this step's evaluation
+        could find a new best (so the review must come first); at the save, whether it did."""
+        return step % self.every == 0 or last or self.owed or best
+
+    def decide(self, step: int, last: bool, best: bool, streak_open: bool) -> bool:
+        """Whether to save at ``step`` now; a wanted save inside a bad streak becomes owed."""
+        wanted = self.wanted(step, last, best)
+        if wanted and streak_open:
+            log.warning("step %d: checkpoint deferred until the divergence guard's bad streak ends%s",
+                        step, "; stopping without one" if last else "")
+            self.owed = True
+            return False
+        self.owed = self.owed and not wanted
+        return wanted
+
+    def rolled_back(self) -> None:
+        """The restored checkpoint is the save that was owed."""
+        self.owed = False

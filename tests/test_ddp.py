@@ -75,14 +75,14 @@ import torch
 from dist_gan import loop
 from dist_gan.config import load_config
 
-checkpoint = loop.Trainer.checkpoint
-def diverging_checkpoint(self, step, last):
+checkpoint = loop.Run.checkpoint
+def diverging_checkpoint(self, step):
     if step == 4 and self.rank == 1:  # one rank's D drifts by one ulp just before a checkpoint
         with torch.no_grad():
             weight = next(self.nets.D.plain.parameters())
             weight.view(-1)[0] = torch.nextafter(weight.view(-1)[0], torch.tensor(1.0))
-    return checkpoint(self, step, last)
-loop.Trainer.checkpoint = diverging_checkpoint
+    return checkpoint(self, step)
+loop.Run.checkpoint = diverging_checkpoint
 loop.train(load_config(sys.argv[1], dict(arg[2:].split("=", 1) for arg in sys.argv[2:])))
 """
 
@@ -90,7 +90,8 @@ loop.train(load_config(sys.argv[1], dict(arg[2:].split("=", 1) for arg in sys.ar
 def test_ranks_that_disagree_leave_the_checkpoint_incomplete(tmp_path, mnist_dir):
     from conftest import read_metrics
 
-    from dist_gan.checkpoint import list_checkpoints, resolve_resume
+    from dist_gan.checkpoint import list_checkpoints
+    from dist_gan.retention import resolve_resume
 
     probe, run = tmp_path / "diverge.py", tmp_path / "run"
     probe.write_text(DIVERGE)

@@ -24,11 +24,12 @@ from helpers import ACCELERATE, events, labels_of, run_module_here, stream, tiny
 
 from dist_gan import runlock
 from dist_gan.backend import parse_launch
-from dist_gan.checkpoint import (MANIFEST_FORMAT, CheckpointError, file_crc32, last_healthy,
-                                 list_checkpoints, prune_checkpoints, read_manifest, resolve_resume)
+from dist_gan.checkpoint import MANIFEST_FORMAT, CheckpointError, list_checkpoints, read_manifest
+from dist_gan.fsutil import crc32_of
+from dist_gan.retention import last_healthy, prune_checkpoints, resolve_resume
 from dist_gan.config import ConfigError, load_config
 from dist_gan.data import DataError, prepare_shards
-from dist_gan.data.shards import sha256_of
+from dist_gan.fsutil import sha256_of
 
 PREEMPTED = 75
 
@@ -40,7 +41,7 @@ def fake_checkpoint(run, step, healthy=True, payload=b"0123456789" * 10):
     manifest = {"format": MANIFEST_FORMAT, "step": step, "world_size": 1,
                 "distributed_type": "DistributedType.NO", "healthy": healthy,
                 "files": {"trainer_state.pt": len(payload)},
-                "crc32": {"trainer_state.pt": file_crc32(folder / "trainer_state.pt")}}
+                "crc32": {"trainer_state.pt": crc32_of(folder / "trainer_state.pt")}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 

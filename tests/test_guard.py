@@ -8,7 +8,9 @@ import signal
 import torch
 
 from dist_gan.config import TrainConfig
-from dist_gan.guard import GO_ON, ROLL_BACK, STOP, DivergenceGuard, StepTally
+from dist_gan.guard import DivergenceGuard, StepTally, Verdict
+
+GO_ON, ROLL_BACK, STOP = Verdict.GO_ON, Verdict.ROLL_BACK, Verdict.STOP
 from dist_gan.stop import StopPolicy, StopRequest, is_preemption
 
 GOOD = {"loss_D": torch.tensor(0.5), "loss_G": torch.tensor(0.7)}
@@ -54,13 +56,29 @@ def test_roll_back_until_the_budget_is_spent():
 
 def test_a_checkpoint_after_skipped_updates_is_not_healthy_and_the_next_clean_one_is():
     guard = DivergenceGuard(TrainConfig())
-    assert guard.checkpointed() is True
+    assert guard.healthy_since_checkpoint is True
     step = stepper(guard)
     step(1, False)
     step(2, True)
-    assert guard.checkpointed() is False
+    assert guard.healthy_since_checkpoint is False and guard.healthy_since_checkpoint is False  # a question
+    guard.mark_checkpointed()
     step(3, True)
-    assert guard.checkpointed() is True
+    assert guard.healthy_since_checkpoint is True
+
+
+def test_the_guards_counters_are_state_and_a_rollback_never_lowers_them():
+    guard = DivergenceGuard(TrainConfig(max_bad_steps=1, on_divergence="rollback", max_rollbacks=3))
+    step = stepper(guard)
+    assert step(1, False) == ROLL_BACK
+    guard.rolled_back()
+    saved = guard.state_dict()
+    assert saved == {"skipped": 1, "rollbacks": 1}
+    fresh = DivergenceGuard(guard.cfg)  # a new process resuming the run
+    fresh.load_state_dict(saved)
+    assert (fresh.skipped, fresh.rollbacks) == (1, 1)
+    guard.rolled_back()
+    guard.load_state_dict({"skipped": 0, "rollbacks": 0})  # the rollback target is older
+    assert (guard.skipped, guard.rollbacks) == (1, 2)
 
 
 def test_stop_policy_time_limit_on_log_steps_and_signals_at_once():

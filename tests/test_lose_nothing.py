@@ -369,19 +369,20 @@ def test_a_checkpoint_with_a_non_finite_ema_is_marked_unhealthy(tmp_path):
     import contextlib
 
     from dist_gan import backend
-    from dist_gan.checkpoint import is_healthy, list_checkpoints
-    from dist_gan.loop import Trainer
+    from dist_gan.retention import is_healthy
+    from dist_gan.checkpoint import list_checkpoints
+    from dist_gan.loop import Run
 
     config = load_config(TINY[0], {**dict(a[2:].split("=", 1) for a in TINY[1:]), "run.dir": str(tmp_path / "run"),
                                    "run.trackers": "[]"})
     acc_G, acc_D = backend.make_accelerators(config)
     with contextlib.ExitStack() as stack:
-        trainer = Trainer(config, acc_G, acc_D, stack)
-        trainer.start(None)
-        trainer.checkpoint(1, last=False)
+        run = Run(config, acc_G, acc_D, stack)
+        run.start(None)
+        run.checkpoint(1)
         with torch.no_grad():
-            next(trainer.ema.model.parameters()).view(-1)[0] = float("nan")
-        trainer.checkpoint(2, last=True)
+            next(run.ema.model.parameters()).view(-1)[0] = float("nan")
+        run.checkpoint(2)
     first, second = list_checkpoints(tmp_path / "run")
     assert is_healthy(first) and not is_healthy(second)
 
@@ -421,12 +422,12 @@ def _plant(path: Path, marker: Path, torch_format: bool = True) -> None:
 def _replace_in_checkpoint(checkpoint: Path, name: str, marker: Path) -> None:
     """Plant a marker file as checkpoint file ``name`` with its manifest entry made to match, so
     that only the loader's refusal to run code stands between it and the marker."""
-    from dist_gan.checkpoint import file_crc32
+    from dist_gan.fsutil import crc32_of
 
     _plant(checkpoint / name, marker)
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     manifest["files"][name] = (checkpoint / name).stat().st_size
-    manifest["crc32"][name] = file_crc32(checkpoint / name)
+    manifest["crc32"][name] = crc32_of(checkpoint / name)
     (checkpoint / "manifest.json").write_text(json.dumps(manifest))
 
 

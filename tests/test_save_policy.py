@@ -1,4 +1,5 @@
-"""The loop's run state (issue 25): one save policy, and one owner of the checkpoint's keys."""
+"""The run's state (issue 33): one save rule, one registry that owns every key a checkpoint's run
+state carries, and the divergence guard's counters kept across a restart."""
 
 from __future__ import annotations
 
@@ -6,45 +7,55 @@ import contextlib
 
 import torch
 
-from dist_gan.checkpoint import SavePolicy
-from dist_gan.loop import Trainer
+from dist_gan.loop import Run
+from dist_gan.stop import SavePolicy
+
+
+def _saves(policy: SavePolicy, steps, last: int, streak=(), best=()) -> list[int]:
+    return [s for s in steps if policy.decide(s, last=s == last, best=s in best, streak_open=s in streak)]
 
 
 def test_periodic_saves_and_the_last_step():
     policy = SavePolicy(every=3)
-    saves = [step for step in range(1, 9) if policy.save_now(step, last=step == 8, best_due=False, streak_open=False)]
-    assert saves == [3, 6, 8]
-    assert [s for s in range(1, 9) if policy.may_save(s, last=s == 8)] == [3, 6, 8]
+    assert _saves(policy, range(1, 9), last=8) == [3, 6, 8]
+    assert [s for s in range(1, 9) if policy.wanted(s, last=s == 8, best=False)] == [3, 6, 8]
 
 
 def test_a_stop_signal_makes_this_step_the_last_and_saves_it():
     policy = SavePolicy(every=100)
-    assert not policy.save_now(7, last=False, best_due=False, streak_open=False)
-    assert policy.may_save(7, last=True) and policy.save_now(7, last=True, best_due=False, streak_open=False)
+    assert not policy.decide(7, last=False, best=False, streak_open=False)
+    assert policy.wanted(7, last=True, best=False) and policy.decide(7, last=True, best=False, streak_open=False)
 
 
 def test_a_save_during_a_bad_streak_is_deferred_until_it_ends():
     policy = SavePolicy(every=2)
-    assert not policy.save_now(2, last=False, best_due=False, streak_open=True)  # due, deferred
-    assert policy.owed and policy.may_save(3, last=False)
-    assert not policy.save_now(3, last=False, best_due=False, streak_open=True)  # still open
-    assert policy.save_now(4, last=False, best_due=False, streak_open=False)  # the first clean step
+    assert not policy.decide(2, last=False, best=False, streak_open=True)  # due, deferred
+    assert policy.owed and policy.wanted(3, last=False, best=False)
+    assert not policy.decide(3, last=False, best=False, streak_open=True)  # still open
+    assert policy.decide(4, last=False, best=False, streak_open=False)  # the first clean step
     assert not policy.owed
-    assert not policy.save_now(5, last=False, best_due=False, streak_open=False)
+    assert not policy.decide(5, last=False, best=False, streak_open=False)
     # a rollback forgets what was owed: the restored checkpoint is the save
-    policy.save_now(6, last=False, best_due=False, streak_open=True)
+    policy.decide(6, last=False, best=False, streak_open=True)
     policy.rolled_back()
     assert not policy.owed
 
 
 def test_keep_best_saves_at_an_evaluation_step_with_a_new_best():
-    policy = SavePolicy(every=100, evaluate_every=5)
-    assert policy.may_save(5, last=False) and not policy.may_save(6, last=False)
-    assert not policy.save_now(5, last=False, best_due=False, streak_open=False)  # no better FID
-    assert policy.save_now(10, last=False, best_due=True, streak_open=False)
+    from dist_gan.loop import BestFID
+
+    best, policy = BestFID(evaluate_every=5), SavePolicy(every=100)
+    assert best.may_find(5) and not best.may_find(6)
+    best.consider(5, float("nan"))  # no usable figure: nothing found
+    assert not policy.decide(5, last=False, best=best.found(5), streak_open=False)
+    best.consider(10, 3.0)
+    assert best.found(10) and policy.decide(10, last=False, best=best.found(10), streak_open=False)
+    assert best.accept() == {"fid": 3.0, "step": 10} and best.state_dict() == {"fid": 3.0, "step": 10}
+    best.consider(15, 4.0)  # worse than the best kept
+    assert not best.found(15)
 
 
-def _trainer(tmp_path, name: str) -> tuple[Trainer, contextlib.ExitStack]:
+def _run(tmp_path, name: str) -> tuple[Run, contextlib.ExitStack]:
     from dist_gan import backend
     from dist_gan.config import load_config
 
@@ -54,7 +65,7 @@ def _trainer(tmp_path, name: str) -> tuple[Trainer, contextlib.ExitStack]:
         "augment.kind": "diffaugment", "run.trackers": "[]", "loss.historical_averaging": 0.01})
     stack = contextlib.ExitStack()
     acc_G, acc_D = backend.make_accelerators(config)
-    return Trainer(config, acc_G, acc_D, stack), stack
+    return Run(config, acc_G, acc_D, stack), stack
 
 
 def _flat(tree, prefix=""):
@@ -65,25 +76,27 @@ def _flat(tree, prefix=""):
     return {prefix: tree}
 
 
-def test_the_trainers_state_dict_round_trips_every_key(tmp_path):
-    """state_dict names every key a checkpoint carries; load_state_dict restores each of them."""
-    from dist_gan.nets import set_learning_rates
+def test_the_run_state_round_trips_every_key(tmp_path):
+    """The registry names every key a checkpoint's run state carries; loading restores each."""
     from dist_gan.step import train_step
 
-    first, stack_a = _trainer(tmp_path, "a")
+    first, stack_a = _run(tmp_path, "a")
     with stack_a:
         for step in range(3):
             first.schedules.apply(step)
             stats, applied = train_step(first.nets, first.loss, first.data, first.config, measure=False)
             first.after_step(step + 1, stats, applied)
-        first.lr_scale = 0.25  # as after a rollback
-        set_learning_rates(first.nets, first.config, first.lr_scale)
-        state = first.state_dict(3, {"fid": 1.5, "step": 2})
-        assert set(state) == {"step", "lr_scale", "loss", "best", "augment", "ema", "sched_G", "sched_D"}
-        second, stack_b = _trainer(tmp_path, "b")
+        first.learning_rates.scale_down(0.25)  # as after a rollback
+        first.guard.skipped, first.guard.rollbacks = 3, 1
+        first.best.consider(2, 1.5)
+        first.best.accept()
+        state = first.state.state_dict(3, 1, lambda item: item)
+        assert set(state) == {"step", "world_size", "ranks", "lr_scale", "loss", "best", "augment", "ema",
+                              "sched_G", "sched_D", "guard"}
+        second, stack_b = _run(tmp_path, "b")
         with stack_b:
-            second.load_state_dict({**state, "ranks": [first.data.state_dict()], "world_size": 1})
-            again = second.state_dict(3, second.best)
+            assert second.state.load_state_dict(state, rank=0, world_size=1) == 3
+            again = second.state.state_dict(3, 1, lambda item: item)
             a, b = _flat(state), _flat(again)
             assert a.keys() == b.keys()
             for key in a:
@@ -92,3 +105,22 @@ def test_the_trainers_state_dict_round_trips_every_key(tmp_path):
                 else:
                     assert a[key] == b[key], key
             assert second.data.state_dict() == first.data.state_dict()
+            assert second.nets.G.optimizer.param_groups[0]["lr"] == first.nets.G.optimizer.param_groups[0]["lr"]
+            assert (second.guard.skipped, second.guard.rollbacks) == (3, 1)
+
+
+def test_a_state_saved_before_the_registry_loads(tmp_path):
+    """Format 1 (ranks held bare data positions, no guard entry) still resumes."""
+    first, stack_a = _run(tmp_path, "a")
+    with stack_a:
+        state = first.state.state_dict(2, 1, lambda item: item)
+        old = {k: v for k, v in state.items() if k != "guard"}
+        old["ranks"] = [entry["data"] for entry in state["ranks"]]
+        assert first.state.load_state_dict(old, rank=0, world_size=1) == 2
+        del old["loss"]
+        try:
+            first.state.load_state_dict(old, rank=0, world_size=1)
+        except ValueError as err:
+            assert "no 'loss' entry" in str(err)
+        else:
+            raise AssertionError("a state without its loss entry loaded")

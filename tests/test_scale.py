@@ -302,3 +302,12 @@ def test_divergence_guard_rolls_back_with_a_lower_learning_rate(tmp_path, data):
     assert logged[-1]["lr_D"] == pytest.approx(1e-4)
     assert all(r["loss_D"] is not None for r in logged)
     assert events(run, "end")[-1]["step"] == 20
+    # train.max_rollbacks is the run's budget, not the process's: a restart finds it spent (the
+    # checkpoint carries the guard's counters); 1e64 x the saved scale 1e-34 still diverges
+    proc = run_cli(train_args("mnist_dcgan", run, data, "--train.max_steps=30", "--run.ckpt_every=10",
+                              "--train.resume=auto", "--optim.d_lr=1e64", "--train.max_bad_steps=2",
+                              "--train.on_divergence=rollback", "--train.max_rollbacks=1"), check=False)
+    assert proc.returncode == 1 and "1 rollbacks (train.max_rollbacks) spent" in proc.stderr, proc.stderr[-2000:]
+    assert len(events(run, "rollback")) == 1
+    resumed = [r for r in read_metrics(run) if "skipped_steps" in r and r["step"] > 20]
+    assert all(r["skipped_steps"] >= logged[-1]["skipped_steps"] for r in resumed)

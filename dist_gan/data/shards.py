@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import io
 import json
 import logging
@@ -34,6 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dist_gan.data.sources import DataError, ImageSet
+from dist_gan.fsutil import fsync_file, json_text, mount_point, sha256_of, write_synced
 
 log = logging.getLogger(__name__)
 
@@ -110,22 +110,6 @@ class ShardEntry:
     offsets: list[int] | None = None
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def mount_point(path: Path) -> Path:
-    """The mount point holding ``path`` (named in disk-full messages)."""
-    path = Path(path).resolve()
-    while not os.path.ismount(path) and path.parent != path:
-        path = path.parent
-    return path
-
-
 @contextlib.contextmanager
 def shard_dir_lock(out_dir: str | Path) -> Iterator[None]:
     """Hold ``out_dir/.lock`` exclusively while shards are checked and written there.
@@ -190,13 +174,12 @@ def write_shards(images: ImageSet, out_dir: str | Path, split: str, shard_size: 
         entries = [{"name": p.name, "count": c, "bytes": p.stat().st_size, "sha256": sha256_of(p),
                     "offsets": sample_offsets(p)} for p, c in zip(new, counts)]
         for path in new:
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(path)
         manifest.update(format=SHARD_MANIFEST_FORMAT, source=source, resolution=resolution,
                         channels=channels, class_names=list(images.class_names), **(extra or {}))
         manifest.setdefault("splits", {})[split] = {"total": written, "skipped_unreadable": skipped,
                                                     "encoding": encoding, "shards": entries}
-        _write_json_synced(pending, manifest)  # the last write that can fail for want of space
+        write_synced(pending, json_text(manifest))  # the last write that can fail for want of space
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         pending.unlink(missing_ok=True)
@@ -245,22 +228,6 @@ def _write_tars(images: ImageSet, out_dir: Path, split: str, shard_size: int, pr
     return written, skipped
 
 
-_NUMBER_LIST = re.compile(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]")
-
-
-def _write_json_synced(path: Path, data: dict) -> None:
-    """Indented JSON, except that lists of numbers (the sample offsets) stay on one line."""
-    text = _NUMBER_LIST.sub(lambda m: "[" + re.sub(r"\s+", "", m[1]) + "]", json.dumps(data, indent=1))
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    _write_json_synced(tmp, data)
-    os.replace(tmp, path)
 
 
 def read_shard_manifest(path: str | Path) -> dict:
