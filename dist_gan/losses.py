@@ -1,6 +1,6 @@
 """Adversarial losses: an objective on D's logits, plus the terms the config adds.
 
-A loss is handed the networks (a ``Models`` view, built by the loop) and a real batch with its labels,
+A loss is handed the networks (a ``LossView``, built by the loop) and a real batch with its labels,
 and does every forward of its game: it draws the noise (and, for a class-conditional model, the fake
 labels), so the loop knows nothing of latents, labels or encoders. ``discriminator_loss`` and
 ``generator_loss`` return the scalar to minimise and a dict of detached statistics for logging.
@@ -38,7 +38,7 @@ Stats = dict[str, torch.Tensor]
 
 
 @dataclass
-class Models:
+class LossView:
     """The networks as a loss uses them.
 
     ``G``, ``D``, ``E``: the wrapped modules for training forwards. ``D_plain``: D itself, read in the
@@ -258,7 +258,7 @@ class HistoricalAverage:
 class DiscriminatorStep:
     """What a term sees of a discriminator update."""
 
-    models: Models
+    models: LossView
     objective: Objective
     real: torch.Tensor
     labels: torch.Tensor | None
@@ -277,7 +277,7 @@ class DiscriminatorStep:
 class GeneratorStep:
     """What a term sees of a generator update; ``real_features`` only when a term needs them."""
 
-    models: Models
+    models: LossView
     objective: Objective
     real: torch.Tensor
     labels: torch.Tensor | None
@@ -407,7 +407,7 @@ class VAEGAN(Term):
     needs_real_features = True
 
     @staticmethod
-    def encode(m: Models, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode(m: LossView, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(a posterior sample by the reparameterisation trick, mu, logvar)."""
         mu, logvar = m.E(real)
         mu, logvar = mu.float(), logvar.float()
@@ -544,7 +544,7 @@ LOSSES: dict[str, LossSpec] = {
 
 
 class GANLoss:
-    """An objective and its terms, playing the game on the networks a ``Models`` view gives."""
+    """An objective and its terms, playing the game on the networks a ``LossView`` gives."""
 
     def __init__(self, cfg: LossConfig, autocast: Callable[[], ContextManager] = nullcontext,
                  share_forward: bool = True):
@@ -574,18 +574,18 @@ class GANLoss:
         return self.objective.g_objective(fake_logits)
 
     @staticmethod
-    def real_labels(m: Models, labels: torch.Tensor) -> torch.Tensor | None:
+    def real_labels(m: LossView, labels: torch.Tensor) -> torch.Tensor | None:
         """The batch's labels for a conditional model (their range is checked by the data stream,
         on the host before the copy, so the step never waits on the device for it)."""
         return labels if m.num_classes else None
 
     @staticmethod
-    def sample(m: Models, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def sample(m: LossView, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         z = torch.randn(n, m.z_dim, device=device)
         labels = torch.randint(0, m.num_classes, (n,), device=device) if m.num_classes else None
         return z, labels
 
-    def _judge_for(self, m: Models, images: torch.Tensor, labels: torch.Tensor | None,
+    def _judge_for(self, m: LossView, images: torch.Tensor, labels: torch.Tensor | None,
                    with_input_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """D's fp32 logits on ``images`` and, when a due penalty differentiates them
         (``with_input_grad``), the fp32 input that requires grad they were computed from: then the
@@ -597,7 +597,7 @@ class GANLoss:
         with full_precision(x.device):
             return _judge(m.D_penalty, x, labels), x
 
-    def discriminator_loss(self, m: Models, real: torch.Tensor,
+    def discriminator_loss(self, m: LossView, real: torch.Tensor,
                            labels: torch.Tensor) -> tuple[torch.Tensor, Stats]:
         labels = self.real_labels(m, labels)
         z, fake_labels = self.sample(m, real.shape[0], real.device)
@@ -621,7 +621,7 @@ class GANLoss:
         stats["loss_D"] = loss.detach()
         return loss, stats
 
-    def generator_loss(self, m: Models, real: torch.Tensor,
+    def generator_loss(self, m: LossView, real: torch.Tensor,
                        labels: torch.Tensor) -> tuple[torch.Tensor, Stats]:
         """G's objective through the frozen D, plus the terms (with an encoder, the VAE-GAN terms,
         which train the encoder by this same loss). A relativistic objective also judges the real

@@ -16,7 +16,7 @@ from dist_gan import backend
 from dist_gan.augment import Augmentation, AugmentedDiscriminator, build_augmentation
 from dist_gan.config import Config, OptimConfig, Ramp
 from dist_gan.ema import EMA, ema_beta, step_beta
-from dist_gan.losses import Models
+from dist_gan.losses import LossView
 from dist_gan.models import build_discriminator, build_encoder, build_generator
 from dist_gan.seeds import derive
 
@@ -51,12 +51,12 @@ class Nets:
     G_for_penalty: nn.Module | None = None
     augment: Augmentation | None = None
 
-    def models(self, z_dim: int) -> Models:
+    def loss_view(self, z_dim: int) -> LossView:
         """The view a loss gets: with augmentation, each view of D augments its input first."""
         D_views = [self.D.wrapped, self.D.plain, self.D_for_penalty]
         if self.augment is not None:
             D_views = [AugmentedDiscriminator(view, self.augment) for view in D_views]
-        return Models(self.G.wrapped, *D_views, self.E.wrapped if self.E is not None else None, z_dim,
+        return LossView(self.G.wrapped, *D_views, self.E.wrapped if self.E is not None else None, z_dim,
                       self.num_classes, functools.partial(backend.loss_scale, self.D.accelerator, self.D.wrapped),
                       self.G_for_penalty)
 

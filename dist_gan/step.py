@@ -70,7 +70,7 @@ def train_step(nets: Nets, loss: GANLoss, data: BatchStream, config: Config,
     whether every update was applied (False: the divergence guard skipped at least one). Nothing in
     here waits for the device.
     """
-    models = nets.models(config.model.z_dim)
+    view = nets.loss_view(config.model.z_dim)
     set_to_none = config.speed.zero_grad_set_to_none
     accumulate, guard = config.optim.accumulate, config.train.skip_nonfinite
     applied = torch.ones((), dtype=torch.bool, device=nets.D.accelerator.device)
@@ -81,7 +81,7 @@ def train_step(nets: Nets, loss: GANLoss, data: BatchStream, config: Config,
         for micro in range(accumulate):
             batches.append(data.next_batch())
             with backend.micro_batch(nets.D.accelerator, [nets.D.wrapped], micro == accumulate - 1):
-                d_loss, d_stats = loss.discriminator_loss(models, *batches[-1])
+                d_loss, d_stats = loss.discriminator_loss(view, *batches[-1])
                 finite &= _backward(nets.D.accelerator, d_loss, accumulate, guard)
             for name, value in d_stats.items():
                 d_totals[name] = d_totals.get(name, 0.0) + value
@@ -102,7 +102,7 @@ def train_step(nets: Nets, loss: GANLoss, data: BatchStream, config: Config,
     finite = torch.ones_like(applied)
     for micro, (real, labels) in enumerate(batches):
         with backend.micro_batch(nets.G.accelerator, [n.wrapped for n in g_side], micro == accumulate - 1):
-            g_loss, g_stats = loss.generator_loss(models, real, labels)
+            g_loss, g_stats = loss.generator_loss(view, real, labels)
             finite &= _backward(nets.G.accelerator, g_loss, accumulate, guard)
         for name, value in g_stats.items():
             g_totals[name] = g_totals.get(name, 0.0) + value

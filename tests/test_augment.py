@@ -13,7 +13,7 @@ from conftest import read_metrics, run_cli, start_cli, wait_for
 from dist_gan.augment import (DIFFAUGMENT_GROUPS, AdaptiveAugment, AugmentedDiscriminator, DiffAugment,
                               ada_pipeline, build_augmentation)
 from dist_gan.config import AugmentConfig, ConfigError, load_config
-from dist_gan.losses import GANLoss, Models, build_loss
+from dist_gan.losses import GANLoss, LossView, build_loss
 
 # (name, transform(images, p)) for every group of both kinds
 GROUPS = [(f"diffaugment.{g}", fn) for g, fn in DIFFAUGMENT_GROUPS.items()] + [
@@ -116,7 +116,7 @@ def ada_step(value: float, p: float, images_seen: int = 10000) -> float:
     aug = AdaptiveAugment(AugmentConfig(kind="ada", p=p, target=0.6, speed_kimg=100))
     D = AugmentedDiscriminator(ConstantD(value), aug)
     G = TinyG()
-    models = Models(G, D, D, D, None, 8, 0)
+    models = LossView(G, D, D, D, None, 8, 0)
     _, stats = build_loss(load_config(None, {"loss.name": "hinge"}).loss).discriminator_loss(
         models, images(3, 16, n=8), torch.zeros(8, dtype=torch.long))
     aug.adjust(float(stats["D_real_sign"]), images_seen)
@@ -164,7 +164,7 @@ def test_the_loop_gives_losses_augmented_views_of_d(mnist_dir):
         "augment.kind": "ada", "model.generator.width": 8, "model.discriminator.width": 8,
         "data.mnist_dir": str(mnist_dir)})
     nets = build_nets(config, Accelerator(cpu=True))
-    models = nets.models(config.model.z_dim)
+    models = nets.loss_view(config.model.z_dim)
     assert all(isinstance(v, AugmentedDiscriminator) and v.augmentation is nets.augment
                for v in (models.D, models.D_plain, models.D_penalty))
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from dist_gan.config import LossConfig
-from dist_gan.losses import HistoricalAverage, Models, build_loss, gradient_penalty, r1_penalty
+from dist_gan.losses import HistoricalAverage, LossView, build_loss, gradient_penalty, r1_penalty
 
 
 class Linear(nn.Module):
@@ -36,7 +36,7 @@ class Constant(nn.Module):
 
 
 def models(d, fake, encoder=None):
-    return Models(G=Constant(fake), D=d, D_plain=d, D_penalty=d, E=encoder, z_dim=3, num_classes=0)
+    return LossView(G=Constant(fake), D=d, D_plain=d, D_penalty=d, E=encoder, z_dim=3, num_classes=0)
 
 
 def test_gradient_penalty_by_hand():
@@ -158,7 +158,7 @@ def test_vae_terms_train_the_encoder_through_the_generator_loss():
 
     torch.manual_seed(0)
     d, encoder, decoder = Linear([1.0, -1.0]), Encoder(), Decoder()
-    view = Models(G=decoder, D=d, D_plain=d, D_penalty=d, E=encoder, z_dim=3, num_classes=0)
+    view = LossView(G=decoder, D=d, D_plain=d, D_penalty=d, E=encoder, z_dim=3, num_classes=0)
     loss = build_loss(LossConfig(name="ns", kl_weight=1.0, recon_weight=1.0))
     total, stats = loss.generator_loss(view, torch.randn(8, 2), torch.zeros(8))
     assert stats["kl"].item() > 0 and stats["recon"].item() > 0

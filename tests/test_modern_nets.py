@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from dist_gan.config import ConfigError, LossConfig, NetConfig, load_config
-from dist_gan.losses import GANLoss, Models, PathLength, r1_penalty
+from dist_gan.losses import GANLoss, LossView, PathLength, r1_penalty
 from dist_gan.models import build_discriminator, build_generator
 from dist_gan.models.resnet import ResNetGenerator, channel_plan
 from dist_gan.models.stylegan2 import (EqualConv2d, EqualLinear, MappingNetwork, ModulatedConv2d,
@@ -197,7 +197,7 @@ class TinyG(nn.Module):
 def test_lazy_r1_at_interval_k_is_k_times_r1_on_every_kth_update():
     torch.manual_seed(0)
     G, D = TinyG(), TinyD()
-    models = Models(G, D, D, D, None, 4, 0)
+    models = LossView(G, D, D, D, None, 4, 0)
     real = torch.randn(6, 1, 8, 8)
     k = 4
 
@@ -225,7 +225,7 @@ def test_lazy_r1_at_interval_k_is_k_times_r1_on_every_kth_update():
 
 def test_path_length_term_moves_its_mean_and_round_trips():
     G = StyleGAN2Generator(NetConfig(width=4, mapping_layers=2, mixing_prob=0.0), 8, 16, 1)
-    models = Models(G, None, None, None, None, 8, 0, G_penalty=G)
+    models = LossView(G, None, None, None, None, 8, 0, G_penalty=G)
     term = PathLength(LossConfig(pl_weight=2.0, pl_decay=0.5))
 
     class Step:

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dist_gan.config import ConfigError, LossConfig, NetConfig, Ramp, load_config
-from dist_gan.losses import GANLoss, Models, R1, R2, RelativisticPairing, build_loss, r1_penalty
+from dist_gan.losses import GANLoss, LossView, R1, R2, RelativisticPairing, build_loss, r1_penalty
 from dist_gan.models.r3gan import R3GANDiscriminator, R3GANGenerator, ResidualBlock
 
 
@@ -55,7 +55,7 @@ def test_rpgan_generator_step_judges_the_reals_without_gradient():
     loss = build_loss(LossConfig(name="rpgan"))
     real = torch.randn(6, 1, 4, 4)
     torch.manual_seed(1)
-    value, _ = loss.generator_loss(Models(G, D, D, D, None, 4, 0), real, torch.zeros(6, dtype=torch.long))
+    value, _ = loss.generator_loss(LossView(G, D, D, D, None, 4, 0), real, torch.zeros(6, dtype=torch.long))
     torch.manual_seed(1)
     z = torch.randn(6, 4)
     expected = F.softplus(D(real) - D(G(z))).mean()
@@ -92,7 +92,7 @@ def test_r2_gradient_matches_finite_differences_on_a_tiny_d():
     loss = GANLoss(LossConfig(name="rpgan", r2_gamma=2.0))
     D32, real = TinyD(), torch.randn(5, 1, 4, 4)
     torch.manual_seed(3)
-    _, stats = loss.discriminator_loss(Models(G, D32, D32, D32, None, 4, 0), real,
+    _, stats = loss.discriminator_loss(LossView(G, D32, D32, D32, None, 4, 0), real,
                                        torch.zeros(5, dtype=torch.long))
     torch.manual_seed(3)
     fakes = G(torch.randn(5, 4)).detach().requires_grad_(True)
@@ -110,7 +110,7 @@ def test_a_shared_forward_gives_the_gradients_of_separate_forwards(name):
     labels = torch.zeros(6, dtype=torch.long)
     cfg = LossConfig(name=name, r1_gamma=1.5, r2_gamma=0.5 if name == "rpgan" else 0.0)
     torch.manual_seed(1)
-    shared, _ = GANLoss(cfg).discriminator_loss(Models(G, D, D, D, None, 4, 0), real, labels)
+    shared, _ = GANLoss(cfg).discriminator_loss(LossView(G, D, D, D, None, 4, 0), real, labels)
     D.zero_grad()
     shared.backward()
     got = [p.grad.clone() for p in D.parameters()]
@@ -127,7 +127,7 @@ def test_a_shared_forward_gives_the_gradients_of_separate_forwards(name):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     # the loss's own switch (speed.share_penalty_forward=false) is that separate computation
     torch.manual_seed(1)
-    unshared, _ = GANLoss(cfg, share_forward=False).discriminator_loss(Models(G, D, D, D, None, 4, 0), real, labels)
+    unshared, _ = GANLoss(cfg, share_forward=False).discriminator_loss(LossView(G, D, D, D, None, 4, 0), real, labels)
     D.zero_grad()
     unshared.backward()
     for a, b in zip(got, (p.grad for p in D.parameters())):
@@ -140,7 +140,7 @@ def test_r1_and_r2_are_terms_with_their_own_intervals():
     G, D = TinyG(), TinyD()
     seen = []
     for _ in range(6):
-        _, stats = loss.discriminator_loss(Models(G, D, D, D, None, 4, 0), torch.randn(4, 1, 4, 4),
+        _, stats = loss.discriminator_loss(LossView(G, D, D, D, None, 4, 0), torch.randn(4, 1, 4, 4),
                                            torch.zeros(4, dtype=torch.long))
         loss.after_discriminator_step(D)
         seen.append(("r1" in stats, "r2" in stats))

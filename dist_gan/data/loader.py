@@ -87,6 +87,11 @@ def worker_error(err: DataError) -> DataError:
     return DataError(last.split(": ", 1)[1] if ": " in last else last)
 
 
+# What the readers count, as indices into ShardReader.bad_counts, and their names in the log.
+SKIPPED_SAMPLE, BAD_SHARD = 0, 1
+BAD_COUNTS = ("data_skipped_samples", "data_bad_shards")
+
+
 class BadSample(ValueError):
     pass
 
@@ -380,7 +385,7 @@ class ShardReader(IterableDataset):
         self.resolution, self.channels = resolution, channels
         self.block, self.strict = max(shuffle_buffer, 1), strict
         self.epoch, self.start_batch = 0, 0
-        self.bad_counts = multiprocessing.Array("q", 2)
+        self.bad_counts = multiprocessing.Array("q", len(BAD_COUNTS))
         self._warned = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -390,9 +395,10 @@ class ShardReader(IterableDataset):
         first = self.plan.first_batch(reader, self.start_batch)
         return _Share(self, reader).batches(first)
 
-    def count(self, index: int) -> None:
+    def count(self, what: int) -> None:
+        """Add one to ``bad_counts[what]`` (SKIPPED_SAMPLE or BAD_SHARD), from any worker."""
         with self.bad_counts.get_lock():
-            self.bad_counts[index] += 1
+            self.bad_counts[what] += 1
 
     def warn(self, message: str) -> None:
         if self._warned < MAX_WARNINGS_PER_WORKER:
@@ -444,7 +450,7 @@ class _Share:
                 if owner.strict:
                     raise DataError(message + " (data.strict=true)") from None
                 if count:
-                    owner.count(0)
+                    owner.count(SKIPPED_SAMPLE)
                     owner.warn(f"skipping {message}")
         return good
 
@@ -469,7 +475,7 @@ class _Share:
             if owner.strict:
                 raise DataError(f"shard {url} is unreadable: {err}") from None
             if count:
-                owner.count(1)
+                owner.count(BAD_SHARD)
                 owner.warn(f"skipping the rest of unreadable shard {url} after sample "
                            f"{start + produced}: {err}")
         else:
@@ -484,7 +490,7 @@ class _Share:
                            f"{expected}: re-run prepare, or `python -m dist_gan.data verify` the shards")
                 if owner.strict:
                     raise DataError(message + " (data.strict=true)")
-                owner.count(1)
+                owner.count(BAD_SHARD)
                 owner.warn(message)
         yield from itertools.repeat(None, segment.stop - start - produced)
 
@@ -571,8 +577,7 @@ class ShardStream:
 
     def counters(self) -> dict[str, int]:
         """Bad samples and unreadable shards met by this rank's readers so far (including read-ahead)."""
-        skipped, bad_shards = self.reader.bad_counts[:]
-        return {"data_skipped_samples": skipped, "data_bad_shards": bad_shards}
+        return dict(zip(BAD_COUNTS, self.reader.bad_counts[:]))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch}
