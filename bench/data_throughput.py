@@ -46,8 +46,8 @@ def training_consumption_rate(mnist_dir: str, steps: int) -> float:
 
     from dist_gan.data import InMemoryBatches
     from dist_gan.losses import build_loss
-    from dist_gan.nets import build_nets
-    from dist_gan.step import train_step
+    from dist_gan.run.nets import build_nets
+    from dist_gan.run.step import train_step
 
     config = load_config(REPO / "configs" / "mnist_wgangp.yaml", {"data.mnist_dir": mnist_dir})
     accelerator = Accelerator(cpu=True)

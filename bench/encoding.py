@@ -57,8 +57,8 @@ def main() -> None:
     from accelerate import Accelerator
 
     from dist_gan.losses import build_loss
-    from dist_gan.nets import build_nets
-    from dist_gan.step import train_step
+    from dist_gan.run.nets import build_nets
+    from dist_gan.run.step import train_step
 
     with tempfile.TemporaryDirectory() as tmp:
         patterns, sizes, write_s = {}, {}, {}

@@ -42,12 +42,13 @@ def train(name: str, run_dir: Path, args: argparse.Namespace) -> float:
 
 
 def measure(name: str, run_dir: Path, out: Path, args: argparse.Namespace) -> dict:
-    from dist_gan.metrics import evaluate_checkpoint
+    from dist_gan.tools.evaluation import evaluate_checkpoint
     from dist_gan.metrics.classifier import load_or_train_classifier
-    from dist_gan.sample import by_class, generate, load_generator, reconstructions
+    from dist_gan.tools.generate import by_class, generator_from_checkpoint, reconstructions
+    from dist_gan.models.sampling import generate
 
     figures = evaluate_checkpoint(run_dir, args.n, mnist_dir=args.mnist_dir)
-    generator, checkpoint = load_generator(run_dir)
+    generator, checkpoint = generator_from_checkpoint(run_dir)
     grid = out / f"family_{name}.png"
     if name == "cgan":
         images = by_class(generator, list(range(10)), 10, seed=1)

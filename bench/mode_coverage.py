@@ -88,7 +88,7 @@ SECTION = ("<!-- mode_coverage:start -->", "<!-- mode_coverage:end -->")
 def steps_for(config: Path, extra: list[str], kimg: float) -> int:
     """G steps that show ``kimg`` thousand real images to D (batch x n_critic per step)."""
     from dist_gan.config import load_config
-    from dist_gan.nets import real_images_per_step
+    from dist_gan.run.nets import real_images_per_step
 
     loaded = load_config(config, dict(flag[2:].split("=", 1) for flag in extra))
     return max(1, round(kimg * 1000 / real_images_per_step(loaded, 1)))

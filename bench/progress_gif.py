@@ -37,7 +37,7 @@ def make_run(run: Path, grids: int, size: int = 2048) -> None:
 
 def measure(run: Path) -> dict:
     """Run write_progress in a child process; its wall time and peak resident memory."""
-    code = ("import resource, sys, time; from dist_gan.progress import write_progress; t = time.perf_counter(); "
+    code = ("import resource, sys, time; from dist_gan.tools.progress import write_progress; t = time.perf_counter(); "
             f"write_progress({str(run)!r}, {str(run / 'progress.gif')!r}); "
             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)

@@ -52,7 +52,7 @@ def slug(name: str) -> str:
 def steps_for(name: str, kimg: float) -> int:
     """G steps that show ``kimg`` thousand real images to D in one process."""
     from dist_gan.config import load_config
-    from dist_gan.nets import real_images_per_step
+    from dist_gan.run.nets import real_images_per_step
 
     config, overrides = variant(name)
     return max(1, round(kimg * 1000 / real_images_per_step(load_config(REPO / "configs" / f"{config}.yaml", overrides), 1)))

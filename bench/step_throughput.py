@@ -100,8 +100,8 @@ class PlainLoop:
 class Toolkit:
     def __init__(self, config, accelerator=None):
         from dist_gan.losses import build_loss
-        from dist_gan.backend import make_accelerator, set_backend_flags
-        from dist_gan.nets import build_nets
+        from dist_gan.run.backend import make_accelerator, set_backend_flags
+        from dist_gan.run.nets import build_nets
 
         self.config = config
         set_backend_flags(config.speed)
@@ -113,7 +113,7 @@ class Toolkit:
         self.count = 0
 
     def step(self) -> None:
-        from dist_gan.step import train_step
+        from dist_gan.run.step import train_step
 
         self.count += 1
         train_step(self.nets, self.loss, self.data, self.config,

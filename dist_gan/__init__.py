@@ -7,7 +7,7 @@ __all__ = ["load_generator"]
 def __getattr__(name: str):
     # Lazy: `python -m dist_gan.train` installs its signal handlers before torch is imported.
     if name == "load_generator":
-        from dist_gan.export import load_generator
+        from dist_gan.tools.export import load_generator
 
         return load_generator
     raise AttributeError(f"module 'dist_gan' has no attribute {name!r}")

@@ -22,11 +22,11 @@ def main() -> None:
     if len(sys.argv) < 2:
         sys.exit(USAGE)  # status 1: a script that forgot the command must not pass
     if sys.argv[1] == "launch":  # accelerate launch's options are not ours to check
-        from dist_gan.launch import main as launch
+        from dist_gan.run.launch import main as launch
 
         sys.exit(launch(sys.argv[2:]))
     from dist_gan import evaluate, export, sample, train
-    from dist_gan.cliargs import run_command
+    from dist_gan.core.cliargs import run_command
 
     commands = {"train": train.main, "sample": sample.main, "evaluate": evaluate.main, "export": export.main}
     if sys.argv[1] in commands:

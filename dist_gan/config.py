@@ -4,7 +4,7 @@ A config is a tree of dataclasses. ``load_config(path, {"train.max_steps": 200})
 applies the overrides, converts every value to its field's type and checks ranges, so a bad value
 fails before any process group or network is built, with a message that names the key. Names that
 registries define (losses, networks, data sources) are checked against ``names`` when given
-(``dist_gan.registry.registered_names()``, as the entry points do), and again by ``lookup`` where
+(``dist_gan.core.registry.registered_names()``, as the entry points do), and again by ``lookup`` where
 each registry is used. This module imports nothing of the package: it is the ground floor.
 """
 

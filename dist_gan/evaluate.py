@@ -44,7 +44,7 @@ def reference_config(reference: str, resolution: int | None, channels: int | Non
                      batch_size: int):
     """The config that describes ``reference`` (a folder, a source name or a config file) and how
     to embed it; returns (config, a description for the file's metadata)."""
-    from dist_gan.registry import registered_names
+    from dist_gan.core.registry import registered_names
 
     path = Path(reference)
     overrides: dict = {"eval.feature_net": feature_net, "eval.batch_size": batch_size, "data.format": "memory"}
@@ -81,7 +81,8 @@ def main(checkpoint: str | None = None, n: int | None = None, json_out: str | No
          root: str | None = None, feature_net: str = "auto", feature_weights: str | None = None,
          reference_stats: str | None = None, limit: int = 0, batch_size: int = 100) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    from dist_gan.metrics import evaluate_checkpoint, write_reference
+    from dist_gan.metrics import write_reference
+    from dist_gan.tools.evaluation import evaluate_checkpoint
 
     try:
         if split not in SPLITS:
@@ -119,6 +120,6 @@ def main(checkpoint: str | None = None, n: int | None = None, json_out: str | No
 
 
 if __name__ == "__main__":
-    from dist_gan.cliargs import run_command
+    from dist_gan.core.cliargs import run_command
 
     run_command(main, "dist_gan.evaluate")

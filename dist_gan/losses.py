@@ -14,7 +14,7 @@ labels), so the loop knows nothing of latents, labels or encoders. ``discriminat
   them: wgan is the Wasserstein objective with weight clipping, wgan_gp the same with the penalty.
 
 Adding a loss: one line in ``LOSSES``. Adding a term: one ``Term`` subclass and one line in ``TERMS``.
-Penalties that differentiate through D (WGAN-GP, R1) run with autocast off (``backend.full_precision``):
+Penalties that differentiate through D (WGAN-GP, R1) run with autocast off (``full_precision``):
 under native AMP their D forward is fp32. Under DeepSpeed bf16/fp16 D's weights themselves are half
 precision, so the forward runs in it (inputs, the input gradient and the norm in fp32); under fp16
 the input gradient is taken at the loss scale and unscaled (``input_gradient``). docs/scale.md.
@@ -31,10 +31,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dist_gan.backend import eager, full_precision
 from dist_gan.config import ConfigError, LossConfig, lookup
+from dist_gan.core.private_api import eager, private_api
 
 Stats = dict[str, torch.Tensor]
+
+
+def full_precision(device: torch.device) -> ContextManager:
+    """Autocast off: penalties that differentiate through D run in fp32 whatever the run's mixed
+    precision (a half-precision gradient norm is too coarse, and its square overflows fp16)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
 
 
 @dataclass
@@ -243,7 +250,7 @@ class HistoricalAverage:
         if self.mean is None:
             self.mean = [p.clone() for p in params]
         else:
-            torch._foreach_lerp_(self.mean, params, 1.0 / self.count)
+            private_api(torch, "_foreach_lerp_")(self.mean, params, 1.0 / self.count)
 
     def state_dict(self) -> dict:
         return {"mean": self.mean, "count": self.count}

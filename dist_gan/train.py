@@ -8,8 +8,8 @@ import sys
 
 import fire
 
-from dist_gan.launch import OUTPUT_ENV, STATUS_DIR_ENV
-from dist_gan.stop import PREEMPTED_EXIT_CODE, StopRequest
+from dist_gan.run.launch import OUTPUT_ENV, STATUS_DIR_ENV
+from dist_gan.run.stop import PREEMPTED_EXIT_CODE, StopRequest
 
 
 def setup_logging() -> None:
@@ -119,8 +119,8 @@ def _train(config: str | None = None, debug: bool = False, **overrides) -> None:
         setup_logging()
         from dist_gan.config import ConfigError, load_config
         from dist_gan.data import DataError
-        from dist_gan.loop import TrainingDiverged, train
-        from dist_gan.registry import registered_names
+        from dist_gan.run.loop import TrainingDiverged, train
+        from dist_gan.core.registry import registered_names
 
         rank = int(os.environ.get("RANK", "0"))
         try:
@@ -140,6 +140,10 @@ def _train(config: str | None = None, debug: bool = False, **overrides) -> None:
                      f"({type(err).__name__})")
     if result.preempted:  # checkpoint saved; tell the scheduler to requeue
         sys.exit(PREEMPTED_EXIT_CODE)
+    if result.main_process:  # a pre-empted run has no time to spare for these
+        from dist_gan.tools.progress import write_run_pictures
+
+        write_run_pictures(result.run_dir)
 
 
 if __name__ == "__main__":

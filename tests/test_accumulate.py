@@ -16,12 +16,12 @@ PROBE = r'''
 import os, sys
 import torch
 from accelerate.utils import set_seed
-from dist_gan import backend
+from dist_gan.run import backend
 from dist_gan.config import load_config
 from dist_gan.data import InMemoryBatches
 from dist_gan.losses import build_loss
-from dist_gan.nets import build_nets
-from dist_gan.step import train_step
+from dist_gan.run.nets import build_nets
+from dist_gan.run.step import train_step
 
 def gradients(batch, accumulate, acc_G, acc_D):
     config = load_config("configs/mnist_dcgan.yaml", {

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from conftest import read_metrics, run_cli, start_cli, wait_for
-from dist_gan.augment import (DIFFAUGMENT_GROUPS, AdaptiveAugment, AugmentedDiscriminator, DiffAugment,
+from dist_gan.models.augment import (DIFFAUGMENT_GROUPS, AdaptiveAugment, AugmentedDiscriminator, DiffAugment,
                               ada_pipeline, build_augmentation)
 from dist_gan.config import AugmentConfig, ConfigError, load_config
 from dist_gan.losses import GANLoss, LossView, build_loss
@@ -68,7 +68,7 @@ def test_pixel_blitting_moves_pixels_without_blurring_them():
 
 def test_ada_rotation_probability_makes_p_overall():
     """ADA splits a rotation into two with probability 1 - sqrt(1 - p) each: rotated at all with p."""
-    from dist_gan.augment import geometric_matrices
+    from dist_gan.models.augment import geometric_matrices
 
     torch.manual_seed(0)
     n, p = 20000, 0.4
@@ -158,7 +158,7 @@ def test_generator_and_penalties_differentiate_through_the_augmentation():
 def test_the_loop_gives_losses_augmented_views_of_d(mnist_dir):
     from accelerate import Accelerator
 
-    from dist_gan.nets import build_nets
+    from dist_gan.run.nets import build_nets
 
     config = load_config("configs/mnist_dcgan.yaml", {
         "augment.kind": "ada", "model.generator.width": 8, "model.discriminator.width": 8,

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from dist_gan.checkpoint import MANIFEST_FORMAT, CheckpointError, list_checkpoints, read_manifest
-from dist_gan.retention import prune_checkpoints, remove_stale_staging, resolve_resume
+from dist_gan.run.checkpoint import MANIFEST_FORMAT, CheckpointError, list_checkpoints, read_manifest
+from dist_gan.run.retention import prune_checkpoints, remove_stale_staging, resolve_resume
 
 
 def fake_checkpoint(root, step, complete=True, files=None):

@@ -70,12 +70,12 @@ def test_steps_between_log_steps_never_sync_the_gpu():
     device-to-host wait in them raises (tests/test_syncs.py counts the same on CPU)."""
     from accelerate.utils import set_seed
 
-    from dist_gan import backend
+    from dist_gan.run import backend
     from dist_gan.config import load_config
-    from dist_gan.guard import StepTally
+    from dist_gan.run.guard import StepTally
     from dist_gan.losses import build_loss
-    from dist_gan.nets import build_nets
-    from dist_gan.step import StatsWindow, train_step
+    from dist_gan.run.nets import build_nets
+    from dist_gan.run.step import StatsWindow, train_step
 
     config = load_config("configs/mnist_wgangp.yaml", {
         "data.batch_size": 32, "model.generator.width": 16, "model.discriminator.width": 16,

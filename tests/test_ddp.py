@@ -36,7 +36,7 @@ SCRIPT = """
 import os, sys
 import torch, torch.nn as nn
 from accelerate import Accelerator
-from dist_gan.ranks import check_replicas
+from dist_gan.run.ranks import check_replicas
 acc = Accelerator(cpu=True)
 torch.manual_seed(0)
 net = nn.Linear(4, 3)
@@ -72,7 +72,7 @@ def test_replica_check_detects_a_one_ulp_divergence(tmp_path):
 DIVERGE = r"""
 import sys
 import torch
-from dist_gan import loop
+from dist_gan.run import loop
 from dist_gan.config import load_config
 
 checkpoint = loop.Run.checkpoint
@@ -90,8 +90,8 @@ loop.train(load_config(sys.argv[1], dict(arg[2:].split("=", 1) for arg in sys.ar
 def test_ranks_that_disagree_leave_the_checkpoint_incomplete(tmp_path, mnist_dir):
     from conftest import read_metrics
 
-    from dist_gan.checkpoint import list_checkpoints
-    from dist_gan.retention import resolve_resume
+    from dist_gan.run.checkpoint import list_checkpoints
+    from dist_gan.run.retention import resolve_resume
 
     probe, run = tmp_path / "diverge.py", tmp_path / "run"
     probe.write_text(DIVERGE)

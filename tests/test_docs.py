@@ -115,7 +115,7 @@ EXTERNAL_CALLS = {"save_state", "load_state", "prepare", "backward", "skip_first
                   "end_training", "init_process_group", "all_reduce", "all_gather", "barrier", "sqrtm",
                   "cdist", "interpolate", "fused_adam", "load_file", "save_file", "state_dict",
                   "load_state_dict", "item", "tolist", "cpu", "float", "int", "bool", "torch.where",
-                  "requires_grad_", "build"}  # build: the user's feature-net factory in README
+                  "requires_grad_", "build", "deepspeed.initialize"}  # build: the user's feature-net factory in README
 
 
 def backticked(text: str) -> list[str]:

@@ -89,14 +89,14 @@ def test_improved_gan_techniques_with_a_vaegan_resume_bit_exact(tmp_path, data):
 
 def test_conditional_samples_are_of_the_requested_class(tmp_path, data, reference_classifier):
     """After a short training the reference classifier reads the requested digit far above chance."""
-    from dist_gan.sample import by_class, load_generator
+    from dist_gan.tools.generate import by_class, generator_from_checkpoint
 
     run = tmp_path / "cgan"
     run_cli(["dist_gan.train", "configs/mnist_cgan.yaml", f"--run.dir={run}", *data,
              "--train.max_steps=500", "--run.ckpt_every=500", "--model.generator.width=32",
              "--model.discriminator.width=32", "--run.log_every=50"])
     classifier, _ = reference_classifier
-    generator, _ = load_generator(run)
+    generator, _ = generator_from_checkpoint(run)
     images = by_class(generator, list(range(10)), 50, seed=1)
     with torch.no_grad():
         _, logits = classifier.embed(images)

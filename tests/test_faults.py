@@ -22,14 +22,14 @@ from PIL import Image
 from conftest import FAST, REPO, read_metrics, run_cli, start_cli, wait_for
 from helpers import ACCELERATE, events, labels_of, run_module_here, stream, tiny_shards
 
-from dist_gan import runlock
-from dist_gan.backend import parse_launch
-from dist_gan.checkpoint import MANIFEST_FORMAT, CheckpointError, list_checkpoints, read_manifest
-from dist_gan.fsutil import crc32_of
-from dist_gan.retention import last_healthy, prune_checkpoints, resolve_resume
+from dist_gan.run import runlock
+from dist_gan.run.launcher import parse_launch
+from dist_gan.run.checkpoint import MANIFEST_FORMAT, CheckpointError, list_checkpoints, read_manifest
+from dist_gan.core.fsutil import crc32_of
+from dist_gan.run.retention import last_healthy, prune_checkpoints, resolve_resume
 from dist_gan.config import ConfigError, load_config
 from dist_gan.data import DataError, prepare_shards
-from dist_gan.fsutil import sha256_of
+from dist_gan.core.fsutil import sha256_of
 
 PREEMPTED = 75
 
@@ -65,7 +65,7 @@ def test_a_same_size_corruption_is_caught_and_auto_resume_falls_back(tmp_path, c
         assert resolve_resume("auto", tmp_path).name == "step_00000010"
     assert "skipping checkpoint" in caplog.text and "step_00000020" in caplog.text
     with pytest.raises(CheckpointError):  # a checkpoint named explicitly is refused, not replaced
-        from dist_gan.checkpoint import load_generator_state
+        from dist_gan.run.checkpoint import load_generator_state
 
         load_generator_state(newest)
 

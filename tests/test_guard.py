@@ -8,10 +8,10 @@ import signal
 import torch
 
 from dist_gan.config import TrainConfig
-from dist_gan.guard import DivergenceGuard, StepTally, Verdict
+from dist_gan.run.guard import DivergenceGuard, StepTally, Verdict
 
 GO_ON, ROLL_BACK, STOP = Verdict.GO_ON, Verdict.ROLL_BACK, Verdict.STOP
-from dist_gan.stop import StopPolicy, StopRequest, is_preemption
+from dist_gan.run.stop import StopPolicy, StopRequest, is_preemption
 
 GOOD = {"loss_D": torch.tensor(0.5), "loss_G": torch.tensor(0.7)}
 BAD = {"loss_D": torch.tensor(float("inf")), "loss_G": torch.tensor(0.7)}

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision.utils import save_image
 
-from dist_gan.imagegrid import save_png
+from dist_gan.core.imagegrid import save_png
 
 
 @pytest.mark.parametrize("count,channels,nrow", [(1, 1, 8), (1, 3, 8), (64, 1, 8), (10, 3, 4), (7, 1, 3)])
@@ -26,7 +26,7 @@ def test_pngs_are_pixel_for_pixel_torchvisions(tmp_path, count, channels, nrow):
 
 def test_training_code_does_not_import_torchvision_or_deepspeed():
     """About 2 s of every training process's start; they are imported only where used."""
-    code = ("import sys; import dist_gan.loop, dist_gan.sample, dist_gan.export, dist_gan.tracking; "
+    code = ("import sys; import dist_gan.run.loop, dist_gan.sample, dist_gan.export, dist_gan.run.tracking; "
             "print(sorted(m for m in ('torchvision', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

@@ -237,7 +237,7 @@ def test_a_fresh_run_never_overwrites_another_runs_checkpoints(tmp_path):
 
 def test_an_export_is_refused_into_a_used_folder_checked_on_load_and_carries_no_local_paths(tmp_path):
     """export --out into a non-empty folder is refused (--overwrite replaces); a damaged export is named on load; no local paths."""
-    from dist_gan.export import load_generator
+    from dist_gan.tools.export import load_generator
 
     run = tmp_path / "run"
     run_cli(["dist_gan.train", *TINY, f"--run.dir={run}", "--train.max_steps=1", "--run.ckpt_every=1"])
@@ -318,7 +318,7 @@ def test_unguessable_shard_names_are_one_line(tmp_path, mnist_dir):
 
 def test_evaluate_honours_its_feature_net(tmp_path, monkeypatch):
     """evaluate RUN --feature_net=X evaluates with X, not the run's own feature network."""
-    from dist_gan.metrics.evaluator import evaluate_checkpoint
+    from dist_gan.tools.evaluation import evaluate_checkpoint
 
     run = tmp_path / "run"
     run_cli(["dist_gan.train", *TINY, f"--run.dir={run}", "--train.max_steps=1", "--run.ckpt_every=1"])
@@ -368,10 +368,10 @@ def test_a_checkpoint_with_a_non_finite_ema_is_marked_unhealthy(tmp_path):
     """The checkpoint's health covers the EMA too: NaN in the averaged generator marks it unhealthy."""
     import contextlib
 
-    from dist_gan import backend
-    from dist_gan.retention import is_healthy
-    from dist_gan.checkpoint import list_checkpoints
-    from dist_gan.loop import Run
+    from dist_gan.run import backend
+    from dist_gan.run.retention import is_healthy
+    from dist_gan.run.checkpoint import list_checkpoints
+    from dist_gan.run.loop import Run
 
     config = load_config(TINY[0], {**dict(a[2:].split("=", 1) for a in TINY[1:]), "run.dir": str(tmp_path / "run"),
                                    "run.trackers": "[]"})
@@ -422,7 +422,7 @@ def _plant(path: Path, marker: Path, torch_format: bool = True) -> None:
 def _replace_in_checkpoint(checkpoint: Path, name: str, marker: Path) -> None:
     """Plant a marker file as checkpoint file ``name`` with its manifest entry made to match, so
     that only the loader's refusal to run code stands between it and the marker."""
-    from dist_gan.fsutil import crc32_of
+    from dist_gan.core.fsutil import crc32_of
 
     _plant(checkpoint / name, marker)
     manifest = json.loads((checkpoint / "manifest.json").read_text())
@@ -460,7 +460,7 @@ def test_the_checkpoint_scan_admits_what_accelerate_and_deepspeed_write(tmp_path
     """The scan admits NumPy arrays and DeepSpeed's state classes, refuses any other callable, and never unpickles."""
     import numpy as np
 
-    from dist_gan.checkpoint import CheckpointError, refuse_code_in_pickles
+    from dist_gan.run.checkpoint import CheckpointError, refuse_code_in_pickles
 
     torch.save({"random_state": np.random.get_state(), "step": 3, "w": torch.ones(2)}, tmp_path / "ok.pkl")
     refuse_code_in_pickles(tmp_path)
@@ -604,7 +604,7 @@ def test_overwrite_deletes_the_earlier_run_only_once_the_new_one_has_a_checkpoin
 
 def test_an_overwrite_interrupted_by_a_kill_is_settled_at_the_next_start(tmp_path):
     """A kill while the earlier run was set aside: before the first checkpoint it comes back, after it is deleted."""
-    from dist_gan.rundir import ASIDE, settle_interrupted_overwrite
+    from dist_gan.run.rundir import ASIDE, settle_interrupted_overwrite
 
     run = tmp_path / "run"
     (run / ASIDE / "checkpoints" / "step_00000005").mkdir(parents=True)
@@ -643,7 +643,7 @@ def test_a_stalled_pipe_command_times_out_naming_it(tmp_path, caplog):
 
 def test_the_progress_animation_is_capped_and_shrunk(tmp_path):
     """The end-of-run GIF shows at most 48 grids, first and last kept, at most 1024 px wide."""
-    from dist_gan.progress import MAX_FRAME_WIDTH, MAX_FRAMES, grids, write_progress
+    from dist_gan.tools.progress import MAX_FRAME_WIDTH, MAX_FRAMES, grids, write_progress
 
     samples = tmp_path / "samples"
     samples.mkdir()
@@ -726,7 +726,7 @@ def test_export_card_snippets_run_overwrite_replaces_whole_and_a_full_disk_keeps
     import re
     import shutil
 
-    from dist_gan.export import ONNX_FILE, load_generator
+    from dist_gan.tools.export import ONNX_FILE, load_generator
 
     run = tmp_path / "run"
     run_cli(["dist_gan.train", "configs/folder256_stylegan2.yaml", "--data.folder=null", "--data.source=synthetic",
@@ -774,7 +774,7 @@ def test_export_card_snippets_run_overwrite_replaces_whole_and_a_full_disk_keeps
 
 def test_launch_options_before_the_config_and_one_process_refusals(tmp_path, monkeypatch):
     """Value-less launcher flags before the config do not eat it; --num_processes 2 that would start one process is refused."""
-    from dist_gan.launch import one_process_problem, split_arguments
+    from dist_gan.run.launcher import one_process_problem, split_arguments
 
     for flag in ("--cpu", "--multi_gpu", "--use_deepspeed", "--debug", "-q"):
         assert split_arguments([flag, "configs/x.yaml", "--a=1"]) == ([flag], ["configs/x.yaml", "--a=1"])

@@ -181,7 +181,7 @@ def test_conditional_models_reject_unlabelled_data():
 
 def test_linear_schedule_decays_to_zero_at_max_steps():
     from dist_gan.config import OptimConfig
-    from dist_gan.nets import build_schedule
+    from dist_gan.run.nets import build_schedule
 
     weight = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.Adam([weight], lr=1e-3)
@@ -246,7 +246,7 @@ def test_fp16_penalty_gradient_is_taken_at_the_loss_scale_and_does_not_underflow
     loss scale and unscaled in fp32 (PyTorch's AMP recipe) it matches the fp32 penalty."""
     import copy
 
-    from dist_gan.backend import accept_fp32_io
+    from dist_gan.models.base import accept_fp32_io
     from dist_gan.losses import input_gradient, r1_penalty
 
     d32 = torch.nn.Sequential(torch.nn.Linear(4, 1, bias=False), torch.nn.Linear(1, 1, bias=False))

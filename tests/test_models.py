@@ -3,7 +3,7 @@ import torch
 
 from dist_gan.config import Config, NetConfig, load_config
 from dist_gan.models import build_discriminator, build_generator
-from dist_gan.models.dcgan import stage_plan
+from dist_gan.models.base import stage_plan
 
 
 def make(arch, resolution, channels, norm_g="batch", norm_d="none", sn=False, num_classes=0,
@@ -28,10 +28,12 @@ def test_shapes(arch, resolution, channels):
 
 
 def test_stage_plan():
-    assert stage_plan(28, 64) == (7, [128, 64])
-    assert stage_plan(64, 64) == (4, [512, 256, 128, 64])
-    with pytest.raises(ValueError, match="resolution = 30"):
-        stage_plan(30, 64)
+    assert stage_plan(28, 64, "dcgan") == (7, [128, 64])
+    assert stage_plan(64, 64, "dcgan") == (4, [512, 256, 128, 64])
+    with pytest.raises(ValueError, match="resolution = 30.*as the dcgan networks need"):
+        stage_plan(30, 64, "dcgan")
+    with pytest.raises(ValueError, match="as the stylegan2 networks need"):  # the caller's, by name
+        stage_plan(30, 1, "stylegan2")
 
 
 @pytest.mark.parametrize("norm", ["layer", "instance", "none"])
@@ -138,7 +140,7 @@ def test_networks_with_bf16_weights_take_and_give_fp32():
 
 
 def test_ema_of_bf16_weights_is_kept_in_fp32():
-    from dist_gan.ema import EMA
+    from dist_gan.run.ema import EMA
 
     live = torch.nn.Linear(4, 4).to(torch.bfloat16)
     ema = EMA(live, lambda step: 0.999)
@@ -151,7 +153,7 @@ def test_ema_of_bf16_weights_is_kept_in_fp32():
 
 
 def test_ema_in_images_is_the_same_on_1_or_64_processes():
-    from dist_gan.ema import ema_beta
+    from dist_gan.run.ema import ema_beta
 
     per_rank = 32
     for kimg, rampup in ((10.0, None), (10.0, 0.05), (0.5, None)):
@@ -169,7 +171,7 @@ def test_ema_in_images_is_the_same_on_1_or_64_processes():
 
 def test_ema_settings_are_validated_and_step_decay_stays_available():
     from dist_gan.config import ConfigError, load_config
-    from dist_gan.ema import step_beta
+    from dist_gan.run.ema import step_beta
 
     assert load_config(None, {"train.ema_decay": 0.9}).train.ema_decay == 0.9
     assert step_beta(0, 0.999) == 0.1 and step_beta(10**6, 0.999) == 0.999

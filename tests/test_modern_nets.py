@@ -15,7 +15,7 @@ from dist_gan.models import build_discriminator, build_generator
 from dist_gan.models.resnet import ResNetGenerator, channel_plan
 from dist_gan.models.stylegan2 import (EqualConv2d, EqualLinear, MappingNetwork, ModulatedConv2d,
                                        StyleGAN2Generator, mix_styles, modulated_weight)
-from dist_gan.sample import decode, truncate_latents
+from dist_gan.models.sampling import decode, truncate_latents
 
 
 def nets(arch: str, resolution: int, channels: int, num_classes: int = 0, width: int = 4, **net):

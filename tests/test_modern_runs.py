@@ -15,8 +15,8 @@ import torch
 from conftest import REPO, read_metrics, run_cli, start_cli, wait_for
 from helpers import ACCELERATE, CPU_DDP, assert_same_weights, events, kill_tree, run_here
 
-from dist_gan.retention import best_checkpoint, keep_as_best, restore_best
-from dist_gan.checkpoint import list_checkpoints
+from dist_gan.run.retention import best_checkpoint, keep_as_best, restore_best
+from dist_gan.run.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,8 @@ MIN_MODES, MIN_HIT_SHARE, STEPS = 23, 0.2, 3500
 
 DRIVER = """
 import sys
-from dist_gan import loop, losses
+from dist_gan.run import loop
+from dist_gan import losses
 from dist_gan.config import load_config
 
 class FlippedG(losses.RelativisticPairing):

@@ -209,10 +209,10 @@ def test_schedule_config_is_validated():
 
 def test_schedules_set_gamma_beta2_and_p_and_the_lr_follows_its_ramp():
     """In a real (one-process) trainer's objects: values are a function of the step alone."""
-    from dist_gan.augment import build_augmentation
+    from dist_gan.models.augment import build_augmentation
     from dist_gan.config import AugmentConfig, ScheduleConfig
-    from dist_gan.nets import build_schedule
-    from dist_gan.schedules import build_schedules
+    from dist_gan.run.nets import build_schedule
+    from dist_gan.run.schedules import build_schedules
 
     loss = build_loss(LossConfig(name="rpgan", r1_gamma=1.0, r2_gamma=1.0))
     D = TinyD()

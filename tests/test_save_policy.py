@@ -7,8 +7,8 @@ import contextlib
 
 import torch
 
-from dist_gan.loop import Run
-from dist_gan.stop import SavePolicy
+from dist_gan.run.loop import Run
+from dist_gan.run.stop import SavePolicy
 
 
 def _saves(policy: SavePolicy, steps, last: int, streak=(), best=()) -> list[int]:
@@ -42,7 +42,7 @@ def test_a_save_during_a_bad_streak_is_deferred_until_it_ends():
 
 
 def test_keep_best_saves_at_an_evaluation_step_with_a_new_best():
-    from dist_gan.loop import BestFID
+    from dist_gan.run.loop import BestFID
 
     best, policy = BestFID(evaluate_every=5), SavePolicy(every=100)
     assert best.may_find(5) and not best.may_find(6)
@@ -56,7 +56,7 @@ def test_keep_best_saves_at_an_evaluation_step_with_a_new_best():
 
 
 def _run(tmp_path, name: str) -> tuple[Run, contextlib.ExitStack]:
-    from dist_gan import backend
+    from dist_gan.run import backend
     from dist_gan.config import load_config
 
     config = load_config("configs/mnist_r3gan.yaml", {
@@ -78,7 +78,7 @@ def _flat(tree, prefix=""):
 
 def test_the_run_state_round_trips_every_key(tmp_path):
     """The registry names every key a checkpoint's run state carries; loading restores each."""
-    from dist_gan.step import train_step
+    from dist_gan.run.step import train_step
 
     first, stack_a = _run(tmp_path, "a")
     with stack_a:

@@ -18,7 +18,7 @@ import torch
 from conftest import FAST, REPO, read_metrics, run_cli, start_cli, wait_for
 from helpers import ACCELERATE, CPU_DDP, assert_same_weights, events, free_port, run_here, weights
 
-from dist_gan.checkpoint import list_checkpoints
+from dist_gan.run.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.slow
 PREEMPTED = 75

@@ -9,12 +9,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from dist_gan import backend
+from dist_gan.run import backend
 from dist_gan.config import ConfigError, load_config
 from dist_gan.data import InMemoryBatches
 from dist_gan.losses import build_loss
-from dist_gan.nets import build_nets
-from dist_gan.step import train_step
+from dist_gan.run.nets import build_nets
+from dist_gan.run.step import train_step
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist_wgangp.yaml"
 TINY = {"data.format": "memory", "data.batch_size": 8, "model.generator.width": 8,

@@ -23,7 +23,7 @@ PROBE = r'''
 import collections, json, sys
 from pathlib import Path
 import torch, torch.distributed as dist
-from dist_gan import loop
+from dist_gan.run import loop
 from dist_gan.config import load_config
 
 current, counts = {"step": 0}, collections.defaultdict(collections.Counter)

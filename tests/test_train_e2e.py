@@ -85,7 +85,7 @@ def test_thirty_steps_log_checkpoint_and_sample(tmp_path, data, capsys):
     card = (exported / "README.md").read_text()
     assert "| steps | 30 |" in card and "mnist, 28x28" in card and "load_generator" in card
     import dist_gan
-    from dist_gan.sample import load_generator as from_checkpoint
+    from dist_gan.tools.generate import generator_from_checkpoint as from_checkpoint
 
     loaded = dist_gan.load_generator(exported)
     reference, _ = from_checkpoint(run)

@@ -22,7 +22,7 @@ from dist_gan.data.memory import InMemoryBatches
 from dist_gan.data.mixtures import MIXTURES
 from dist_gan.data.shards import (SHARD_MANIFEST, expand_urls, local_path, read_shard_manifest,
                                   resolve_encoding, resolve_shards, shard_dir_lock, write_shards)
-from dist_gan.data.sources import (DATA_SOURCES, IMAGE_SUFFIXES, DataError, ImageSet, folder_images, limit_images,
+from dist_gan.data.sources import (DATA_SOURCES, DataError, ImageSet, folder_images, limit_images,
                                    load_mnist_idx, read_idx)
 from dist_gan.data.split import SplitPlan
 

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dist_gan.data.shards import ShardEntry, local_path, member_key, shard_name
 from dist_gan.data.sources import DataError, check_labels, to_model_range
 from dist_gan.data.split import SplitPlan
-from dist_gan.seeds import derive, mirrored
+from dist_gan.core.seeds import derive, mirrored
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("u8", "png", "jpg", "jpeg", "webp")  # u8: raw uint8 C x H x W bytes

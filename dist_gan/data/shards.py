@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dist_gan.data.sources import DataError, ImageSet
-from dist_gan.fsutil import fsync_file, json_text, mount_point, sha256_of, write_synced
+from dist_gan.core.fsutil import fsync_file, json_text, mount_point, sha256_of, write_synced
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import random
 from dataclasses import dataclass
 
 from dist_gan.data.sources import DataError
-from dist_gan.seeds import derive
+from dist_gan.core.seeds import derive
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Quality of a generator against real-data statistics, in training and from a checkpoint, and the
+"""Quality of a generator against real-data statistics (the training-time Evaluator), and the
 reference statistics of a data set (``dist-gan evaluate --reference DATA --out stats.npz``)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from dist_gan.config import Config, ConfigError, DataConfig, load_config
+from dist_gan.config import Config, ConfigError, DataConfig
 from dist_gan.data import folder_fingerprint
 from dist_gan.data.sources import (CIFAR10_FOLDER, DATA_SOURCES, MNIST_FILES, ImageSet, find_mnist_file,
                                    limit_images, to_model_range)
@@ -20,8 +20,8 @@ from dist_gan.metrics.classifier import cache_dir, fingerprint
 from dist_gan.metrics.networks import build_feature_net
 from dist_gan.metrics.modes import coverage_figures
 from dist_gan.metrics.quality import Embedder, Reference, quality
-from dist_gan.sample import generate, load_generator
-from dist_gan.seeds import derive
+from dist_gan.models.sampling import generate
+from dist_gan.core.seeds import derive
 
 log = logging.getLogger(__name__)
 
@@ -162,42 +162,6 @@ class Evaluator:
         if not accelerator.is_main_process:
             return None
         return figures(self.reference, self.network, feats, logits, self.config.run.seed)
-
-
-DEFAULT_EVAL_SAMPLES = 10_000
-
-
-def evaluate_checkpoint(checkpoint: str | Path, n: int | None = None, ema: bool = True, seed: int = 0,
-                        mnist_dir: str | None = None, reference_stats: str | None = None,
-                        feature_weights: str | None = None,
-                        feature_net: str = "auto") -> dict[str, dict[str, float]]:
-    """Figures for a checkpoint's generator and, as the floor, for real test data vs real train
-    (the floor only when the real data is at hand: not with ``reference_stats``). ``feature_net``
-    other than auto replaces the run's eval.feature_net. ``n`` None: the mode-coverage protocol's
-    sample count when the feature network has one (StackedMNIST 26,000; the mixtures 2,500), else
-    ``DEFAULT_EVAL_SAMPLES``."""
-    generator, source = load_generator(checkpoint, ema=ema)
-    config = load_config(source / "config.yaml")
-    if feature_net != "auto":
-        config = load_config(source / "config.yaml", {"eval.feature_net": feature_net})
-    config.data.mnist_dir = mnist_dir or config.data.mnist_dir
-    config.eval.reference_stats = reference_stats or config.eval.reference_stats
-    config.eval.feature_weights = feature_weights or config.eval.feature_weights
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    evaluator = Evaluator(config, device)
-    config = evaluator.config
-    n = n or getattr(evaluator.network, "protocol_samples", DEFAULT_EVAL_SAMPLES)
-    images = generate(generator.to(device), n, seed, config.eval.batch_size, device)
-    fake_feats, fake_logits = evaluator.embed(images)
-    results = {"generated": figures(evaluator.reference, evaluator.network, fake_feats, fake_logits, seed)}
-    if not config.eval.reference_stats:
-        test_feats, test_logits = real_embeddings(config.data, "test", evaluator.embed)
-        m = min(n, len(test_feats))
-        results["real test (floor)"] = figures(evaluator.reference, evaluator.network, test_feats[:m],
-                                               test_logits[:m], seed)
-    results["_source"] = {"checkpoint": str(source), "n": n, "ema": ema,
-                          "feature_net": config.eval.resolved_feature_net(config.data)}
-    return results
 
 
 def write_reference(config: Config, split: str, out: str | Path, description: str) -> Reference:

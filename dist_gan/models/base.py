@@ -8,12 +8,19 @@
   projection of Miyato & Koyama (2018) when conditional and the minibatch standard-deviation feature
   when ``mbstd`` is set.
 - Encoder (VAE-GAN): ``E(x) -> (mu, logvar)``, each (N, z_dim).
+
+Also shared: the stage plan of the convolutional networks (``stage_plan``) and fp32 inputs and
+outputs whatever the weights' dtype (``accept_fp32_io``, for DeepSpeed's bf16/fp16 weights).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
+
+from dist_gan.config import ConfigError
 
 
 class ConditionalInput(nn.Module):
@@ -99,3 +106,52 @@ class PackedDiscriminator(nn.Module):
                              "(model.discriminator.pack)")
         grouped = x.reshape(count // self.pack, self.pack * x.shape[1], *x.shape[2:])
         return self.inner(grouped, labels, return_features)
+
+
+def stage_plan(resolution: int, width: int, arch: str) -> tuple[int, list[int]]:
+    """(smallest resolution, channels per stage from the smallest to the largest hidden map) of a
+    network ``arch`` that halves the resolution per stage down to 4..7."""
+    stages, base = 0, resolution
+    while base > 7 and base % 2 == 0:
+        base, stages = base // 2, stages + 1
+    if not 4 <= base <= 7 or stages < 1:
+        raise ConfigError(f"data.resolution = {resolution} is not 2^k x (4..7) with k >= 1 "
+                          f"(e.g. 28, 32, 64, 128), as the {arch} networks need")
+    channels = [min(width * 2 ** (stages - 1 - i), width * 8) for i in range(stages)]
+    return base, channels
+
+
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, tuple):
+        return tuple(_cast(v, dtype) for v in value)
+    return value
+
+
+def _inputs_to_weight_dtype(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    dtype = _weight_dtype(module)
+    if dtype == torch.float32:
+        return None
+    return _cast(args, dtype), {key: _cast(value, dtype) for key, value in kwargs.items()}
+
+
+def _outputs_to_fp32(module: nn.Module, args: tuple, output: Any) -> Any:
+    return None if _weight_dtype(module) == torch.float32 else _cast(output, torch.float32)
+
+
+def accept_fp32_io(module: nn.Module) -> nn.Module:
+    """Let ``module`` take and give fp32 tensors whatever its weights' dtype, in place.
+
+    DeepSpeed's bf16/fp16 modes cast the weights themselves (autocast does not); then floating
+    inputs (z, images, the penalty's interpolates) are cast to the weights' dtype on the way in, and
+    floating outputs to fp32 on the way out, so losses, penalties and metrics stay in fp32. With fp32
+    weights (every other mode) both hooks do nothing.
+    """
+    module.register_forward_pre_hook(_inputs_to_weight_dtype, with_kwargs=True)
+    module.register_forward_hook(_outputs_to_fp32)
+    return module

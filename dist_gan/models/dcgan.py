@@ -10,21 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from dist_gan.config import ConfigError, NetConfig
-from dist_gan.models.base import ConditionalInput, Discriminator, DiscriminatorHead
+from dist_gan.config import NetConfig
+from dist_gan.models.base import ConditionalInput, Discriminator, DiscriminatorHead, stage_plan
 from dist_gan.models.layers import add_spectral_norm, dcgan_init, norm_2d
-
-
-def stage_plan(resolution: int, width: int) -> tuple[int, list[int]]:
-    """(smallest resolution, channels per stage from the smallest to the largest hidden map)."""
-    stages, base = 0, resolution
-    while base > 7 and base % 2 == 0:
-        base, stages = base // 2, stages + 1
-    if not 4 <= base <= 7 or stages < 1:
-        raise ConfigError(f"data.resolution = {resolution} is not 2^k x (4..7) with k >= 1 "
-                          "(e.g. 28, 32, 64, 128), as the dcgan networks need")
-    channels = [min(width * 2 ** (stages - 1 - i), width * 8) for i in range(stages)]
-    return base, channels
 
 
 class DCGANGenerator(nn.Module):
@@ -33,7 +21,7 @@ class DCGANGenerator(nn.Module):
         super().__init__()
         self.z_dim = z_dim
         self.condition = ConditionalInput(z_dim, num_classes)
-        self.base, widths = stage_plan(resolution, cfg.width)
+        self.base, widths = stage_plan(resolution, cfg.width, "dcgan")
         self.project = nn.Linear(self.condition.out_dim, widths[0] * self.base * self.base)
         layers: list[nn.Module] = [nn.Unflatten(1, (widths[0], self.base, self.base)),
                                    norm_2d(cfg.norm, widths[0]), nn.ReLU(inplace=True)]
@@ -52,7 +40,7 @@ class DCGANGenerator(nn.Module):
 
 def conv_features(cfg: NetConfig, resolution: int, channels: int) -> tuple[nn.Sequential, int]:
     """DCGAN's strided-conv stack, images -> flat features, and the feature count."""
-    base, widths = stage_plan(resolution, cfg.width)
+    base, widths = stage_plan(resolution, cfg.width, "dcgan")
     widths = widths[::-1]  # largest map first
     layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, True)]
     for c_in, c_out in zip(widths, widths[1:]):

@@ -1,6 +1,6 @@
 """Building blocks shared by the networks: normalisation by name, spectral norm, initialisations,
 self-attention.
-(Running with half-precision weights is the backend's: ``backend.accept_fp32_io``.)"""
+(Running with half-precision weights: ``base.accept_fp32_io``.)"""
 
 from __future__ import annotations
 

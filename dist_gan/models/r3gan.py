@@ -32,8 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dist_gan.config import ConfigError, NetConfig
-from dist_gan.models.base import Discriminator
-from dist_gan.models.dcgan import stage_plan
+from dist_gan.models.base import Discriminator, stage_plan
 
 LEAK = 0.2
 LEAKY_RELU_GAIN = math.sqrt(2 / (1 + LEAK ** 2))
@@ -119,7 +118,7 @@ class Downsample(nn.Module):
 
 def r3gan_plan(cfg: NetConfig, resolution: int) -> tuple[int, list[int], list[int]]:
     """(basis size, channels per stage, blocks per stage), smallest map first."""
-    base, hidden = stage_plan(resolution, 1)
+    base, hidden = stage_plan(resolution, 1, "r3gan")
     stages = len(hidden) + 1  # the basis stage, then one per doubling
     widths = list(cfg.widths) or [cfg.width if resolution <= 32 else max(cfg.width >> max(0, i - 3), 1)
                                   for i in range(stages)]

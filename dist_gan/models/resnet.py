@@ -22,14 +22,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dist_gan.config import ConfigError, NetConfig
-from dist_gan.models.base import Discriminator, DiscriminatorHead
-from dist_gan.models.dcgan import stage_plan
+from dist_gan.models.base import Discriminator, DiscriminatorHead, stage_plan
 from dist_gan.models.layers import SelfAttention, add_spectral_norm, init_weights
 
 
 def channel_plan(cfg: NetConfig, resolution: int) -> tuple[int, list[int]]:
     """(smallest map size, channels of each block's output from the smallest map to the largest)."""
-    base, stages = stage_plan(resolution, 1)
+    base, stages = stage_plan(resolution, 1, "resnet")
     blocks = len(stages)
     if cfg.channel_mult:
         if len(cfg.channel_mult) != blocks:

@@ -26,8 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dist_gan.config import NetConfig
-from dist_gan.models.base import Discriminator, DiscriminatorHead, minibatch_stddev
-from dist_gan.models.dcgan import stage_plan
+from dist_gan.models.base import Discriminator, DiscriminatorHead, minibatch_stddev, stage_plan
 
 LRELU_GAIN = math.sqrt(2.0)
 
@@ -185,7 +184,7 @@ class StyleGAN2Generator(nn.Module):
         super().__init__()
         self.z_dim, self.w_dim, self.num_classes = z_dim, z_dim, num_classes
         self.mixing_prob = cfg.mixing_prob
-        self.base, stages = stage_plan(resolution, 1)
+        self.base, stages = stage_plan(resolution, 1, "stylegan2")
         sizes = [self.base * 2 ** i for i in range(len(stages) + 1)]
         ch = [channels_at(s, resolution, cfg.width) for s in sizes]
         self.mapping = MappingNetwork(z_dim, self.w_dim, cfg.mapping_layers, cfg.mapping_lr_mult,
@@ -231,7 +230,7 @@ class StyleGAN2Generator(nn.Module):
         if not return_ws:
             return self.synthesis(ws)
         # What path length differentiates by: fp32 and upstream of the images whatever the weights'
-        # dtype (the fp32 output cast of backend.accept_fp32_io then leaves it as it is).
+        # dtype (the fp32 output cast of base.accept_fp32_io then leaves it as it is).
         ws = ws.float()
         return self.synthesis(ws.to(self.const.dtype)), ws
 
@@ -242,7 +241,7 @@ class StyleGAN2Body(nn.Module):
 
     def __init__(self, cfg: NetConfig, resolution: int, channels: int):
         super().__init__()
-        base, stages = stage_plan(resolution, 1)
+        base, stages = stage_plan(resolution, 1, "stylegan2")
         sizes = [resolution // 2 ** i for i in range(len(stages) + 1)]  # largest first
         ch = [channels_at(s, resolution, cfg.width) for s in sizes]
         self.from_rgb = EqualConv2d(channels, ch[0], 1, activate=True)

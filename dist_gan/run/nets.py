@@ -12,13 +12,14 @@ import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from dist_gan import backend
-from dist_gan.augment import Augmentation, AugmentedDiscriminator, build_augmentation
+from dist_gan.run import backend
+from dist_gan.models.augment import Augmentation, AugmentedDiscriminator, build_augmentation
 from dist_gan.config import Config, OptimConfig, Ramp
-from dist_gan.ema import EMA, ema_beta, step_beta
+from dist_gan.run.ema import EMA, ema_beta, step_beta
 from dist_gan.losses import LossView
 from dist_gan.models import build_discriminator, build_encoder, build_generator
-from dist_gan.seeds import derive
+from dist_gan.core.private_api import set_base_lr
+from dist_gan.core.seeds import derive
 
 
 @dataclass
@@ -175,12 +176,7 @@ def set_learning_rates(nets: Nets, config: Config, scale: float) -> None:
     rollbacks), with the schedule's factor for the current step applied."""
     config_lr = {"sched_G": config.optim.g_lr, "sched_D": config.optim.d_lr, "sched_E": config.optim.g_lr}
     for name, scheduler in nets.schedulers().items():
-        lr = config_lr[name]
-        scheduler.base_lrs = [lr * scale] * len(scheduler.base_lrs)
-        for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
-                                   scheduler.lr_lambdas):
-            group["lr"] = base * fn(scheduler.last_epoch)
-        backend.set_last_lr(scheduler)
+        set_base_lr(scheduler, config_lr[name] * scale)
 
 
 class LearningRates:

@@ -41,15 +41,15 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from dist_gan.backend import BACKEND_PICKLE_GLOBALS, check_resumable
+from dist_gan.run.backend import BACKEND_PICKLE_GLOBALS, check_resumable
 from dist_gan.config import Config, ConfigError, save_config, to_dict
-from dist_gan.fsutil import crc32_of, fsync_dir, fsync_tree, mount_point, write_synced
-from dist_gan.runstate import ema_weights
+from dist_gan.core.fsutil import crc32_of, fsync_dir, fsync_tree, mount_point, write_synced
+from dist_gan.run.runstate import ema_weights
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "dist_gan.checkpoint/1"
+MANIFEST_FORMAT = "dist_gan.run.checkpoint/1"
 TRAINER_STATE = "trainer_state.pt"
 GENERATOR_WEIGHTS = "generator.safetensors"
 ENCODER_WEIGHTS = "encoder.safetensors"

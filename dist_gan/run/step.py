@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 
-from dist_gan import backend
+from dist_gan.run import backend
 from dist_gan.config import Config
 from dist_gan.data import BatchStream
 from dist_gan.losses import GANLoss
-from dist_gan.nets import Nets
+from dist_gan.run.nets import Nets
 
 
 def _backward(accelerator: Accelerator, loss: torch.Tensor, accumulate: int, guard: bool) -> torch.Tensor:

@@ -23,25 +23,24 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from dist_gan import backend, runlock
-from dist_gan.checkpoint import Snapshot, load_checkpoint, save_checkpoint
+from dist_gan.run import backend, runlock
+from dist_gan.run.checkpoint import Snapshot, load_checkpoint, save_checkpoint
 from dist_gan.config import Config, save_config, to_dict
 from dist_gan.data import build_batch_stream
-from dist_gan.guard import DivergenceGuard, StepTally, Verdict
+from dist_gan.run.guard import DivergenceGuard, StepTally, Verdict
 from dist_gan.losses import build_loss
-from dist_gan.nets import (LearningRates, build_ema, build_nets, images_per_step, real_images_per_step,
+from dist_gan.run.nets import (LearningRates, build_ema, build_nets, images_per_step, real_images_per_step,
                            weights_finite)
-from dist_gan.progress import write_run_pictures
-from dist_gan.ranks import ReplicasDiffer, agree_on, any_rank
-from dist_gan.runstate import DATA, EMA, WORLD_SIZE, DataPosition, RunState
-from dist_gan.retention import keep_as_best, last_healthy, prune_checkpoints, remove_stale_staging, restore_best
-from dist_gan.rundir import SetAside, claim_run_dir, lock_run_dir
-from dist_gan.sample import picture_extent, sample_count, sample_grid
-from dist_gan.schedules import build_schedules
-from dist_gan.seeds import derive
-from dist_gan.step import StatsWindow, train_step
-from dist_gan.stop import SavePolicy, StopPolicy, StopRequest, is_preemption
-from dist_gan.tracking import RunLogger
+from dist_gan.run.ranks import ReplicasDiffer, agree_on, any_rank
+from dist_gan.run.runstate import DATA, EMA, WORLD_SIZE, DataPosition, RunState
+from dist_gan.run.retention import keep_as_best, last_healthy, prune_checkpoints, remove_stale_staging, restore_best
+from dist_gan.run.rundir import SetAside, claim_run_dir, lock_run_dir
+from dist_gan.models.sampling import picture_extent, sample_count, sample_grid
+from dist_gan.run.schedules import build_schedules
+from dist_gan.core.seeds import derive
+from dist_gan.run.step import StatsWindow, train_step
+from dist_gan.run.stop import SavePolicy, StopPolicy, StopRequest, is_preemption
+from dist_gan.run.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +54,7 @@ class RunResult:
     run_dir: Path
     step: int
     stopped_by: str  # "max_steps", "time_limit" or the signal's name (SIGUSR1, SIGTERM)
+    main_process: bool = True  # rank 0: the one that writes the run's pictures
 
     @property
     def preempted(self) -> bool:
@@ -133,10 +133,8 @@ def run_loop(config: Config, acc_G: Accelerator, acc_D: Accelerator, stop_reques
     run.logger.event(step, {"event": "preempted" if stop.preempted else "end", "stopped_by": stop.reason,
                             "world_size": run.world, "skipped_steps": run.guard.skipped,
                             "rollbacks": run.guard.rollbacks})
-    if acc_G.is_main_process and not stop.preempted:  # a pre-empted run has no time to spare
-        write_run_pictures(run.run_dir)
     backend.shut_down(acc_G, [net.wrapped for net in (run.nets.G, run.nets.D, run.nets.E) if net])
-    return RunResult(run.run_dir, step, stop.reason)
+    return RunResult(run.run_dir, step, stop.reason, acc_G.is_main_process)
 
 
 class BestFID:

@@ -30,88 +30,10 @@ import sys
 import tempfile
 import threading
 import time
-from functools import lru_cache
 from pathlib import Path
 
-import yaml
-
-from dist_gan.stop import PREEMPTED_EXIT_CODE, STOP_SIGNALS
-
-OUTPUT_ENV, STATUS_DIR_ENV = "DIST_GAN_OUTPUT", "DIST_GAN_STATUS_DIR"
-_VALUE_OPTIONS_END = (".yaml", ".yml")
-
-
-@lru_cache(maxsize=1)
-def valueless_options() -> frozenset[str]:
-    """``accelerate launch``'s options that take no value (``--cpu``, ``--multi_gpu``, ...), read
-    from its own parser, so an option before the config is never taken to consume it."""
-    from accelerate.commands.launch import launch_command_parser
-
-    return frozenset(name for action in launch_command_parser()._actions if action.nargs == 0
-                     for name in action.option_strings)
-
-
-def distributed_flags() -> frozenset[str]:
-    """The value-less options that choose a several-process mode (--multi_gpu, --use_<backend>)."""
-    return frozenset(name for name in valueless_options()
-                     if name.startswith(("--multi", "--use_", "--use-")) and "cpu" not in name)
-
-
-def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(accelerate launch's arguments, dist_gan.train's): the training config is the first argument
-    ending in .yaml/.yml that is not the value of an option (``--config_file X.yaml``)."""
-    for i, arg in enumerate(argv):
-        previous = argv[i - 1] if i else ""
-        is_option_value = (previous.startswith("-") and "=" not in previous and previous != "--"
-                           and previous not in valueless_options())
-        if arg.endswith(_VALUE_OPTIONS_END) and not arg.startswith("-") and not is_option_value:
-            return argv[:i], argv[i:]
-    raise SystemExit("dist-gan launch: error: name the training config (CONFIG.yaml) after the launcher's "
-                     "options, e.g. dist-gan launch --config_file launch/cpu_ddp.yaml configs/mnist_wgangp.yaml")
-
-
-# Accelerate's distributed types that start one process, whatever --num_processes says
-_ONE_PROCESS_TYPES = ("NO", "MULTI_CPU")
-
-
-def _option(argv: list[str], *names: str) -> str | None:
-    """The value of the last of ``names`` in ``argv`` (``--name value`` or ``--name=value``)."""
-    found = None
-    for i, arg in enumerate(argv):
-        for name in names:
-            if arg == name and i + 1 < len(argv):
-                found = argv[i + 1]
-            elif arg.startswith(name + "="):
-                found = arg.split("=", 1)[1]
-    return found
-
-
-def one_process_problem(launch_args: list[str]) -> str | None:
-    """Why ``--num_processes N`` (N > 1) would start only one process, or None: Accelerate starts
-    several only in a distributed mode (from a flag or the launch profile)."""
-    wanted = _option(launch_args, "--num_processes", "--num-processes")
-    if wanted is None or not wanted.isdigit() or int(wanted) < 2:
-        return None
-    if any(arg in distributed_flags() for arg in launch_args):
-        return None
-    profile = _option(launch_args, "--config_file", "--config-file")
-    if profile is None:
-        from accelerate.commands.config import default_config_file
-
-        profile = default_config_file if Path(default_config_file).is_file() else None
-    kind = "NO"
-    if profile is not None:
-        try:
-            kind = str((yaml.safe_load(Path(profile).read_text()) or {}).get("distributed_type", "NO"))
-        except (OSError, yaml.YAMLError):
-            return None  # accelerate launch names the unreadable profile itself
-    if kind.upper() not in _ONE_PROCESS_TYPES:
-        return None
-    where = f"the launch profile {profile} says distributed_type: {kind}" if profile else "no launch profile"
-    return (f"--num_processes {wanted} with {where} starts ONE process; add --multi_gpu (GPUs), or "
-            "--config_file launch/cpu_ddp.yaml (CPU processes on gloo), or a profile whose "
-            "distributed_type starts several (MULTI_GPU and the ZeRO / FSDP ones)")
-
+from dist_gan.run.launcher import OUTPUT_ENV, STATUS_DIR_ENV, one_process_problem, split_arguments
+from dist_gan.run.stop import PREEMPTED_EXIT_CODE, STOP_SIGNALS
 
 def _filtered(stream, out, dropped: list[str]) -> None:
     """Copy the launcher's own output to ``out`` without its traceback (everything from its first

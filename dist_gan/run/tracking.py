@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from dist_gan.config import ConfigError
-from dist_gan.imagegrid import picture, save_grid_png
+from dist_gan.core.private_api import private_api
+from dist_gan.core.imagegrid import picture, save_grid_png
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,12 @@ def check_installed(names: list[str]) -> None:
 def start_trackers(names: list[str], run_dir: Path) -> list:
     """Accelerate's tracker objects for ``names``, started, the run named after its directory
     (TensorBoard writes into the run directory itself)."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    import accelerate.tracking
 
+    classes = private_api(accelerate.tracking, "LOGGER_TYPE_TO_CLASS")
     trackers = []
     for name in names:
-        cls = LOGGER_TYPE_TO_CLASS[name]
+        cls = classes[name]
         try:
             if cls.requires_logging_directory:
                 tracker = cls(run_dir.name, run_dir.parent)

@@ -8,6 +8,8 @@ import math
 import torch
 import torch.nn as nn
 
+from dist_gan.core.private_api import private_api
+
 
 def ema_beta(step: int, images_per_step: int, half_life_kimg: float, rampup: float | None) -> float:
     """The per-step decay for a half-life of ``half_life_kimg`` thousand images (StyleGAN2's rule).
@@ -44,7 +46,7 @@ class EMA:
     def update(self, model: nn.Module, step: int) -> None:
         decay = self.beta_at(step)
         live = [p.float() for p in model.parameters()]  # no copy when already fp32
-        torch._foreach_lerp_(list(self.model.parameters()), live, 1.0 - decay)
+        private_api(torch, "_foreach_lerp_")(list(self.model.parameters()), live, 1.0 - decay)
         for mine, theirs in zip(self.model.buffers(), model.buffers()):
             mine.copy_(theirs)
 

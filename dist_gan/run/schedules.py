@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dist_gan.augment import Augmentation
+from dist_gan.models.augment import Augmentation
 from dist_gan.config import Ramp, ScheduleConfig
 from dist_gan.losses import GANLoss
 
