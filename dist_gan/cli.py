@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 import fire
 
@@ -28,7 +29,8 @@ def main() -> None:
     from dist_gan import evaluate, export, sample, train
     from dist_gan.core.cliargs import run_command
 
-    commands = {"train": train.main, "sample": sample.main, "evaluate": evaluate.main, "export": export.main}
+    commands: dict[str, Callable[..., None]] = {"train": train.main, "sample": sample.main,
+                                                "evaluate": evaluate.main, "export": export.main}
     if sys.argv[1] in commands:
         run_command(commands[sys.argv[1]], f"dist-gan {sys.argv[1]}", sys.argv[2:])
     else:

@@ -4,7 +4,7 @@ A config is a tree of dataclasses. ``load_config(path, {"train.max_steps": 200})
 applies the overrides, converts every value to its field's type and checks ranges, so a bad value
 fails before any process group or network is built, with a message that names the key. Names that
 registries define (losses, networks, data sources) are checked against ``names`` when given
-(``dist_gan.core.registry.registered_names()``, as the entry points do), and again by ``lookup`` where
+(``dist_gan.run.registry.registered_names()``, as the entry points do), and again by ``lookup`` where
 each registry is used. This module imports nothing of the package: it is the ground floor.
 """
 
@@ -64,7 +64,7 @@ class RunConfig:
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
 
     def problems(self) -> list[tuple[str, Any, str]]:
-        found = []
+        found: list[tuple[str, Any, str]] = []
         for name in ("log_every", "sample_every", "ckpt_every", "keep_last"):
             if getattr(self, name) < 1:
                 found.append((name, getattr(self, name), "must be >= 1"))
@@ -141,7 +141,7 @@ class DataConfig:
         return dataclasses.replace(self, source="folder", root=self.folder) if self.folder else self
 
     def problems(self) -> list[tuple[str, Any, str]]:
-        found = []
+        found: list[tuple[str, Any, str]] = []
         if self.read_timeout_s <= 0:
             found.append(("read_timeout_s", self.read_timeout_s, "must be > 0"))
         points = self.source in POINT_SOURCES
@@ -194,7 +194,7 @@ class NetConfig:
     pack: int = 1
 
     def problems(self) -> list[tuple[str, Any, str]]:
-        found = [("width", self.width, "must be >= 1")] if self.width < 1 else []
+        found: list[tuple[str, Any, str]] = [("width", self.width, "must be >= 1")] if self.width < 1 else []
         if self.pack < 1:
             found.append(("pack", self.pack, "must be >= 1 (1: no packing)"))
         for name in ("widths", "blocks"):
@@ -225,7 +225,7 @@ class ModelConfig:
     encoder: NetConfig = field(default_factory=lambda: NetConfig(arch="none"))
 
     def problems(self) -> list[tuple[str, Any, str]]:
-        found = [("z_dim", self.z_dim, "must be >= 1")] if self.z_dim < 1 else []
+        found: list[tuple[str, Any, str]] = [("z_dim", self.z_dim, "must be >= 1")] if self.z_dim < 1 else []
         if self.num_classes < 0:
             found.append(("num_classes", self.num_classes, "must be >= 0 (0: unconditional)"))
         if self.generator.mbstd:
@@ -268,7 +268,7 @@ class LossConfig:
     recon_weight: float = 1.0
 
     def problems(self) -> list[tuple[str, Any, str]]:
-        found = []
+        found: list[tuple[str, Any, str]] = []
         for name in ("gp_weight", "r1_gamma", "r2_gamma", "feature_matching", "historical_averaging", "kl_weight",
                      "recon_weight"):
             if getattr(self, name) < 0:
@@ -306,7 +306,7 @@ class OptimConfig:
     accumulate: int = 1
 
     def problems(self) -> list[tuple[str, Any, str]]:
-        found = []
+        found: list[tuple[str, Any, str]] = []
         if self.accumulate < 1:
             found.append(("accumulate", self.accumulate, "must be >= 1"))
         for name in ("g_lr", "d_lr"):
@@ -377,7 +377,7 @@ class TrainConfig:
     max_rollbacks: int = 3
 
     def problems(self) -> list[tuple[str, Any, str]]:
-        found = []
+        found: list[tuple[str, Any, str]] = []
         if self.max_steps < 1:
             found.append(("max_steps", self.max_steps, "must be >= 1"))
         if self.max_bad_steps < 1:
@@ -423,7 +423,7 @@ class AugmentConfig:
         return self.p if self.p is not None else (1.0 if self.kind == "diffaugment" else 0.0)
 
     def problems(self) -> list[tuple[str, Any, str]]:
-        found = []
+        found: list[tuple[str, Any, str]] = []
         if self.kind != "none":
             allowed = AUGMENT_POLICIES[self.kind]
             unknown = [g for g in self.groups() if g not in allowed]
@@ -463,7 +463,7 @@ class EvalConfig:
     batch_size: int = 500
 
     def problems(self) -> list[tuple[str, Any, str]]:
-        found = []
+        found: list[tuple[str, Any, str]] = []
         for name, low in (("every", 0), ("n_samples", MIN_EVAL_SAMPLES), ("batch_size", 1)):
             if getattr(self, name) < low:
                 found.append((name, getattr(self, name), f"must be >= {low}"))
@@ -571,7 +571,7 @@ class Config:
 
     def warnings(self) -> list[str]:
         """Valid settings known to train badly, said at the start of a run."""
-        found = []
+        found: list[str] = []
         lazy = [f"loss.{name}={getattr(self.loss, name)}" for name in ("r1_every", "r2_every")
                 if getattr(self.loss, name) > 1 and getattr(self.loss, name.replace("every", "gamma")) > 0]
         if self.loss.name == "rpgan" and lazy:
@@ -582,7 +582,8 @@ class Config:
         return found
 
     def _schedule_problems(self) -> list[tuple[str, Any, str]]:
-        ramps, found = self.schedule.ramps(), []
+        ramps = self.schedule.ramps()
+        found: list[tuple[str, Any, str]] = []
         for name in ("r1_gamma", "r2_gamma"):
             if name in ramps and getattr(self.loss, name) <= 0:
                 found.append((f"schedule.{name}", "set", f"ramps loss.{name}, which is 0 (the term is "
@@ -715,9 +716,9 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         optional = [a for a in typing.get_args(hint) if a is not type(None)]
         if len(optional) == 1 and dataclasses.is_dataclass(optional[0]):  # Optional[Ramp]
             empty = value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))
-            kwargs[name] = None if empty else _build(optional[0], value, key + ".", source)
+            kwargs[name] = None if empty else _build(typing.cast(type, optional[0]), value, key + ".", source)
         elif dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, key + ".", source)
+            kwargs[name] = _build(typing.cast(type, hint), value, key + ".", source)
         else:
             kwargs[name] = _coerce(value, hint, key, source)
     return cls(**kwargs)

@@ -21,7 +21,6 @@ import logging
 import sys
 from pathlib import Path
 
-
 from dist_gan.config import MIN_EVAL_SAMPLES, ConfigError, load_config
 from dist_gan.data.sources import NATURAL_SIZE, DataError
 
@@ -44,7 +43,7 @@ def reference_config(reference: str, resolution: int | None, channels: int | Non
                      batch_size: int):
     """The config that describes ``reference`` (a folder, a source name or a config file) and how
     to embed it; returns (config, a description for the file's metadata)."""
-    from dist_gan.core.registry import registered_names
+    from dist_gan.run.registry import registered_names
 
     path = Path(reference)
     overrides: dict = {"eval.feature_net": feature_net, "eval.batch_size": batch_size, "data.format": "memory"}

@@ -241,7 +241,7 @@ class HistoricalAverage:
         params = [p for p in module.parameters()]
         if self.mean is None:
             return params[0].new_zeros(())
-        return sum((p.float() - m).pow(2).sum() for p, m in zip(params, self.mean))
+        return torch.stack([(p.float() - m).pow(2).sum() for p, m in zip(params, self.mean)]).sum()
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
@@ -416,6 +416,7 @@ class VAEGAN(Term):
     @staticmethod
     def encode(m: LossView, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(a posterior sample by the reparameterisation trick, mu, logvar)."""
+        assert m.E is not None, "the vaegan term needs an encoder (model.encoder)"
         mu, logvar = m.E(real)
         mu, logvar = mu.float(), logvar.float()
         return mu + torch.randn_like(mu) * (0.5 * logvar).exp(), mu, logvar
@@ -581,7 +582,7 @@ class GANLoss:
         return self.objective.g_objective(fake_logits)
 
     @staticmethod
-    def real_labels(m: LossView, labels: torch.Tensor) -> torch.Tensor | None:
+    def real_labels(m: LossView, labels: torch.Tensor | None) -> torch.Tensor | None:
         """The batch's labels for a conditional model (their range is checked by the data stream,
         on the host before the copy, so the step never waits on the device for it)."""
         return labels if m.num_classes else None
@@ -605,7 +606,7 @@ class GANLoss:
             return _judge(m.D_penalty, x, labels), x
 
     def discriminator_loss(self, m: LossView, real: torch.Tensor,
-                           labels: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+                           labels: torch.Tensor | None) -> tuple[torch.Tensor, Stats]:
         labels = self.real_labels(m, labels)
         z, fake_labels = self.sample(m, real.shape[0], real.device)
         with torch.no_grad(), self.autocast():
@@ -629,7 +630,7 @@ class GANLoss:
         return loss, stats
 
     def generator_loss(self, m: LossView, real: torch.Tensor,
-                       labels: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+                       labels: torch.Tensor | None) -> tuple[torch.Tensor, Stats]:
         """G's objective through the frozen D, plus the terms (with an encoder, the VAE-GAN terms,
         which train the encoder by this same loss). A relativistic objective also judges the real
         batch (no gradient: D is frozen and the reals are data)."""

@@ -13,7 +13,7 @@ from dist_gan.config import ConfigError
 from dist_gan.core.imagegrid import save_png
 from dist_gan.data import DataError
 from dist_gan.models.sampling import generate
-from dist_gan.tools.generate import by_class, latent_walk, generator_from_checkpoint, reconstructions, write_animation
+from dist_gan.tools.generate import by_class, generator_from_checkpoint, latent_walk, reconstructions, write_animation
 
 log = logging.getLogger(__name__)
 

@@ -120,7 +120,7 @@ def _train(config: str | None = None, debug: bool = False, **overrides) -> None:
         from dist_gan.config import ConfigError, load_config
         from dist_gan.data import DataError
         from dist_gan.run.loop import TrainingDiverged, train
-        from dist_gan.core.registry import registered_names
+        from dist_gan.run.registry import registered_names
 
         rank = int(os.environ.get("RANK", "0"))
         try:

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from dist_gan.config import Config, ConfigError, load_config, save_config
-from dist_gan.core.registry import registered_names
+from dist_gan.run.registry import registered_names
 
 REPO = Path(__file__).resolve().parents[1]
 WGANGP = REPO / "configs" / "mnist_wgangp.yaml"

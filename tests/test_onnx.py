@@ -14,7 +14,7 @@ from helpers import run_here
 from dist_gan.config import load_config
 from dist_gan.tools.export import ONNX_FILE, export_onnx, onnx_inputs
 from dist_gan.models import build_generator
-from dist_gan.core.registry import registered_names
+from dist_gan.run.registry import registered_names
 
 import onnxruntime as ort  # noqa: E402  (the dev extra installs it)
 

@@ -90,9 +90,19 @@ def code_mentions(tree: ast.AST) -> list[str]:
 
 
 def test_only_the_backend_names_deepspeed_in_code():
+    """The backend picks the strategy; the private-API table lists DeepSpeed's attribute; the launch
+    reader knows its profile's name. Nothing else branches on it."""
     naming = sorted(name for name, path in MODULES.items()
                     if any("deepspeed" in m.lower() for m in code_mentions(ast.parse(path.read_text()))))
-    assert naming == ["dist_gan.run.backend"]
+    assert naming == ["dist_gan.core.private_api", "dist_gan.run.backend", "dist_gan.run.backend.deepspeed",
+                      "dist_gan.run.launcher"]
+
+
+def test_the_backend_has_no_deepspeed_branch_outside_its_strategy():
+    """``is_deepspeed`` is gone: the backend's functions delegate to ``strategy(accelerator)``."""
+    source = MODULES["dist_gan.run.backend"].read_text()
+    assert "is_deepspeed" not in "".join(MODULES[m].read_text() for m in MODULES)
+    assert source.count("DistributedType.DEEPSPEED") == 1  # strategy() picks the strategy, once
 
 
 def test_every_function_fits_on_a_screen():
@@ -100,3 +110,71 @@ def test_every_function_fits_on_a_screen():
             for name, path in MODULES.items() for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 80]
     assert not long, long
+
+
+# The layers, lowest first: a module imports from its own layer and those below, never above; no
+# module but the command dispatcher imports an entry point.
+LAYERS = {
+    "foundation": ("dist_gan.config", "dist_gan.core"),
+    "library": ("dist_gan.data", "dist_gan.models", "dist_gan.losses", "dist_gan.metrics"),
+    "run": ("dist_gan.run",),
+    "tools": ("dist_gan.tools",),
+}
+ENTRY_POINTS = {"dist_gan", "dist_gan.__main__", "dist_gan.cli", "dist_gan.train", "dist_gan.sample",
+                "dist_gan.evaluate", "dist_gan.export", "dist_gan.data.__main__", "dist_gan.metrics.__main__"}
+ORDER = [*LAYERS, "entry"]
+
+
+def layer_of(module: str) -> str:
+    if module in ENTRY_POINTS:
+        return "entry"
+    for layer, prefixes in LAYERS.items():
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return layer
+    raise AssertionError(f"{module} belongs to no layer: add it to LAYERS")
+
+
+def all_imports(path: Path) -> set[str]:
+    """Modules of the package that ``path`` imports anywhere (inside functions too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dist_gan"):
+            for alias in node.names:
+                candidate = f"{node.module}.{alias.name}"
+                found.add(candidate if candidate in MODULES else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("dist_gan"))
+    return found
+
+
+def upward_imports(modules: dict[str, set[str]]) -> list[str]:
+    wrong = []
+    for module, imported in sorted(modules.items()):
+        for target in sorted(imported):
+            if target in ENTRY_POINTS and module not in ("dist_gan.cli", "dist_gan.__main__"):  # dispatchers
+                wrong.append(f"{module} imports the entry point {target}")
+            elif ORDER.index(layer_of(target)) > ORDER.index(layer_of(module)):
+                wrong.append(f"{module} ({layer_of(module)}) imports {target} ({layer_of(target)})")
+    return wrong
+
+
+def test_no_module_imports_upwards_across_layers():
+    assert upward_imports({name: all_imports(path) for name, path in MODULES.items()}) == []
+
+
+def test_the_layer_check_fails_on_an_upward_import():
+    """It cannot pass by construction: a network importing the backend, a metric importing a
+    tool, and the loop importing a command are each caught."""
+    assert upward_imports({"dist_gan.models.dcgan": {"dist_gan.run.backend"},
+                           "dist_gan.metrics.evaluator": {"dist_gan.tools.generate"},
+                           "dist_gan.run.loop": {"dist_gan.sample"}}) == [
+        "dist_gan.metrics.evaluator (library) imports dist_gan.tools.generate (tools)",
+        "dist_gan.models.dcgan (library) imports dist_gan.run.backend (run)",
+        "dist_gan.run.loop imports the entry point dist_gan.sample"]
+
+
+def test_about_ten_top_level_names():
+    """The package's top level: entry points, the config, and one folder per layer."""
+    names = sorted(p.name for p in PACKAGE.iterdir() if p.name != "__pycache__" and not p.name.startswith("__"))
+    assert names == ["cli.py", "config.py", "core", "data", "evaluate.py", "export.py", "losses.py", "metrics",
+                     "models", "run", "sample.py", "tools", "train.py"]

@@ -1,1 +1,1 @@
-"""Foundation: what every layer may import (the name registry, seeds, files, private APIs, image grids, CLI flags)."""
+"""Foundation: what every layer may import (seeds, files, private APIs, image grids, CLI flags)."""

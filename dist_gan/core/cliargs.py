@@ -56,7 +56,8 @@ def flag_problem(command: Callable, argv: list[str]) -> str | None:
         i += 1
         if not token.startswith("--") or token in ("--help", "--"):
             continue
-        name, has_value, value = token[2:].partition("=")
+        name, has_value, given = token[2:].partition("=")
+        value: str | None = given
         name = name.replace("-", "_")
         if name not in names:
             if name.startswith("no") and hints.get(name[2:]) is bool:

@@ -20,10 +20,25 @@ from dist_gan.config import DEFAULT_SHARDS, DataConfig, lookup
 from dist_gan.data.loader import ShardReader, ShardStream
 from dist_gan.data.memory import InMemoryBatches
 from dist_gan.data.mixtures import MIXTURES
-from dist_gan.data.shards import (SHARD_MANIFEST, expand_urls, local_path, read_shard_manifest,
-                                  resolve_encoding, resolve_shards, shard_dir_lock, write_shards)
-from dist_gan.data.sources import (DATA_SOURCES, DataError, ImageSet, folder_images, limit_images,
-                                   load_mnist_idx, read_idx)
+from dist_gan.data.shards import (
+    SHARD_MANIFEST,
+    expand_urls,
+    local_path,
+    read_shard_manifest,
+    resolve_encoding,
+    resolve_shards,
+    shard_dir_lock,
+    write_shards,
+)
+from dist_gan.data.sources import (
+    DATA_SOURCES,
+    DataError,
+    ImageSet,
+    folder_images,
+    limit_images,
+    load_mnist_idx,
+    read_idx,
+)
 from dist_gan.data.split import SplitPlan
 
 __all__ = ["BatchStream", "DATA_SOURCES", "DataError", "ImageSet", "InMemoryBatches", "ShardStream",
@@ -71,8 +86,9 @@ def _write_source_shards(cfg: DataConfig, out_dir: str | Path, split: str, progr
 def _prepare_if_missing(cfg: DataConfig) -> None:
     """Rank 0 (called inside main_process_first) writes the configured shards when none exist yet;
     a second run preparing the same directory waits for the first and then reuses its shards."""
-    paths = [local_path(u) for u in expand_urls(cfg.shards)]
-    if not cfg.prepare_if_missing or any(p is None or p.exists() for p in paths):
+    found = [local_path(u) for u in expand_urls(cfg.shards)]
+    paths = [p for p in found if p is not None]
+    if not cfg.prepare_if_missing or len(paths) < len(found) or any(p.exists() for p in paths):
         return
     out_dir, name = paths[0].parent, paths[0].name
     split = name.split("-")[0]
@@ -118,7 +134,8 @@ def _folder_owner_problem(folder: Path, out_dir: Path, manifest_path: Path) -> s
                 "overwrite them")
     strays = sorted(out_dir.glob("train-*.tar"))
     if strays:
-        return f"{out_dir} holds shards with no manifest (e.g. {strays[0].name}); data.folder={folder} would overwrite them"
+        return (f"{out_dir} holds shards with no manifest (e.g. {strays[0].name}); data.folder={folder} would "
+                "overwrite them")
     return None
 
 
@@ -135,8 +152,8 @@ def shards_from_folder(cfg: DataConfig, run_dir: str | Path, may_prepare: bool) 
 
     Only shards this folder wrote are ever replaced (staged, then swapped, the manifest last); the
     directory is locked while it is checked and written, so runs sharing it take turns."""
-    folder = Path(cfg.folder)
-    if not folder.is_dir():
+    folder = Path(cfg.folder or "")
+    if not cfg.folder or not folder.is_dir():
         raise DataError(f"data.folder={cfg.folder} is not a directory")
     first = local_path(expand_urls(cfg.shards)[0])
     out_dir = first.parent if cfg.shards != DEFAULT_SHARDS and first is not None else Path(run_dir) / "shards"

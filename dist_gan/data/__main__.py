@@ -28,8 +28,9 @@ def prepare(source: str, out: str, split: str = "train", shard_size: int = 10000
             encoding: str = "auto") -> None:
     """Write ``source`` (mnist, cifar10, folder) as shards plus manifest.json into ``out``.
 
-    ``--shards_multiple_of=M`` writes a multiple of M shards (one size, the last shorter) of at most ``shard_size`` (M = GPUs
-    x loader workers gives every reader whole shards; any count works, this only saves seeks).
+    ``--shards_multiple_of=M`` writes a multiple of M shards (one size, the last shorter) of at most
+    ``shard_size`` (M = GPUs x loader workers gives every reader whole shards; any count works, this
+    only saves seeks).
 
     ``--limit=N`` writes a fixed seeded subset of N training images (limited-data experiments).
 

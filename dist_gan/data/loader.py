@@ -37,7 +37,7 @@ import subprocess
 import tarfile
 import threading
 import urllib.request
-from typing import Iterator
+from typing import Any, Iterator, cast
 
 import numpy as np
 import torch
@@ -45,10 +45,10 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dist_gan.core.seeds import derive, mirrored
 from dist_gan.data.shards import ShardEntry, local_path, member_key, shard_name
 from dist_gan.data.sources import DataError, check_labels, to_model_range
 from dist_gan.data.split import SplitPlan
-from dist_gan.core.seeds import derive, mirrored
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("u8", "png", "jpg", "jpeg", "webp")  # u8: raw uint8 C x H x W bytes
@@ -100,7 +100,8 @@ def decode_sample(sample: dict, resolution: int, channels: int) -> tuple[torch.T
     """One WebDataset sample -> (uint8 C x H x W, label); BadSample says what is wrong with it."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
-        raise BadSample(f"no image ({'/'.join(IMAGE_KEYS)}) among {sorted(k for k in sample if not k.startswith('__'))}")
+        keys = sorted(k for k in sample if not k.startswith("__"))
+        raise BadSample(f"no image ({'/'.join(IMAGE_KEYS)}) among {keys}")
     if key == "u8":
         return _raw_image(sample[key], resolution, channels), _label(sample)
     try:
@@ -282,7 +283,9 @@ class _PipeStream:
     def __init__(self, command: str, timeout: float):
         self.command, self.timeout = command, timeout
         self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, start_new_session=True)
-        self.fd = self.proc.stdout.fileno()
+        assert self.proc.stdout is not None  # stdout=PIPE
+        self.stdout = self.proc.stdout
+        self.fd = self.stdout.fileno()
 
     def read(self, size: int) -> bytes:
         ready, _, _ = select.select([self.fd], [], [], self.timeout)
@@ -303,7 +306,7 @@ class _PipeStream:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.stdout.close()
+        self.stdout.close()
         self.proc.wait()
 
 
@@ -349,8 +352,8 @@ def tar_samples(url: str, start: int, stop: int, scan_rest: bool, seen: list[int
     ends as the number of samples the shard holds, for the manifest check.
     """
     jump = start if offsets and 0 < start < len(offsets) and seekable(url) else 0
-    with _open_tar(url, offsets[jump] if jump else 0, timeout) as tar:
-        index, current = jump - 1, None
+    with _open_tar(url, offsets[jump] if offsets and jump else 0, timeout) as tar:
+        index, current = jump - 1, cast(dict[str, Any] | None, None)
         for name in tar.members():
             key, extension = member_key(name)
             if current is None or key != current["__key__"]:
@@ -563,6 +566,7 @@ class ShardStream:
             self.epoch, self.batch, self._batches = self.epoch + 1, 0, None
         if self._batches is None:  # a new epoch, or a position just restored: seek to it
             self._open_epoch()
+        assert self._batches is not None
         try:
             return next(self._batches)
         except DataError as err:

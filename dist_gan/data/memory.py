@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dist_gan.data.sources import DataError, ImageSet, check_labels, to_model_range
 from dist_gan.core.seeds import derive, mirrored
+from dist_gan.data.sources import DataError, ImageSet, check_labels, to_model_range
 
 
 class InMemoryBatches:

@@ -32,8 +32,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dist_gan.data.sources import DataError, ImageSet
 from dist_gan.core.fsutil import fsync_file, json_text, mount_point, sha256_of, write_synced
+from dist_gan.data.sources import DataError, ImageSet
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,8 @@ def resolve_shards(pattern: str, manifest_path: str | None, resolution: int, cha
     """
     urls = expand_urls(pattern)
     local = [local_path(u) for u in urls]
-    if all(p is not None for p in local) and not any(p.is_file() for p in local):
+    files = [p for p in local if p is not None]
+    if len(files) == len(local) and not any(p.is_file() for p in files):
         raise DataError(f"shard pattern {pattern} (data.shards) matches no file")
     for path in local:
         if path is not None and not path.is_file():
@@ -323,6 +324,7 @@ def verify_shards(pattern: str, manifest_path: str | None = None) -> list[str]:
         raise DataError(f"verify reads local shard files; {remote[0]!r} is not one (pipe:, http(s)://, "
                         "s3://...): verify the shards where they are stored, or copy them here first")
     path = Path(manifest_path) if manifest_path else default_manifest_path(pattern)
+    assert path is not None  # every shard is local (checked above)
     listed = {e["name"]: e for split in read_shard_manifest(path)["splits"].values() for e in split["shards"]}
     problems = []
     for url in expand_urls(pattern):

@@ -32,7 +32,7 @@ MNIST_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, type | str] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -41,7 +41,8 @@ class DataError(RuntimeError):
 
 
 class ImageSet(Protocol):
-    class_names: list[str]
+    @property
+    def class_names(self) -> list[str]: ...
 
     def __len__(self) -> int: ...
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
@@ -239,8 +240,8 @@ class FolderImageSet:
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[index]
         try:
-            with Image.open(path) as image:
-                image = to_8bit(image).convert(self.mode)
+            with Image.open(path) as opened:
+                image = to_8bit(opened).convert(self.mode)
                 scale = self.resolution / min(image.size)
                 size = (max(self.resolution, round(image.width * scale)),
                         max(self.resolution, round(image.height * scale)))

@@ -26,8 +26,8 @@ import itertools
 import random
 from dataclasses import dataclass
 
-from dist_gan.data.sources import DataError
 from dist_gan.core.seeds import derive
+from dist_gan.data.sources import DataError
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ FEATURES = 128
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("DIST_GAN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dist_gan"
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    root = os.environ.get("DIST_GAN_CACHE") or cache_home / "dist_gan"
     return Path(root)
 
 

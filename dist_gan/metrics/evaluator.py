@@ -8,20 +8,28 @@ import hashlib
 import logging
 import math
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn as nn
 
 from dist_gan.config import Config, ConfigError, DataConfig
-from dist_gan.data import folder_fingerprint
-from dist_gan.data.sources import (CIFAR10_FOLDER, DATA_SOURCES, MNIST_FILES, ImageSet, find_mnist_file,
-                                   limit_images, to_model_range)
-from dist_gan.metrics.classifier import cache_dir, fingerprint
-from dist_gan.metrics.networks import build_feature_net
-from dist_gan.metrics.modes import coverage_figures
-from dist_gan.metrics.quality import Embedder, Reference, quality
-from dist_gan.models.sampling import generate
 from dist_gan.core.seeds import derive
+from dist_gan.data import folder_fingerprint
+from dist_gan.data.sources import (
+    CIFAR10_FOLDER,
+    DATA_SOURCES,
+    MNIST_FILES,
+    ImageSet,
+    find_mnist_file,
+    limit_images,
+    to_model_range,
+)
+from dist_gan.metrics.classifier import cache_dir, fingerprint
+from dist_gan.metrics.modes import coverage_figures
+from dist_gan.metrics.networks import build_feature_net
+from dist_gan.metrics.quality import Embedder, ModeNet, Reference, quality
+from dist_gan.models.sampling import generate
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +40,9 @@ def embed_image_set(images: ImageSet, embed: Embedder) -> tuple[torch.Tensor, to
     feats, logits = [], []
     for start in range(0, len(images), embed.batch_size):
         chunk = [images[i][0] for i in range(start, min(start + embed.batch_size, len(images)))]
-        f, l = embed(to_model_range(torch.stack(chunk)))
-        feats.append(f)
-        logits.append(l)
+        chunk_feats, chunk_logits = embed(to_model_range(torch.stack(chunk)))
+        feats.append(chunk_feats)
+        logits.append(chunk_logits)
     return torch.cat(feats), torch.cat(logits)
 
 
@@ -101,7 +109,8 @@ def figures(reference: Reference, network: nn.Module, feats: torch.Tensor, logit
     (``metrics/modes.py``), their mode coverage."""
     out = quality(reference, feats, logits, seed=seed, data_classes=bool(getattr(network, "data_classes", True)))
     if hasattr(network, "mode_ids"):
-        out.update(coverage_figures(network.mode_ids(feats, logits), network.modes))
+        modes = cast(ModeNet, network)
+        out.update(coverage_figures(modes.mode_ids(feats, logits), modes.modes))
     return out
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from dist_gan.data.mixtures import MIXTURE_TEST_SIZE, Mixture
 from dist_gan.data.sources import STACKED_MNIST_MODES, STACKED_MNIST_TEST_SIZE
+from dist_gan.metrics.classifier import MnistClassifier
 
 MNIST_SIZE = 28
 DIGITS = 10
@@ -48,10 +49,10 @@ class StackedMnistFeatures(nn.Module):
     modes = STACKED_MNIST_MODES
     protocol_samples = STACKED_MNIST_TEST_SIZE  # 26,000 generated samples (VEEGAN, PacGAN, R3GAN)
 
-    def __init__(self, classifier: nn.Module):
+    def __init__(self, classifier: MnistClassifier):
         super().__init__()
         self.classifier = classifier
-        self.num_features = 3 * classifier.num_features
+        self.num_features = 3 * int(classifier.num_features)
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         size = images.shape[-1]

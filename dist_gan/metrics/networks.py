@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import pickle
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from dist_gan.config import Config, ConfigError
 from dist_gan.data.mixtures import MIXTURES
-from dist_gan.metrics.classifier import load_or_train_classifier
+from dist_gan.metrics.classifier import MnistClassifier, load_or_train_classifier
 from dist_gan.metrics.modes import PointFeatures, StackedMnistFeatures
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,6 +38,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class TorchvisionFeatures(nn.Module):
     """A torchvision classifier with a final ``fc`` layer (ResNets, Inception v3, GoogLeNet):
     features before ``fc``, logits after it. Inputs are resized and ImageNet-normalised."""
+
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
 
     data_classes = False  # ImageNet's classes, not the data's
 
@@ -165,7 +168,7 @@ class InceptionFeatures(nn.Module):
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [self._embed(part) for part in images.split(self.chunk)]
-        return torch.cat([f for f, _ in pairs]), torch.cat([l for _, l in pairs])
+        return torch.cat([f for f, _ in pairs]), torch.cat([y for _, y in pairs])
 
     def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = ((images.float() + 1) * 127.5).round().clamp(0, 255)
@@ -177,14 +180,14 @@ class InceptionFeatures(nn.Module):
         for name in INCEPTION_TRUNK:
             x = getattr(self.net, name)(x)
         features = x.flatten(1)
-        return features, features @ self.net.fc.weight.T
+        return features, features @ cast(nn.Linear, self.net.fc).weight.T
 
 
 def _inception(config: Config) -> nn.Module:
     return InceptionFeatures(config.eval.feature_weights)
 
 
-def _mnist_classifier(config: Config) -> nn.Module:
+def _mnist_classifier(config: Config) -> MnistClassifier:
     return load_or_train_classifier(config.data.mnist_dir, config.eval.classifier_path)
 
 

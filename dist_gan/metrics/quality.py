@@ -14,6 +14,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -23,6 +24,21 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 # real features kept in a Reference for KID and precision/recall (FID uses the full statistics)
 KEPT_FEATURES = 10000
+
+
+class FeatureNet(Protocol):
+    """What the metrics call on a feature network (an ``nn.Module``, reached through its dynamic
+    attributes): ``embed(images) -> (features, logits)``."""
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class ModeNet(FeatureNet, Protocol):
+    """A feature network that assigns each sample a mode (``metrics/modes.py``)."""
+
+    modes: int
+
+    def mode_ids(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor: ...
 
 
 class Precomputed(nn.Module):
@@ -55,8 +71,9 @@ class Embedder:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         saved = as_saved if getattr(self.network, "takes_pixels", True) else torch.Tensor.float
-        pairs = [self.network.embed(saved(chunk.to(self.device))) for chunk in images.split(self.batch_size)]
-        return (torch.cat([f for f, _ in pairs]).float().cpu(), torch.cat([l for _, l in pairs]).float().cpu())
+        embed = cast(FeatureNet, self.network).embed
+        pairs = [embed(saved(chunk.to(self.device))) for chunk in images.split(self.batch_size)]
+        return (torch.cat([f for f, _ in pairs]).float().cpu(), torch.cat([y for _, y in pairs]).float().cpu())
 
 
 def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from dist_gan.config import Config, NetConfig, lookup
-from dist_gan.models.base import accept_fp32_io
+from dist_gan.models.base import PackedDiscriminator, accept_fp32_io
 from dist_gan.models.dcgan import DCGANDiscriminator, DCGANEncoder, DCGANGenerator
-from dist_gan.models.base import PackedDiscriminator
 from dist_gan.models.mlp import MLPDiscriminator, MLPGenerator
 from dist_gan.models.points import PointsDiscriminator, PointsGenerator
 from dist_gan.models.r3gan import R3GANDiscriminator, R3GANGenerator

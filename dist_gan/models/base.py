@@ -80,7 +80,7 @@ class Discriminator(nn.Module):
     """Base of the discriminators: ``self.body`` and ``self.head`` come from the subclass."""
 
     body: nn.Module
-    head: DiscriminatorHead
+    head: nn.Module  # features (and labels) -> logits: a DiscriminatorHead, or R3GAN's own
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
                 return_features: bool = False):

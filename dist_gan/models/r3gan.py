@@ -26,6 +26,7 @@ FFHQ-256 settings.
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import torch
 import torch.nn as nn
@@ -35,10 +36,11 @@ from dist_gan.config import ConfigError, NetConfig
 from dist_gan.models.base import Discriminator, stage_plan
 
 LEAK = 0.2
+LayerT = TypeVar("LayerT", nn.Conv2d, nn.Linear)
 LEAKY_RELU_GAIN = math.sqrt(2 / (1 + LEAK ** 2))
 
 
-def msr_init(layer: nn.Module, gain: float = 1.0) -> nn.Module:
+def msr_init(layer: LayerT, gain: float = 1.0) -> LayerT:
     """Weights N(0, gain / sqrt(fan_in)), no bias (the activations carry the biases)."""
     fan_in = layer.weight[0].numel()
     nn.init.normal_(layer.weight, 0.0, gain / math.sqrt(fan_in))

@@ -54,7 +54,7 @@ class ConditionalBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         h = self.norm(x)
-        if self.gain is None:
+        if self.gain is None or self.bias is None or cond is None:
             return h
         return h * (1 + self.gain(cond))[:, :, None, None] + self.bias(cond)[:, :, None, None]
 
@@ -94,6 +94,7 @@ class DownBlock(nn.Module):
             h = F.avg_pool2d(h, 2)
         skip = x
         if self.first:
+            assert self.shortcut is not None  # a first block always changes the channels
             skip = self.shortcut(F.avg_pool2d(x, 2))
         else:
             if self.shortcut is not None:
@@ -117,11 +118,12 @@ class ResNetGenerator(nn.Module):
             if self.chunk < 1:
                 raise ConfigError(f"model.z_dim = {z_dim} is too small to split over {blocks + 1} chunks "
                                   "(hierarchical latents of a conditional resnet generator)")
-            self.shared = nn.Embedding(num_classes, cfg.shared_dim)
+            self.shared: nn.Embedding | None = nn.Embedding(num_classes, cfg.shared_dim)
             cond_dim = self.chunk + cfg.shared_dim
             project_in = z_dim - blocks * self.chunk
         else:
-            self.chunk, self.shared, cond_dim, project_in = 0, None, 0, z_dim
+            self.chunk, cond_dim, project_in = 0, 0, z_dim
+            self.shared = None
         self.project = nn.Linear(project_in, first * self.base * self.base)
         self.first_channels = first
         ins = [first, *widths[:-1]]
@@ -144,7 +146,7 @@ class ResNetGenerator(nn.Module):
                 raise ValueError("this generator is class-conditional (model.num_classes > 0): pass labels")
             chunks = z.split([z.shape[1] - len(self.blocks) * self.chunk] + [self.chunk] * len(self.blocks), 1)
             z, embedding = chunks[0], self.shared(labels)
-            conds = [torch.cat([c, embedding], 1) for c in chunks[1:]]
+            conds: list[torch.Tensor | None] = [torch.cat([c, embedding], 1) for c in chunks[1:]]
         else:
             conds = [None] * len(self.blocks)
         h = self.project(z).view(z.shape[0], self.first_channels, self.base, self.base)
@@ -187,9 +189,9 @@ class ResNetDiscriminator(Discriminator):
                  num_classes: int = 0):
         super().__init__()
         self.body = ResNetBody(cfg, resolution, channels)
-        self.head = DiscriminatorHead(self.body.features, num_classes, cfg.mbstd)
+        self.head = head = DiscriminatorHead(self.body.features, num_classes, cfg.mbstd)
         init_weights(self, cfg.init)
-        if num_classes:  # small, as Miyato & Koyama's (see DiscriminatorHead)
-            nn.init.xavier_uniform_(self.head.embed.weight)
+        if head.embed is not None:  # small, as Miyato & Koyama's (see DiscriminatorHead)
+            nn.init.xavier_uniform_(head.embed.weight)
         if cfg.spectral_norm:
             add_spectral_norm(self)

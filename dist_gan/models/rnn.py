@@ -21,6 +21,8 @@ LAYERS = 2
 
 
 class RNNGenerator(nn.Module):
+    row_index: torch.Tensor  # a buffer
+
     def __init__(self, cfg: NetConfig, z_dim: int, resolution: int, channels: int,
                  num_classes: int = 0):
         super().__init__()

@@ -14,10 +14,16 @@ SAMPLE_GRID_SIZE = 64  # images in a run's sample grids
 SAMPLE_POINTS = 1000  # points in a 2-D mixture run's scatter plots
 
 
+def latent_size(generator: nn.Module) -> int:
+    """``G.z_dim``, which every generator has (``models.base``'s calling convention)."""
+    return int(getattr(generator, "z_dim"))
+
+
 def num_classes(generator: nn.Module) -> int:
     """How many classes a conditional generator knows; 0 for an unconditional one."""
-    if isinstance(getattr(generator, "num_classes", None), int):
-        return generator.num_classes
+    known = getattr(generator, "num_classes", None)
+    if isinstance(known, int):
+        return known
     embed = getattr(getattr(generator, "condition", None), "embed", None)
     return embed.num_embeddings if embed is not None else 0
 
@@ -49,7 +55,7 @@ def generate(generator: nn.Module, n: int, seed: int = 0, batch_size: int = 256,
     names them. The generator is in eval mode meanwhile (BatchNorm uses its running statistics).
     """
     rng = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, generator.z_dim, generator=rng)
+    z = torch.randn(n, latent_size(generator), generator=rng)
     classes = num_classes(generator)
     if classes and labels is None:
         labels = torch.randint(0, classes, (n,), generator=rng)

@@ -144,6 +144,8 @@ class ToRGB(nn.Module):
 class MappingNetwork(nn.Module):
     """z (and the class) -> w; keeps ``w_avg``, the running mean of w in training, for truncation."""
 
+    w_avg: torch.Tensor  # a buffer
+
     def __init__(self, z_dim: int, w_dim: int, layers: int, lr_mult: float, num_classes: int,
                  w_avg_beta: float = 0.995):
         super().__init__()

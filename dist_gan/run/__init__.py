@@ -1,1 +1,2 @@
-"""The run machinery: the loop, the step, the networks as trained, the run state, checkpoints, the backend, stop and save policies, launching."""
+"""The run machinery: the loop, the step, the networks as trained, the run state, checkpoints, the
+backend, stop and save policies, launching."""

@@ -20,9 +20,9 @@ Every rank writes into ``step_N.tmp``; after a barrier rank 0 adds the rest, fsy
 the manifest and renames the folder into place. A kill at any moment leaves either the old set of
 checkpoints or the new one; a folder without a manifest, or whose files disagree with it, is never
 loaded; nor is one whose files fail their checksum (``resume=auto`` then takes the newest one that
-verifies). A save that fails (a full disk) removes its staging folder on every rank and raises one CheckpointError, so the
-previous checkpoint stays the newest complete one. The folder must be on storage every rank sees (a
-shared filesystem on a cluster).
+verifies). A save that fails (a full disk) removes its staging folder on every rank and raises one
+CheckpointError, so the previous checkpoint stays the newest complete one. The folder must be on
+storage every rank sees (a shared filesystem on a cluster).
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from dist_gan.run.backend import BACKEND_PICKLE_GLOBALS, check_resumable
 from dist_gan.config import Config, ConfigError, save_config, to_dict
 from dist_gan.core.fsutil import crc32_of, fsync_dir, fsync_tree, mount_point, write_synced
+from dist_gan.run.backend import BACKEND_PICKLE_GLOBALS, check_resumable
 from dist_gan.run.runstate import ema_weights
 
 log = logging.getLogger(__name__)

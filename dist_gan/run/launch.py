@@ -35,6 +35,7 @@ from pathlib import Path
 from dist_gan.run.launcher import OUTPUT_ENV, STATUS_DIR_ENV, one_process_problem, split_arguments
 from dist_gan.run.stop import PREEMPTED_EXIT_CODE, STOP_SIGNALS
 
+
 def _filtered(stream, out, dropped: list[str]) -> None:
     """Copy the launcher's own output to ``out`` without its traceback (everything from its first
     "Traceback" on: the ranks write elsewhere, so what follows is the launcher's report of their

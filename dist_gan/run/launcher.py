@@ -15,6 +15,7 @@ import yaml
 from dist_gan.config import ConfigError
 from dist_gan.core.private_api import private_api
 
+
 def default_profile() -> Path | None:
     """The launch profile ``accelerate launch`` uses without --config_file, when there is one."""
     import accelerate.commands.config
@@ -189,7 +190,7 @@ def refuse_gpu_launch_without_gpu() -> None:
 
     request = current_launch()
     reason = request.wants_gpu(dict(os.environ)) if request is not None else None
-    if reason is not None:
+    if request is not None and reason is not None:
         where = f"launch profile {request.profile}" if request.profile else "this accelerate launch"
         cpu_way = ("DS_ACCELERATOR=cpu to run DeepSpeed on the CPU" if "DEEPSPEED" in reason else
                    "--config_file launch/cpu_ddp.yaml (or launch/cpu_single.yaml) to train on the CPU")

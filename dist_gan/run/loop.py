@@ -23,21 +23,27 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
+from dist_gan.config import Config, save_config, to_dict
+from dist_gan.core.seeds import derive
+from dist_gan.data import build_batch_stream
+from dist_gan.losses import build_loss
+from dist_gan.models.sampling import picture_extent, sample_count, sample_grid
 from dist_gan.run import backend, runlock
 from dist_gan.run.checkpoint import Snapshot, load_checkpoint, save_checkpoint
-from dist_gan.config import Config, save_config, to_dict
-from dist_gan.data import build_batch_stream
 from dist_gan.run.guard import DivergenceGuard, StepTally, Verdict
-from dist_gan.losses import build_loss
-from dist_gan.run.nets import (LearningRates, build_ema, build_nets, images_per_step, real_images_per_step,
-                           weights_finite)
+from dist_gan.run.nets import (
+    LearningRates,
+    build_ema,
+    build_nets,
+    images_per_step,
+    real_images_per_step,
+    weights_finite,
+)
 from dist_gan.run.ranks import ReplicasDiffer, agree_on, any_rank
-from dist_gan.run.runstate import DATA, EMA, WORLD_SIZE, DataPosition, RunState
 from dist_gan.run.retention import keep_as_best, last_healthy, prune_checkpoints, remove_stale_staging, restore_best
 from dist_gan.run.rundir import SetAside, claim_run_dir, lock_run_dir
-from dist_gan.models.sampling import picture_extent, sample_count, sample_grid
+from dist_gan.run.runstate import DATA, EMA, WORLD_SIZE, DataPosition, RunState
 from dist_gan.run.schedules import build_schedules
-from dist_gan.core.seeds import derive
 from dist_gan.run.step import StatsWindow, train_step
 from dist_gan.run.stop import SavePolicy, StopPolicy, StopRequest, is_preemption
 from dist_gan.run.tracking import RunLogger
@@ -352,9 +358,7 @@ class Run:
             self.logger.event(step, {"event": "replicas_differ", "message": str(error),
                                      "replicas_identical": replicas})
             raise error
-        new_best = self.best.found(step)
-        if new_best:
-            self.best.accept()
+        new_best = self.best.accept() if self.best.found(step) else None
         nets = self.nets
         weights = {"generator": nets.G.plain, **({"encoder": nets.E.plain} if nets.E is not None else {})}
         state = self.state.state_dict(step, self.world, gather_object)
@@ -366,9 +370,9 @@ class Run:
         self.accelerator.wait_for_everyone()
         self.logger.event(step, {"event": "checkpoint", "path": str(path), "world_size": self.world,
                                  "healthy": healthy, "replicas_identical": replicas})
-        if new_best:
+        if new_best is not None:
             if self.accelerator.is_main_process:
                 kept = keep_as_best(path)
-                self.logger.event(step, {"event": "best", "fid": self.best.best["fid"], "path": str(kept),
+                self.logger.event(step, {"event": "best", "fid": new_best["fid"], "path": str(kept),
                                          "from": str(path)})
             self.accelerator.wait_for_everyone()

@@ -12,14 +12,14 @@ import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from dist_gan.run import backend
-from dist_gan.models.augment import Augmentation, AugmentedDiscriminator, build_augmentation
 from dist_gan.config import Config, OptimConfig, Ramp
-from dist_gan.run.ema import EMA, ema_beta, step_beta
-from dist_gan.losses import LossView
-from dist_gan.models import build_discriminator, build_encoder, build_generator
 from dist_gan.core.private_api import set_base_lr
 from dist_gan.core.seeds import derive
+from dist_gan.losses import LossView
+from dist_gan.models import build_discriminator, build_encoder, build_generator
+from dist_gan.models.augment import Augmentation, AugmentedDiscriminator, build_augmentation
+from dist_gan.run import backend
+from dist_gan.run.ema import EMA, ema_beta, step_beta
 
 
 @dataclass
@@ -57,9 +57,11 @@ class Nets:
         D_views = [self.D.wrapped, self.D.plain, self.D_for_penalty]
         if self.augment is not None:
             D_views = [AugmentedDiscriminator(view, self.augment) for view in D_views]
-        return LossView(self.G.wrapped, *D_views, self.E.wrapped if self.E is not None else None, z_dim,
-                      self.num_classes, functools.partial(backend.loss_scale, self.D.accelerator, self.D.wrapped),
-                      self.G_for_penalty)
+        D, D_plain, D_penalty = D_views
+        return LossView(self.G.wrapped, D, D_plain, D_penalty, self.E.wrapped if self.E is not None else None,
+                        z_dim, self.num_classes,
+                        functools.partial(backend.loss_scale, self.D.accelerator, self.D.wrapped),
+                        self.G_for_penalty)
 
     def generator_side(self) -> list[Net]:
         """The networks the generator step updates."""
@@ -132,7 +134,7 @@ def build_nets(config: Config, acc_G: Accelerator, acc_D: Accelerator | None = N
                 Net(D_w, D_plain, opt_D_w, build_schedule(opt_D, opt, steps, ramp_D, opt.d_lr, kimg_per_step), acc_D),
                 D_for_penalty, config.model.num_classes, G_for_penalty=G_for_penalty,
                 augment=build_augmentation(config.augment))
-    if E is not None:
+    if E is not None and opt_E is not None:
         nets.E = Net(E_w, backend.plain(acc_G, E_w), opt_E_w,
                      build_schedule(opt_E, opt, steps, ramp_G, opt.g_lr, kimg_per_step), acc_G)
     return nets
@@ -197,7 +199,8 @@ class LearningRates:
         self.load_state_dict(self.scale * factor)
 
     def log_values(self, window: dict[str, float], real_images: int) -> dict[str, float]:
-        return {"lr_G": self.nets.G.scheduler.get_last_lr()[0], "lr_D": self.nets.D.scheduler.get_last_lr()[0]}
+        return {"lr_G": float(self.nets.G.scheduler.get_last_lr()[0]),
+                "lr_D": float(self.nets.D.scheduler.get_last_lr()[0])}
 
 
 @torch.no_grad()

@@ -62,7 +62,7 @@ def agree_on(accelerator: Accelerator, values: dict[str, float | nn.Module]) -> 
     modules = {name: v for name, v in values.items() if isinstance(v, nn.Module)}
     agreed = check_replicas(accelerator, modules) if modules else {}
     agreed.update({name: same_on_every_rank(accelerator, float(v)) for name, v in values.items()
-                   if name not in modules})
+                   if not isinstance(v, nn.Module)})
     return agreed
 
 

@@ -12,8 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from dist_gan.run.checkpoint import MANIFEST, CheckpointError, checkpoint_root, list_checkpoints, read_manifest
 from dist_gan.core.fsutil import fsync_dir, fsync_tree
+from dist_gan.run.checkpoint import MANIFEST, CheckpointError, checkpoint_root, list_checkpoints, read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from dist_gan.config import Config, ConfigError
 from dist_gan.run import runlock
 from dist_gan.run.checkpoint import checkpoint_step, list_checkpoints
 from dist_gan.run.retention import resolve_resume
-from dist_gan.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 

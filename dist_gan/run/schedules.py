@@ -11,13 +11,13 @@ the rest are set here on the loss's terms, the optimisers and the augmentation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
-from dist_gan.models.augment import Augmentation
 from dist_gan.config import Ramp, ScheduleConfig
-from dist_gan.losses import GANLoss
-
+from dist_gan.losses import GANLoss, ZeroCentredPenalty
+from dist_gan.models.augment import Augmentation
 
 # The loss term each ramped penalty weight belongs to.
 GAMMA_TERMS = {"r1_gamma": "r1", "r2_gamma": "r2"}
@@ -47,7 +47,7 @@ class Schedules:
         values = self.values(step)
         for name, term in GAMMA_TERMS.items():
             if name in values:
-                self.loss.terms[term].gamma = values[name]
+                cast(ZeroCentredPenalty, self.loss.terms[term]).gamma = values[name]
         if "beta2" in values:
             for optimizer in (o for side in self.optimizers.values() for o in side):
                 for group in optimizer.param_groups:

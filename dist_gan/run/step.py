@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 
-from dist_gan.run import backend
 from dist_gan.config import Config
 from dist_gan.data import BatchStream
 from dist_gan.losses import GANLoss
+from dist_gan.run import backend
 from dist_gan.run.nets import Nets
 
 
@@ -54,7 +54,7 @@ def _step(accelerator: Accelerator, models: list[nn.Module], optimizers: list[to
              for model in models]
     applied = finite if guard else torch.ones_like(finite)
     if check_grads:
-        applied = torch.stack([torch.isfinite(norm) for norm in norms]).all()
+        applied = torch.stack([torch.isfinite(norm) for norm in norms if norm is not None]).all()
         _zero_if(models, applied)
     for optimizer in optimizers:
         optimizer.step()
@@ -133,15 +133,16 @@ class StatsWindow:
 
     def reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, torch.Tensor] = {}
         self.steps, self.start = 0, time.perf_counter()
 
     def add(self, stats: dict[str, torch.Tensor], applied: torch.Tensor) -> None:
         """Add a step's statistics where ``applied`` (a device bool): a skipped step's NaNs stay out."""
         for name, value in stats.items():
             value = torch.as_tensor(value, dtype=torch.float32, device=applied.device)
-            self.sums[name] = self.sums.get(name, 0.0) + torch.where(applied, value, 0.0)
-            self.counts[name] = self.counts.get(name, 0.0) + applied.float()
+            kept = torch.where(applied, value, 0.0)
+            self.sums[name] = self.sums[name] + kept if name in self.sums else kept
+            self.counts[name] = self.counts[name] + applied.float() if name in self.counts else applied.float()
         self.steps += 1
 
     def means(self, accelerator: Accelerator) -> dict[str, float]:

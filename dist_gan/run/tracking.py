@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from dist_gan.config import ConfigError
-from dist_gan.core.private_api import private_api
 from dist_gan.core.imagegrid import picture, save_grid_png
+from dist_gan.core.private_api import private_api
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ DEFAULT_EVAL_SAMPLES = 10_000
 def evaluate_checkpoint(checkpoint: str | Path, n: int | None = None, ema: bool = True, seed: int = 0,
                         mnist_dir: str | None = None, reference_stats: str | None = None,
                         feature_weights: str | None = None,
-                        feature_net: str = "auto") -> dict[str, dict[str, float]]:
+                        feature_net: str = "auto") -> dict[str, dict]:
     """Figures for a checkpoint's generator and, as the floor, for real test data vs real train
     (the floor only when the real data is at hand: not with ``reference_stats``). ``feature_net``
     other than auto replaces the run's eval.feature_net. ``n`` None: the mode-coverage protocol's
@@ -33,10 +33,11 @@ def evaluate_checkpoint(checkpoint: str | Path, n: int | None = None, ema: bool 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     evaluator = Evaluator(config, device)
     config = evaluator.config
-    n = n or getattr(evaluator.network, "protocol_samples", DEFAULT_EVAL_SAMPLES)
+    n = n or int(getattr(evaluator.network, "protocol_samples", DEFAULT_EVAL_SAMPLES))
     images = generate(generator.to(device), n, seed, config.eval.batch_size, device)
     fake_feats, fake_logits = evaluator.embed(images)
-    results = {"generated": figures(evaluator.reference, evaluator.network, fake_feats, fake_logits, seed)}
+    results: dict[str, dict] = {
+        "generated": figures(evaluator.reference, evaluator.network, fake_feats, fake_logits, seed)}
     if not config.eval.reference_stats:
         test_feats, test_logits = real_embeddings(config.data, "test", evaluator.embed)
         m = min(n, len(test_feats))

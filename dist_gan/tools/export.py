@@ -25,19 +25,21 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dist_gan.run.checkpoint import read_manifest
 from dist_gan.config import ConfigError, config_from_dict, load_config, to_dict
 from dist_gan.core.fsutil import sha256_of
 from dist_gan.core.imagegrid import save_png
-from dist_gan.run.nets import real_images_per_step
 from dist_gan.models import build_generator
 from dist_gan.models.sampling import generate
+from dist_gan.models.stylegan2 import StyleGAN2Generator
+from dist_gan.run.checkpoint import read_manifest
+from dist_gan.run.nets import real_images_per_step
 from dist_gan.tools.generate import generator_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,8 @@ def export(source: str | Path, out: str | Path, ema: bool = True, overwrite: boo
     manifest = read_manifest(checkpoint)
     step = int(manifest["step"])
     info = {"format": EXPORT_FORMAT, "weights": "ema" if ema else "raw", "step": step,
-            "kimg": step * real_images_per_step(config, int(manifest["world_size"])) / 1000, "fid": _latest_fid(checkpoint, step),
+            "kimg": step * real_images_per_step(config, int(manifest["world_size"])) / 1000,
+            "fid": _latest_fid(checkpoint, step),
             "checkpoint": checkpoint.name, "z_dim": config.model.z_dim,
             "num_classes": config.model.num_classes, "resolution": config.data.resolution,
             "channels": config.data.channels, "config": _shareable(to_dict(config)),
@@ -182,9 +185,9 @@ A GAN generator trained with dist_gan, a GAN training toolkit over Hugging Face 
 import torch
 from dist_gan import load_generator
 
-G = load_generator(".")                       # or device="cuda"
+G = load_generator(".")  # or device="cuda"
 z = torch.randn(16, G.z_dim)
-images = G(z, None)                           # (16, {data['channels']}, {data['resolution']}, {data['resolution']}) {value_range}
+images = G(z, None)  # (16, {data['channels']}, {data['resolution']}, {data['resolution']}) {value_range}
 ```
 {_onnx_section(info)}"""
 
@@ -218,14 +221,15 @@ class OnnxGenerator(nn.Module):
         self.generator, self.arch, self.conditional = generator, arch, conditional
         for module in generator.modules():
             if hasattr(module, "grouped"):  # stylegan2's modulated convolutions: the unfused form
-                module.grouped = False
+                setattr(module, "grouped", False)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None,
                 truncation: torch.Tensor | None = None) -> torch.Tensor:
         labels = labels if self.conditional else None
         if self.arch != "stylegan2":
             return self.generator(z, labels)
-        g = self.generator
+        g = cast(StyleGAN2Generator, self.generator)
+        assert truncation is not None, "a stylegan2 export takes the truncation as an input"
         w = g.mapping.w_avg.to(z.dtype).lerp(g.mapping(z, labels), truncation)
         return g.synthesis(w[:, None].expand(-1, g.num_ws, -1))
 

@@ -12,7 +12,7 @@ from dist_gan.config import ConfigError, load_config
 from dist_gan.data import DATA_SOURCES
 from dist_gan.data.sources import to_model_range
 from dist_gan.models import build_encoder, build_generator
-from dist_gan.models.sampling import decode, num_classes
+from dist_gan.models.sampling import decode, latent_size, num_classes
 from dist_gan.run.checkpoint import load_encoder_state, load_generator_state
 from dist_gan.run.retention import find_checkpoint
 
@@ -29,7 +29,7 @@ def generator_from_checkpoint(path: str | Path, ema: bool = True) -> tuple[nn.Mo
 def latent_walk(generator: nn.Module, steps: int, seed: int = 0,
                 truncation: float | None = None) -> torch.Tensor:
     """``steps`` images along the great circle (slerp) from the latent of ``seed`` to ``seed + 1``."""
-    ends = [torch.randn(1, generator.z_dim, generator=torch.Generator().manual_seed(s))
+    ends = [torch.randn(1, latent_size(generator), generator=torch.Generator().manual_seed(s))
             for s in (seed, seed + 1)]
     a, b = ends
     omega = torch.arccos((a / a.norm() * b / b.norm()).sum().clamp(-1, 1))
@@ -42,8 +42,8 @@ def latent_walk(generator: nn.Module, steps: int, seed: int = 0,
 def write_animation(frames: torch.Tensor, path: str | Path, fps: int = 12) -> None:
     """Frames in [-1, 1] (N, C, H, W) as an animated GIF, or an MP4 when ``path`` ends in .mp4
     (needs the optional ``imageio[ffmpeg]``); the walk plays forth and back so it loops smoothly."""
-    pixels = ((frames.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    pixels = torch.cat([pixels, pixels.flip(0)[1:-1]]).permute(0, 2, 3, 1).numpy()
+    as_bytes = ((frames.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    pixels = torch.cat([as_bytes, as_bytes.flip(0)[1:-1]]).permute(0, 2, 3, 1).numpy()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if str(path).endswith(".mp4"):
         try:
@@ -67,7 +67,7 @@ def by_class(generator: nn.Module, classes: list[int], per_class: int, seed: int
     bad = [c for c in classes if not 0 <= c < num_classes(generator)]
     if bad:
         raise ConfigError(f"--classes {bad}: this model knows classes 0..{num_classes(generator) - 1}")
-    z = torch.randn(per_class, generator.z_dim, generator=torch.Generator().manual_seed(seed))
+    z = torch.randn(per_class, latent_size(generator), generator=torch.Generator().manual_seed(seed))
     labels = torch.tensor(classes).repeat_interleave(per_class)
     return decode(generator, z.repeat(len(classes), 1), 256, "cpu", labels, truncation)
 

@@ -67,8 +67,8 @@ def spaced(frames: list, most: int) -> list:
 
 def labelled(path: Path, step: int, per_step: float | None, max_width: int = MAX_FRAME_WIDTH) -> Image.Image:
     """The grid (shrunk to ``max_width``) with a strip above it reading its step (and kimg)."""
-    with Image.open(path) as grid:
-        grid = grid.convert("RGB")
+    with Image.open(path) as opened:
+        grid = opened.convert("RGB")
     if grid.width > max_width:
         grid = grid.resize((max_width, round(grid.height * max_width / grid.width)), Image.Resampling.LANCZOS)
     frame = Image.new("RGB", (grid.width, grid.height + LABEL_HEIGHT), "white")
@@ -119,7 +119,8 @@ def write_progress(run_dir: str | Path, out: str | Path, fps: int = 4, max_frame
 CURVES = {"fid": "FID", "modes": "modes covered", "modes_kl": "KL(modes || uniform)"}  # key: title
 
 
-def write_fid_curve(run_dir: str | Path, out: str | Path | None = None, size: tuple[int, int] = (480, 300)) -> Path | None:
+def write_fid_curve(run_dir: str | Path, out: str | Path | None = None,
+                    size: tuple[int, int] = (480, 300)) -> Path | None:
     """The run's logged FIDs against steps as a line chart (``RUN_DIR/fid.png``); None without any."""
     return write_curve(run_dir, "fid", out, size)
 
@@ -163,7 +164,8 @@ def write_curve(run_dir: str | Path, key: str, out: str | Path | None = None,
 
 def write_run_pictures(run_dir: str | Path) -> None:
     """At the end of a run: ``progress.gif`` (two or more grids) and ``fid.png`` (any FID; also
-    ``modes.png`` and ``modes_kl.png`` for a mode-coverage run) in the run directory. A picture that cannot be written is a warning: it never fails the run."""
+    ``modes.png`` and ``modes_kl.png`` for a mode-coverage run) in the run directory. A picture that
+    cannot be written is a warning: it never fails the run."""
     run_dir = Path(run_dir)
     try:
         if len(grids(run_dir)) >= 2:

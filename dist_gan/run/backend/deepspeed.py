@@ -95,7 +95,7 @@ class DeepSpeed(Strategy):
     def loss_scale(self, accelerator: Accelerator, wrapped: nn.Module) -> float | torch.Tensor | None:
         if accelerator.scaler is not None:
             return private_api(accelerator.scaler, "_get_scale_async")()
-        if wrapped.fp16_enabled():
+        if callable(fp16 := getattr(wrapped, "fp16_enabled", None)) and fp16():
             return private_api(wrapped.optimizer, "loss_scale")
         return None
 
