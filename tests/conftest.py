@@ -21,29 +21,20 @@ FAST = ["--data.batch_size=32", "--model.generator.width=16", "--model.discrimin
         "--run.log_every=5", "--run.sample_every=10"]
 
 
-# A test's tier, read from its own code (and its module's name): the first that matches wins.
-TIER_SIGNS = (
-    ("cluster", ("sbatch", "slurm", "kill_tree", "SIGKILL", "deepspeed", "nproc_per_node=8",
-                 "--num_processes\", \"8", "world_size=8")),
-    ("multiprocess", ("CPU_DDP", "torch.distributed.run", "ACCELERATE", "num_processes", "nproc_per_node",
-                      "dist_gan\", \"launch")),
-    ("e2e", ("run_cli(", "start_cli(", "subprocess.", "Popen(")),
-)
+# Every test names its tier: ``@pytest.mark.tier("e2e")``, or a module's ``pytestmark``, the test's own
+# winning. The tier becomes the test's marker (-m unit), on the test alone, so a module's default
+# never selects a test that says otherwise.
+TIERS = ("unit", "e2e", "multiprocess", "cluster")
 
 
 def tier_of(item) -> str:
-    """unit, e2e, multiprocess or cluster, from the source of the test (and its module's name)."""
-    import inspect
-
-    try:
-        source = inspect.getsource(item.function)
-    except (OSError, TypeError):
-        return "unit"
-    source += " " + item.module.__name__
-    for tier, signs in TIER_SIGNS:
-        if any(sign in source for sign in signs):
-            return tier
-    return "unit"
+    """The tier a test is marked with; a test with none is a collection error (say which)."""
+    marker = item.get_closest_marker("tier")
+    if marker is None or not marker.args or marker.args[0] not in TIERS:
+        raise pytest.UsageError(f"{item.nodeid} has no tier: mark it (or its module's pytestmark) with "
+                                f"pytest.mark.tier(NAME), NAME one of {', '.join(TIERS)} (pyproject.toml "
+                                "says what each means)")
+    return marker.args[0]
 
 
 # The Slurm tests run one at a time on one pytest-xdist worker (--dist loadgroup): each module starts a
@@ -59,7 +50,7 @@ def in_slurm_group(item) -> bool:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
-    """Mark every test with its tier (-m unit, -m "unit or e2e", ...); every tier but unit is slow."""
+    """Check every test's tier marker (-m unit, -m "unit or e2e", ...); every tier but unit is slow."""
     for item in items:
         if in_slurm_group(item):
             item.add_marker(pytest.mark.xdist_group(SLURM_GROUP))
@@ -67,7 +58,7 @@ def pytest_collection_modifyitems(config, items) -> None:
             continue
         tier = tier_of(item)
         if tier == "unit" and item.get_closest_marker("slow"):
-            tier = "e2e"  # its training runs through a helper or a fixture: not a unit test
+            raise pytest.UsageError(f"{item.nodeid} is marked unit and slow: a slow test is e2e or above")
         item.add_marker(getattr(pytest.mark, tier))
         if tier != "unit" and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
@@ -86,13 +77,30 @@ def heaviest_modules_first(items: list) -> list:
     short unit tests instead of one worker finishing a Slurm job alone."""
     rank: dict[str, int] = {}
     for item in items:  # a module weighs what its heaviest test weighs
-        tiers = [m.name for m in item.iter_markers() if m.name in TIER_WEIGHT] or ["unit"]
-        weight = min(TIER_WEIGHT[t] for t in tiers)
+        weight = TIER_WEIGHT[tier_of(item)] if not item.get_closest_marker("cuda") else TIER_WEIGHT["unit"]
         if item.module.__name__ in LONGEST_MODULES:  # first of all, in that order
             weight = LONGEST_MODULES.index(item.module.__name__) - len(LONGEST_MODULES)
         rank[item.module.__name__] = min(rank.get(item.module.__name__, 3), weight)
     position = {item.nodeid: i for i, item in enumerate(items)}
     return sorted(items, key=lambda item: (rank[item.module.__name__], position[item.nodeid]))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A unit test runs in this process: starting one (a training run, a CLI) fails it, naming the
+    command, so its marker says e2e or above. Fixtures may start processes; the test body may not."""
+    if item.get_closest_marker("cuda") or tier_of(item) != "unit":
+        return (yield)
+    original = subprocess.Popen.__init__
+
+    def refuse(self, args, *rest, **kwargs):
+        raise AssertionError(f"{item.nodeid} is marked unit but starts a process ({args!r}): mark it e2e")
+
+    subprocess.Popen.__init__ = refuse
+    try:
+        return (yield)
+    finally:
+        subprocess.Popen.__init__ = original
 
 
 @pytest.hookimpl(wrapper=True)

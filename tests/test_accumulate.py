@@ -12,6 +12,8 @@ import pytest
 from conftest import REPO
 from helpers import free_port
 
+pytestmark = pytest.mark.tier("multiprocess")
+
 PROBE = r'''
 import os, sys
 import torch

@@ -15,6 +15,8 @@ from dist_gan.models.augment import (DIFFAUGMENT_GROUPS, AdaptiveAugment, Augmen
 from dist_gan.config import AugmentConfig, ConfigError, load_config
 from dist_gan.losses import GANLoss, LossView, build_loss
 
+pytestmark = pytest.mark.tier("unit")
+
 # (name, transform(images, p)) for every group of both kinds
 GROUPS = [(f"diffaugment.{g}", fn) for g, fn in DIFFAUGMENT_GROUPS.items()] + [
     (f"ada.{g}", lambda x, p, g=g: ada_pipeline(x, p, [g])) for g in ("blit", "geom", "color")]
@@ -194,6 +196,7 @@ def test_xflip_mirrors_each_image_in_alternate_epochs_and_limit_takes_a_fixed_su
         load_config(None, {"data.limit": 100})
 
 
+@pytest.mark.tier("cluster")
 @pytest.mark.slow
 def test_two_process_ada_run_killed_and_resumed_bit_exact(tmp_path, mnist_dir):
     """ADA with x-flips on 512 MNIST images over 2 DDP processes: p moves, is the same on both

@@ -15,6 +15,8 @@ import torch
 
 from dist_gan.core.private_api import PRIVATE_APIS, private_api
 
+pytestmark = pytest.mark.tier("unit")
+
 PACKAGE = Path(__file__).resolve().parents[1] / "dist_gan"
 DOOR = PACKAGE / "core" / "private_api.py"
 

@@ -9,6 +9,8 @@ import pytest
 from dist_gan.run.checkpoint import MANIFEST_FORMAT, CheckpointError, list_checkpoints, read_manifest
 from dist_gan.run.retention import prune_checkpoints, remove_stale_staging, resolve_resume
 
+pytestmark = pytest.mark.tier("unit")
+
 
 def fake_checkpoint(root, step, complete=True, files=None):
     folder = root / "checkpoints" / f"step_{step:08d}"

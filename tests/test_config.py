@@ -5,6 +5,8 @@ import pytest
 from dist_gan.config import Config, ConfigError, load_config, save_config
 from dist_gan.run.registry import registered_names
 
+pytestmark = pytest.mark.tier("unit")
+
 REPO = Path(__file__).resolve().parents[1]
 WGANGP = REPO / "configs" / "mnist_wgangp.yaml"
 

@@ -8,6 +8,8 @@ from dist_gan.config import DataConfig
 from dist_gan.data import DataError, InMemoryBatches, load_mnist_idx, read_idx
 from dist_gan.data.sources import mnist_source
 
+pytestmark = pytest.mark.tier("unit")
+
 
 def test_real_mnist_idx(mnist_dir):
     images, labels = load_mnist_idx(mnist_dir, "train")

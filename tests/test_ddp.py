@@ -7,7 +7,8 @@ import pytest
 from conftest import FAST, REPO, read_metrics, run_cli
 from helpers import ACCELERATE as ACCELERATE_LAUNCH, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.tier("multiprocess")  # every tier but unit is also slow (conftest)
+
 ACCELERATE = [*ACCELERATE_LAUNCH, "--config_file", str(REPO / "launch" / "cpu_ddp.yaml")]
 
 

@@ -13,6 +13,8 @@ import pytest
 
 from dist_gan.config import Config
 
+pytestmark = pytest.mark.tier("unit")
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", REPO / "DEVELOPERS.md", REPO / "slurm" / "README.md",
         *sorted((REPO / "docs").glob("*.md"))]

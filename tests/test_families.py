@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from conftest import FAST, read_metrics, run_cli
 from helpers import CPU_DDP, events, run_here
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.tier("e2e")  # every tier but unit is also slow (conftest)
+
 FAMILIES = ["cgan", "vaegan", "rnngan"]
 
 
@@ -48,6 +49,7 @@ def test_family_trains_checkpoints_resumes_and_samples(tmp_path, data, family, c
         assert Image.open(out).size == (4 * 28 + 5 * 2, 4 * 28 + 5 * 2)
 
 
+@pytest.mark.tier("multiprocess")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_trains_on_two_processes(tmp_path, data, family):
     run = tmp_path / family
@@ -57,6 +59,7 @@ def test_family_trains_on_two_processes(tmp_path, data, family):
     assert all(check.values()) and ({"G", "D", "E"} if family == "vaegan" else {"G", "D"}) == set(check)
 
 
+@pytest.mark.tier("multiprocess")
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_recurrent_discriminator_trains_on_two_processes(tmp_path, data, cell):
     """The RNN-GAN with the discriminator that reads the rows in order (not the config's default)."""

@@ -31,6 +31,8 @@ from dist_gan.config import ConfigError, load_config
 from dist_gan.data import DataError, prepare_shards
 from dist_gan.core.fsutil import sha256_of
 
+pytestmark = pytest.mark.tier("unit")
+
 PREEMPTED = 75
 
 
@@ -110,6 +112,7 @@ def write_lock(run: Path, **holder) -> Path:
     return lock
 
 
+@pytest.mark.tier("e2e")
 def test_a_live_lock_is_refused_naming_the_holder(tmp_path):
     """A run directory locked by a live process is refused naming host and pid; a dead holder's lock is taken over."""
     import socket
@@ -236,6 +239,7 @@ def test_bad_commands_fail_in_one_line(args, message, capsys):
     assert message in stderr and "Traceback" not in stderr, stderr[-2000:]
 
 
+@pytest.mark.tier("e2e")
 def test_an_impossible_resolution_fails_in_one_line(tmp_path):
     proc = run_cli(["dist_gan.train", "configs/mnist_dcgan.yaml", "--data.format=memory", "--data.resolution=30",
                     "--data.source=synthetic", f"--run.dir={tmp_path / 'run'}"], check=False)
@@ -255,6 +259,7 @@ def kill_group(proc: subprocess.Popen, sig: int) -> None:
     os.killpg(os.getpgid(proc.pid), sig)
 
 
+@pytest.mark.tier("e2e")
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_exits_75(tmp_path, shard_data):
     """SIGTERM to the whole process group with 2 loader workers: checkpoint, exit 75, lock released.
@@ -273,6 +278,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_exits_
     assert not (run / runlock.LOCK_NAME).exists()
 
 
+@pytest.mark.tier("e2e")
 @pytest.mark.slow
 def test_a_signal_during_start_up_still_exits_75(tmp_path, shard_data):
     """SIGTERM during start-up: one step, a checkpoint, exit 75."""
@@ -286,6 +292,7 @@ def test_a_signal_during_start_up_still_exits_75(tmp_path, shard_data):
     assert list_checkpoints(run)[-1].name == "step_00000001"
 
 
+@pytest.mark.tier("e2e")
 @pytest.mark.slow
 def test_a_second_run_in_the_same_directory_is_refused(tmp_path, shard_data):
     """A second run in a busy run directory exits 1 naming the first's pid and writes nothing there."""
@@ -302,6 +309,7 @@ def test_a_second_run_in_the_same_directory_is_refused(tmp_path, shard_data):
     assert len(events(run, "start")) == 1  # the refused run wrote nothing into the directory
 
 
+@pytest.mark.tier("e2e")
 @pytest.mark.slow
 def test_divergence_never_checkpoints_mid_streak_and_rolls_back_to_the_last_healthy(tmp_path, shard_data):
     """Divergence with rollback: no checkpoint mid-streak, every rollback to the last healthy one, which survives.
@@ -324,6 +332,7 @@ def test_divergence_never_checkpoints_mid_streak_and_rolls_back_to_the_last_heal
     assert last_healthy(run) == step6
 
 
+@pytest.mark.tier("e2e")
 @pytest.mark.slow
 def test_a_corrupted_newest_checkpoint_is_skipped_on_resume(tmp_path, shard_data):
     """A corrupted newest checkpoint is skipped by resume=auto (named, with the checksum), the previous one resumes."""
@@ -337,6 +346,7 @@ def test_a_corrupted_newest_checkpoint_is_skipped_on_resume(tmp_path, shard_data
     assert events(run, "end")[-1]["step"] == 6
 
 
+@pytest.mark.tier("e2e")
 @pytest.mark.slow
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, shard_data, small_tmpfs):
     """Disk full while checkpointing: one line naming the device, the previous checkpoint stays newest."""
@@ -357,6 +367,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
     read_manifest(run / "checkpoints" / "step_00000002")
 
 
+@pytest.mark.tier("e2e")
 @pytest.mark.parametrize("source,advice", [
     ("mnist", r"put the four IDX files \(train-images-idx3-ubyte.gz, .*\) in a directory and set "
               "--data.mnist_dir=DIR"),
@@ -378,6 +389,7 @@ def test_a_dataset_download_without_network_is_one_line(tmp_path, source, advice
                      f"network, {advice}", last), last
 
 
+@pytest.mark.tier("cluster")
 def test_a_deepspeed_launch_without_deepspeed_is_one_line(tmp_path):
     """A DeepSpeed profile on a machine without the [deepspeed] extra (here a package that fails to
     import shadows the installed one) names the pip install to run."""
@@ -393,6 +405,7 @@ def test_a_deepspeed_launch_without_deepspeed_is_one_line(tmp_path):
     assert "uses DeepSpeed" in last and "pip install -e '.[deepspeed]'" in last, last
 
 
+@pytest.mark.tier("cluster")
 @pytest.mark.parametrize("profile,asks", [
     ("gpu_single", "gpu_ids: 0"), ("gpu_ddp", "distributed_type: MULTI_GPU"),
     ("deepspeed_zero1", "distributed_type: DEEPSPEED"), ("deepspeed_zero2", "distributed_type: DEEPSPEED"),
@@ -413,6 +426,7 @@ def test_each_shipped_launch_profile_is_read_as_gpu_or_cpu(profile, asks):
     assert parse_launch(["python", "-m", "dist_gan.train"], REPO, None) is None
 
 
+@pytest.mark.tier("multiprocess")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPUs")
 @pytest.mark.parametrize("profile,processes", [("gpu_single", 1), ("gpu_ddp", 2)])
 def test_a_gpu_launch_profile_without_gpus_is_one_line(tmp_path, profile, processes):

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.tier("e2e")  # every tier but unit is also slow (conftest)
 
 
 def test_gpu_check_script_runs_every_step_on_cpu(tmp_path):

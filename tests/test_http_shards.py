@@ -19,6 +19,8 @@ from nginx_server import Nginx, nginx_binary
 from dist_gan.data import DataError
 from dist_gan.data.shards import SHARD_MANIFEST
 
+pytestmark = pytest.mark.tier("unit")
+
 TINY = "tiny/train-{000000..000003}.tar"  # 4 shards x 24 samples, label = index
 
 
@@ -46,6 +48,7 @@ def plain(pattern, **overrides):
     return stream(pattern, workers=0, shuffle_buffer=0, batch_size=4, **overrides)
 
 
+@pytest.mark.tier("e2e")  # the loader starts the pipe: command (curl, cat)
 def test_http_and_curl_urls_read_what_local_files_hold(web):
     local = plain(str(web.root / TINY))
     expected = labels_of(local, local.budget)
@@ -101,6 +104,7 @@ def test_a_missing_shard_and_one_cut_off_mid_transfer_are_counted_and_named(web,
         labels_of(strict, strict.budget)
 
 
+@pytest.mark.tier("e2e")  # the loader starts the pipe: command (curl, cat)
 @pytest.mark.parametrize("strict", [False, True])
 def test_a_server_that_stops_mid_epoch_names_the_url(web, tmp_path, caplog, strict):
     server = Nginx(web.root, tmp_path / "nginx", slow_rate="16k").start()
@@ -120,6 +124,7 @@ def test_a_server_that_stops_mid_epoch_names_the_url(web, tmp_path, caplog, stri
         assert "no readable sample in rank 0's share" in str(failed.value)
 
 
+@pytest.mark.tier("cluster")
 def test_two_processes_train_over_http_and_a_kill_9_resume_seeks_bit_exact(web, tmp_path, mnist_shards):
     """2 DDP processes x 2 loader workers read MNIST from nginx; killed by SIGKILL after the step-4
     checkpoint and resumed, they end with the weights of an uninterrupted run on the local files,

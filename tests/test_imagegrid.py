@@ -13,6 +13,8 @@ from torchvision.utils import save_image
 
 from dist_gan.core.imagegrid import save_png
 
+pytestmark = pytest.mark.tier("unit")
+
 
 @pytest.mark.parametrize("count,channels,nrow", [(1, 1, 8), (1, 3, 8), (64, 1, 8), (10, 3, 4), (7, 1, 3)])
 def test_pngs_are_pixel_for_pixel_torchvisions(tmp_path, count, channels, nrow):
@@ -24,6 +26,7 @@ def test_pngs_are_pixel_for_pixel_torchvisions(tmp_path, count, channels, nrow):
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
 
 
+@pytest.mark.tier("cluster")
 def test_training_code_does_not_import_torchvision_or_deepspeed():
     """About 2 s of every training process's start; they are imported only where used."""
     code = ("import sys; import dist_gan.run.loop, dist_gan.sample, dist_gan.export, dist_gan.run.tracking; "

@@ -17,6 +17,8 @@ from dist_gan.config import ConfigError, load_config
 from dist_gan.metrics import (Embedder, InceptionFeatures, Reference, build_feature_net, feature_statistics,
                               fid_kid_is, frechet_distance, quality)
 
+pytestmark = pytest.mark.tier("unit")
+
 
 @pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory):
@@ -114,6 +116,7 @@ def test_auto_picks_the_classifier_for_mnist_and_inception_otherwise():
     assert config.eval.resolved_feature_net(config.data) == "inception"
 
 
+@pytest.mark.tier("e2e")
 @pytest.mark.slow
 def test_evaluate_reference_then_train_against_it(tmp_path, inception_weights):
     """`dist-gan evaluate --reference FOLDER --out stats.npz` with the Inception path, then a run

@@ -26,6 +26,8 @@ from dist_gan.data import DataError, prepare_shards, shards_from_folder
 from dist_gan.data.shards import SHARD_MANIFEST, verify_shards
 from dist_gan.data.sources import FolderImageSet
 
+pytestmark = pytest.mark.tier("unit")
+
 ACCELERATE_CPU = ["--main_process_port", "0", "--config_file", str(REPO / "launch" / "cpu_ddp.yaml"),
                   "--num_processes", "2"]
 # One process, synthetic images in memory, tiny nets: the run directory's mechanics in seconds
@@ -132,6 +134,7 @@ print("OK")
 """
 
 
+@pytest.mark.tier("e2e")
 @pytest.mark.parametrize("kind", ["folder", "source"])
 def test_two_runs_preparing_one_shard_directory_take_turns(tmp_path, images, kind):
     """Two processes preparing the same new shard directory at once: one writes, the other waits and reuses; shards match the manifest."""
@@ -205,6 +208,7 @@ def test_non_finite_config_floats_are_refused():
             load_config(None, {key: value})
 
 
+@pytest.mark.tier("e2e")
 def test_a_fresh_run_never_overwrites_another_runs_checkpoints(tmp_path):
     """A fresh run in a run.dir with checkpoints is refused (resume or --run.overwrite); overwrite starts clean."""
     run = tmp_path / "run"
@@ -235,6 +239,7 @@ def test_a_fresh_run_never_overwrites_another_runs_checkpoints(tmp_path):
     assert "Traceback" not in nothing.stderr + other.stderr
 
 
+@pytest.mark.tier("e2e")
 def test_an_export_is_refused_into_a_used_folder_checked_on_load_and_carries_no_local_paths(tmp_path):
     """export --out into a non-empty folder is refused (--overwrite replaces); a damaged export is named on load; no local paths."""
     from dist_gan.tools.export import load_generator
@@ -309,6 +314,7 @@ def test_cli_arguments_are_validated_in_one_line(tmp_path, args, message, one_st
     assert message in stderr, stderr[-2000:]
 
 
+@pytest.mark.tier("e2e")
 def test_unguessable_shard_names_are_one_line(tmp_path, mnist_dir):
     proc = run_cli(["dist_gan.train", "configs/mnist_wgangp.yaml", "--data.shards=x/x-{000000..000001}.tar",
                     f"--data.mnist_dir={mnist_dir}", f"--run.dir={tmp_path / 'train'}"], check=False)
@@ -316,6 +322,7 @@ def test_unguessable_shard_names_are_one_line(tmp_path, mnist_dir):
     assert "shards written from data.source=mnist are named train-NNNNNN.tar" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.tier("e2e")
 def test_evaluate_honours_its_feature_net(tmp_path, monkeypatch):
     """evaluate RUN --feature_net=X evaluates with X, not the run's own feature network."""
     from dist_gan.tools.evaluation import evaluate_checkpoint
@@ -328,6 +335,7 @@ def test_evaluate_honours_its_feature_net(tmp_path, monkeypatch):
     assert len(results["generated"]) > 0
 
 
+@pytest.mark.tier("e2e")
 def test_a_tracker_that_cannot_start_is_one_line(tmp_path):
     """--run.trackers=mlflow with no usable tracking URI: one line naming mlflow and what to set."""
     try:
@@ -341,6 +349,7 @@ def test_a_tracker_that_cannot_start_is_one_line(tmp_path):
     assert "run.trackers: mlflow could not start" in proc.stderr and "MLFLOW_TRACKING_URI" in proc.stderr
 
 
+@pytest.mark.tier("multiprocess")
 @pytest.mark.slow
 def test_dist_gan_launch_keeps_the_runs_exit_status_and_one_line_errors(tmp_path, mnist_dir):
     """dist-gan launch: a rank-0 failure is one line per rank and no launcher traceback; SIGTERM exits 75."""
@@ -387,6 +396,7 @@ def test_a_checkpoint_with_a_non_finite_ema_is_marked_unhealthy(tmp_path):
     assert is_healthy(first) and not is_healthy(second)
 
 
+@pytest.mark.tier("e2e")
 def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path):
     """A run.dir that cannot be created or written (read-only, under a file) is one line naming it."""
     (tmp_path / "a_file").write_text("x")
@@ -439,6 +449,7 @@ def _copy_run(run: Path, where: Path) -> Path:
     return where
 
 
+@pytest.mark.tier("e2e")
 @pytest.mark.parametrize("name", ["G/optimizer.bin", "D/random_states_0.pkl", "trainer_state.pt"])
 def test_a_checkpoint_file_that_would_run_code_is_refused_unread(tmp_path, one_step_run, name):
     """A checkpoint pickle naming anything but tensors and arrays is refused unread, on resume and sample; no marker."""
@@ -456,6 +467,7 @@ def test_a_checkpoint_file_that_would_run_code_is_refused_unread(tmp_path, one_s
         assert sampled.returncode == 1 and "could run code" in sampled.stderr
 
 
+@pytest.mark.tier("cluster")
 def test_the_checkpoint_scan_admits_what_accelerate_and_deepspeed_write(tmp_path):
     """The scan admits NumPy arrays and DeepSpeed's state classes, refuses any other callable, and never unpickles."""
     import numpy as np
@@ -581,6 +593,7 @@ def test_a_flat_folder_keeps_its_images_beside_hidden_folders_and_refuses_mixed_
         FolderImageSet(folder, 8, 1)
 
 
+@pytest.mark.tier("e2e")
 def test_overwrite_deletes_the_earlier_run_only_once_the_new_one_has_a_checkpoint(tmp_path):
     """run.overwrite: a failed start leaves the earlier run whole; a started run replaces all of it (grids, events, metrics)."""
     run = tmp_path / "run"
@@ -620,6 +633,7 @@ def test_an_overwrite_interrupted_by_a_kill_is_settled_at_the_next_start(tmp_pat
     assert not (run / ASIDE).exists() and (run / "metrics.jsonl").read_text() == "old\n"
 
 
+@pytest.mark.tier("e2e")  # the loader starts the pipe: command (curl, cat)
 def test_a_stalled_pipe_command_times_out_naming_it(tmp_path, caplog):
     """A pipe: shard command that sends nothing fails its read after data.read_timeout_s, named and counted."""
     import time
@@ -671,6 +685,7 @@ def test_ramps_need_every_part_and_stay_in_their_keys_range():
             load_config(None, overrides)
 
 
+@pytest.mark.tier("e2e")
 def test_a_run_whose_last_steps_were_all_skipped_exits_non_zero(tmp_path):
     """A run ending inside a bad streak (nothing saved at the end) exits 1 naming the last good checkpoint."""
     run = tmp_path / "run"
@@ -720,6 +735,7 @@ def test_a_folder_run_is_measured_against_its_folder_and_caches_are_keyed_by_the
     assert len(feats) == 6  # the folder changed: its cached embeddings are not reused
 
 
+@pytest.mark.tier("e2e")
 @pytest.mark.slow
 def test_export_card_snippets_run_overwrite_replaces_whole_and_a_full_disk_keeps_the_export(tmp_path, small_tmpfs):
     """Every snippet of a stylegan2 export's card runs; --overwrite leaves no stale generator.onnx; a full disk or a damaged config.json is one line."""
@@ -793,6 +809,7 @@ def test_launch_options_before_the_config_and_one_process_refusals(tmp_path, mon
     assert "distributed_type: NO" in one_process_problem(["--config_file", str(single), "--num_processes=2"])
 
 
+@pytest.mark.tier("cluster")
 @pytest.mark.slow
 def test_dist_gan_launch_shows_its_own_errors_relays_sigusr1_and_reports_a_killed_rank(tmp_path):
     """dist-gan launch: a missing --config_file is one line; SIGUSR1 makes both ranks checkpoint and exit 75; a kill -9 of rank 1 leaves rank 0 one line."""
@@ -829,6 +846,7 @@ def test_dist_gan_launch_shows_its_own_errors_relays_sigusr1_and_reports_a_kille
     assert "dist_gan.train: error: rank 0: another rank stopped or was killed" in text
 
 
+@pytest.mark.tier("e2e")
 def test_train_arguments_a_stray_word_or_malformed_yaml_are_one_line(tmp_path):
     """python -m dist_gan.train: a stray positional argument or a malformed YAML override is one line naming it."""
     stray = run_cli(["dist_gan.train", *TINY, "oops", f"--run.dir={tmp_path / 'a'}"], check=False)

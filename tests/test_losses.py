@@ -9,6 +9,8 @@ import torch.nn as nn
 from dist_gan.config import LossConfig
 from dist_gan.losses import HistoricalAverage, LossView, build_loss, gradient_penalty, r1_penalty
 
+pytestmark = pytest.mark.tier("unit")
+
 
 class Linear(nn.Module):
     """D(x) = w . x: its input gradient is w everywhere, so penalties have closed forms. Its

@@ -18,7 +18,7 @@ from dist_gan.data.sources import load_mnist_idx
 from dist_gan.metrics import Embedder, class_coverage, fid_kid_is, precision_recall, real_embeddings
 from dist_gan.metrics.classifier import accuracy, default_classifier_path, load_or_train_classifier
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.tier("e2e")  # every tier but unit is also slow (conftest)
 
 
 @pytest.fixture(scope="module")

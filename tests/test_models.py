@@ -5,6 +5,8 @@ from dist_gan.config import Config, NetConfig, load_config
 from dist_gan.models import build_discriminator, build_generator
 from dist_gan.models.base import stage_plan
 
+pytestmark = pytest.mark.tier("unit")
+
 
 def make(arch, resolution, channels, norm_g="batch", norm_d="none", sn=False, num_classes=0,
          mbstd=False, cell="gru"):

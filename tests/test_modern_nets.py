@@ -17,6 +17,8 @@ from dist_gan.models.stylegan2 import (EqualConv2d, EqualLinear, MappingNetwork,
                                        StyleGAN2Generator, mix_styles, modulated_weight)
 from dist_gan.models.sampling import decode, truncate_latents
 
+pytestmark = pytest.mark.tier("unit")
+
 
 def nets(arch: str, resolution: int, channels: int, num_classes: int = 0, width: int = 4, **net):
     overrides = {"model.generator.arch": arch, "model.discriminator.arch": arch,

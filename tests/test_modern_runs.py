@@ -18,7 +18,8 @@ from helpers import ACCELERATE, CPU_DDP, assert_same_weights, events, kill_tree,
 from dist_gan.run.retention import best_checkpoint, keep_as_best, restore_best
 from dist_gan.run.checkpoint import list_checkpoints
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.tier("cluster")  # every tier but unit is also slow (conftest)
+
 
 # 32 px synthetic RGB images in memory, narrow nets: the recipes' code paths in seconds
 SMALL = ["--data.source=synthetic", "--data.format=memory", "--data.resolution=32", "--data.channels=3",
@@ -124,6 +125,7 @@ def test_deepspeed_zero2_bf16(tmp_path, arch):
         assert all(r["r2"] > 0 and math.isfinite(r["loss_D"]) for r in logged)
 
 
+@pytest.mark.tier("e2e")
 def test_keep_best_survives_pruning_and_is_the_lowest_fid(tmp_path, capsys):
     """Evaluations every 2 steps; checkpoints/best holds the step of the lowest logged FID, pruning
     (keep_last 1) leaves it alone, and resume=auto still takes the newest checkpoint."""
@@ -154,6 +156,7 @@ def test_keep_best_survives_pruning_and_is_the_lowest_fid(tmp_path, capsys):
     run_here(["dist_gan.sample", str(best), "--n=4", f"--out={tmp_path / 'best.png'}"], capsys)
 
 
+@pytest.mark.tier("unit")
 def test_keep_as_best_is_atomic_and_a_killed_swap_is_repaired(tmp_path):
     run = tmp_path / "run"
     for step in (1, 2):

@@ -20,6 +20,8 @@ from dist_gan.metrics.modes import PointFeatures, StackedMnistFeatures, coverage
 from dist_gan.metrics.quality import Embedder, Reference
 from dist_gan.models import build_discriminator, build_generator
 
+pytestmark = pytest.mark.tier("unit")
+
 
 def stacked(mnist_dir, **kwargs) -> DataConfig:
     return DataConfig(source="stacked_mnist", mnist_dir=str(mnist_dir), format="memory", channels=3,

@@ -18,6 +18,8 @@ from dist_gan.run.registry import registered_names
 
 import onnxruntime as ort  # noqa: E402  (the dev extra installs it)
 
+pytestmark = pytest.mark.tier("unit")
+
 # (config, overrides): every generator architecture, conditional and not, at small sizes
 CASES = {
     "dcgan": ("mnist_dcgan", {"model.generator.width": 8}),
@@ -98,6 +100,7 @@ def test_stylegan2_noise_stays_random_in_onnx(tmp_path):
     assert abs(first - second).max() > 1e-3
 
 
+@pytest.mark.tier("e2e")
 def test_export_command_writes_the_onnx_file_and_says_how_to_run_it(tmp_path, mnist_dir, capsys):
     run, out = tmp_path / "run", tmp_path / "export"
     run_cli(["dist_gan.train", "configs/mnist_cgan.yaml", f"--run.dir={run}", f"--data.mnist_dir={mnist_dir}",

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 import numpy as np
 from PIL import Image
 
 from conftest import REPO, run_cli
 from helpers import run_here
+
+pytestmark = pytest.mark.tier("e2e")
 
 
 def test_a_run_ends_with_its_progress_animation_and_fid_curve(tmp_path, capsys):

@@ -14,7 +14,8 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.tier("e2e")  # every tier but unit is also slow (conftest)
+
 
 # The check: modes with a sample within 3 sigma, and the share of such samples (PacGAN's metrics)
 # (the working run: 24 modes, 31.6 % at 3,500 steps; 23-25 modes from 3,000 to 4,000 steps)

@@ -14,6 +14,8 @@ from dist_gan.config import ConfigError, LossConfig, NetConfig, Ramp, load_confi
 from dist_gan.losses import GANLoss, LossView, R1, R2, RelativisticPairing, build_loss, r1_penalty
 from dist_gan.models.r3gan import R3GANDiscriminator, R3GANGenerator, ResidualBlock
 
+pytestmark = pytest.mark.tier("unit")
+
 
 class TinyG(nn.Module):
     def __init__(self, z_dim: int = 4):

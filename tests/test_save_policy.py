@@ -3,12 +3,16 @@ state carries, and the divergence guard's counters kept across a restart."""
 
 from __future__ import annotations
 
+import pytest
+
 import contextlib
 
 import torch
 
 from dist_gan.run.loop import Run
 from dist_gan.run.stop import SavePolicy
+
+pytestmark = pytest.mark.tier("unit")
 
 
 def _saves(policy: SavePolicy, steps, last: int, streak=(), best=()) -> list[int]:

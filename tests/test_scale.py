@@ -20,7 +20,8 @@ from helpers import ACCELERATE, CPU_DDP, assert_same_weights, events, free_port,
 
 from dist_gan.run.checkpoint import list_checkpoints
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.tier("cluster")  # every tier but unit is also slow (conftest)
+
 PREEMPTED = 75
 
 
@@ -106,6 +107,7 @@ def test_deepspeed_bf16_weights_with_batchnorm_spectral_norm_and_the_penalty(tmp
 
 # --- two machines on one host ---------------------------------------------------------------------
 
+@pytest.mark.tier("multiprocess")
 def test_two_machines_train_log_once_and_checkpoint(tmp_path, data):
     run, port = tmp_path / "multinode", free_port()
     procs = []
@@ -203,6 +205,7 @@ def _first_step_was_a_resumed_adam_step(before: Path, after: Path, lr: float) ->
     return float(((deltas - lr).abs() < 0.01 * lr).float().mean())
 
 
+@pytest.mark.tier("multiprocess")
 @pytest.mark.parametrize("worlds", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
 def test_elastic_resume_restores_weights_optimizer_ema_and_step(tmp_path, data, worlds):
     first, second = worlds
@@ -234,6 +237,7 @@ def test_elastic_resume_restores_weights_optimizer_ema_and_step(tmp_path, data, 
 
 # --- pre-emption --------------------------------------------------------------------------------------
 
+@pytest.mark.tier("e2e")
 def test_sigusr1_checkpoints_exits_75_and_resumes(tmp_path, data):
     run = tmp_path / "run"
     args = train_args("mnist_dcgan", run, data, "--train.max_steps=100000", "--run.ckpt_every=100000")
@@ -256,6 +260,7 @@ def test_sigusr1_checkpoints_exits_75_and_resumes(tmp_path, data):
     assert events(run, "end")[-1]["step"] == stop["step"] + 5
 
 
+@pytest.mark.tier("multiprocess")
 def test_sigterm_to_accelerate_launch_checkpoints_every_rank(tmp_path, data):
     """The launcher forwards SIGTERM to both ranks; they agree on a step and save it together."""
     run = tmp_path / "ddp"
@@ -274,6 +279,7 @@ def test_sigterm_to_accelerate_launch_checkpoints_every_rank(tmp_path, data):
 
 # --- divergence guard ---------------------------------------------------------------------------------
 
+@pytest.mark.tier("e2e")
 def test_divergence_guard_skips_then_stops_naming_step_and_loss(tmp_path, data):
     run = tmp_path / "nan"
     proc = run_cli(train_args("mnist_dcgan", run, data, "--train.max_steps=50", "--optim.d_lr=1e30",
@@ -287,6 +293,7 @@ def test_divergence_guard_skips_then_stops_naming_step_and_loss(tmp_path, data):
     assert "loss_D" in diverged["message"] and f"at step {diverged['step']}" in diverged["message"]
 
 
+@pytest.mark.tier("e2e")
 def test_divergence_guard_rolls_back_with_a_lower_learning_rate(tmp_path, data):
     run = tmp_path / "rollback"
     run_cli(train_args("mnist_dcgan", run, data, "--train.max_steps=10", "--run.ckpt_every=10"))

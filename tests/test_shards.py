@@ -19,6 +19,8 @@ from dist_gan.data import DataError, build_batch_stream, load_mnist_idx, prepare
 from dist_gan.data.shards import SHARD_MANIFEST, write_shards
 from dist_gan.data.sources import TensorImageSet
 
+pytestmark = pytest.mark.tier("unit")
+
 
 def test_mnist_round_trip_is_exact(mnist_dir, mnist_shards):
     s = build_batch_stream(DataConfig(shards=mnist_shards, batch_size=500, workers=2), 0, 0, 1, "cpu")
@@ -153,6 +155,7 @@ def test_pattern_and_manifest_errors_name_the_path(tmp_path):
         stream(pattern)
 
 
+@pytest.mark.tier("e2e")  # the loader starts the pipe: command (curl, cat)
 def test_pipe_urls_stream_from_a_command(tmp_path):
     pattern, _ = tiny_shards(tmp_path, n_shards=2)
     piped = "::".join(f"pipe:cat {tmp_path}/train-00000{i}.tar" for i in range(2))
@@ -188,6 +191,7 @@ def test_folder_source_to_shards_and_back(tmp_path, channels, classes):
         assert x[1].mean() > x[0].mean() and x[1].mean() > x[2].mean()
 
 
+@pytest.mark.tier("e2e")
 def test_verify_command_checks_sha256(tmp_path):
     from conftest import run_cli
 
@@ -225,6 +229,7 @@ def make_cifar10(root, per_batch=3):
     return train
 
 
+@pytest.mark.tier("e2e")
 def test_cifar10_source_to_shards_and_back_exactly(tmp_path):
     from conftest import run_cli
 
@@ -269,6 +274,7 @@ def test_fewer_shards_than_readers_split_inside_shards_and_resume_anywhere(tmp_p
         assert labels_of(resumed, 16 - position) == whole[position * 4:]
 
 
+@pytest.mark.tier("e2e")
 def test_prepare_can_write_a_multiple_of_n_equal_shards(tmp_path):
     from conftest import run_cli
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import read_metrics, wait_for
 from slurm_cluster import preempt_and_release, run_cluster, show_job, squeue_state, submit
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.tier("cluster")  # every tier but unit is also slow (conftest)
 
 
 @pytest.fixture(scope="module")

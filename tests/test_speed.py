@@ -16,6 +16,8 @@ from dist_gan.losses import build_loss
 from dist_gan.run.nets import build_nets
 from dist_gan.run.step import train_step
 
+pytestmark = pytest.mark.tier("unit")
+
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist_wgangp.yaml"
 TINY = {"data.format": "memory", "data.batch_size": 8, "model.generator.width": 8,
         "model.discriminator.width": 8, "model.z_dim": 16, "optim.n_critic": 2,
@@ -66,6 +68,7 @@ def test_switch_trains_to_the_same_weights(baseline, overrides):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.tier("e2e")
 @pytest.mark.slow
 def test_compile_trains_to_the_same_weights_with_the_penalty(baseline):
     """torch.compile'd G and D (inductor on CPU), the WGAN-GP double backward through eager D."""

@@ -11,6 +11,8 @@ import pytest
 from dist_gan.data import DataError
 from dist_gan.data.split import SplitPlan
 
+pytestmark = pytest.mark.tier("unit")
+
 WORLDS = [1, 2, 3, 4, 6, 8, 16, 64, 512]
 WORKERS = [0, 1, 2, 4]
 BATCH = 16

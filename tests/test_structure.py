@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.tier("unit")
+
 PACKAGE = Path(__file__).resolve().parents[1] / "dist_gan"
 
 

@@ -17,7 +17,8 @@ import pytest
 from conftest import FAST, run_cli
 from helpers import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.tier("multiprocess")  # every tier but unit is also slow (conftest)
+
 
 PROBE = r'''
 import collections, json, sys

@@ -14,7 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import FAST, read_metrics, run_cli
 from helpers import run_here
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.tier("e2e")  # every tier but unit is also slow (conftest)
+
 
 SCALARS = ["loss_D", "loss_G", "gp", "D_real", "D_fake", "wasserstein", "grad_norm_G", "grad_norm_D",
            "lr_G", "lr_D", "imgs_per_sec"]

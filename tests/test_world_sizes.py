@@ -10,7 +10,7 @@ import pytest
 from conftest import FAST, read_metrics, run_cli, start_cli, wait_for
 from helpers import CPU_DDP, assert_same_weights, events, kill_tree
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.tier("e2e")  # every tier but unit is also slow (conftest)
 
 
 def launch(processes: int) -> list[str]:
@@ -34,6 +34,7 @@ def test_eight_processes_on_six_shards(tmp_path, mnist_shards):
     assert check["step"] == 3 and check["replicas_identical"] == {"G": True, "D": True}
 
 
+@pytest.mark.tier("cluster")
 def test_three_processes_killed_and_resumed_bit_exact(tmp_path, mnist_shards):
     """3 ranks x 2 workers: 12 steps straight == killed (SIGKILL to every process) after the step-6
     checkpoint, then resumed: the data position is sought, not replayed, and lands on the same batches."""
