@@ -24,7 +24,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
-
 from step_throughput import Toolkit, seconds_per_step  # noqa: E402
 
 ARCHS = {

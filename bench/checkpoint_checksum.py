@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dist_gan.run.checkpoint import MANIFEST, MANIFEST_FORMAT, read_manifest
 from dist_gan.core.fsutil import crc32_of
+from dist_gan.run.checkpoint import MANIFEST, MANIFEST_FORMAT, read_manifest
 
 
 def write_checkpoint(folder: Path, mb: int) -> None:

@@ -42,10 +42,10 @@ def train(name: str, run_dir: Path, args: argparse.Namespace) -> float:
 
 
 def measure(name: str, run_dir: Path, out: Path, args: argparse.Namespace) -> dict:
-    from dist_gan.tools.evaluation import evaluate_checkpoint
     from dist_gan.metrics.classifier import load_or_train_classifier
-    from dist_gan.tools.generate import by_class, generator_from_checkpoint, reconstructions
     from dist_gan.models.sampling import generate
+    from dist_gan.tools.evaluation import evaluate_checkpoint
+    from dist_gan.tools.generate import by_class, generator_from_checkpoint, reconstructions
 
     figures = evaluate_checkpoint(run_dir, args.n, mnist_dir=args.mnist_dir)
     generator, checkpoint = generator_from_checkpoint(run_dir)
@@ -63,7 +63,7 @@ def measure(name: str, run_dir: Path, out: Path, args: argparse.Namespace) -> di
     if name == "vaegan":
         save_image(reconstructions(checkpoint, generator, 32, args.mnist_dir), out / "family_vaegan_recon.png",
                    nrow=8, normalize=True, value_range=(-1, 1))
-    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     figures["steps"] = [r for r in records if r.get("event") == "end"][-1]["step"]
     return figures
 

@@ -46,8 +46,8 @@ def main() -> None:
     from dist_gan.config import load_config
     from dist_gan.data.sources import DATA_SOURCES
     from dist_gan.metrics import Embedder, build_feature_net, load_reference, quality
-    from dist_gan.tools.evaluation import evaluate_checkpoint
     from dist_gan.metrics.evaluator import embed_image_set
+    from dist_gan.tools.evaluation import evaluate_checkpoint
 
     config = load_config("configs/cifar10_resnet.yaml", {"data.root": args.root, "eval.feature_weights": args.weights})
     network = build_feature_net(config)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from quality import floor  # noqa: E402  (bench/quality.py: real test vs train, the same classifier)
 
+
 def variants(config: str, args: argparse.Namespace) -> dict[str, list[str]]:
     """The three runs' extra flags, by name."""
     ada = ["--augment.kind=ada", "--augment.target=0.6", f"--augment.speed_kimg={args.ada_kimg}"]

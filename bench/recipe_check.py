@@ -24,10 +24,10 @@ sys.path.insert(0, str(REPO / "bench"))
 
 def training_flops_per_image(config_path: str, overrides: dict) -> float:
     import torch
+    from step_throughput import Toolkit
     from torch.utils.flop_counter import FlopCounterMode
 
     from dist_gan.config import load_config
-    from step_throughput import Toolkit
 
     config = load_config(config_path, {**overrides, "data.batch_size": 4, "train.mixed_precision": "no",
                                        "loss.r1_gamma": 0.0, "loss.r2_gamma": 0.0, "loss.pl_weight": 0.0,

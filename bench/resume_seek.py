@@ -33,11 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from nginx_server import Nginx  # noqa: E402
-
 from dist_gan.config import DataConfig  # noqa: E402
 from dist_gan.data import build_batch_stream, prepare_shards  # noqa: E402
 from dist_gan.data.shards import SHARD_MANIFEST  # noqa: E402
+
+from nginx_server import Nginx  # noqa: E402
 
 REPEATS, BATCH, WORKERS = 20, 64, 2
 

@@ -25,7 +25,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
-
 from step_throughput import Toolkit, load, seconds_per_step  # noqa: E402
 
 BASELINE = {"speed.compile": False, "speed.channels_last": False, "speed.adam_impl": "auto",

@@ -26,7 +26,7 @@ def measure(checkout: Path, config: str, steps: int, rounds: int) -> dict:
     cmd = [sys.executable, str(checkout / "bench" / "step_throughput.py"), "--worker", "--plain",
            "--config", config, "--steps", str(steps), "--rounds", str(rounds)]
     out = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, check=True)
-    line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(text for text in out.stdout.splitlines() if text.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 

@@ -171,7 +171,7 @@ def peak_memory_mb() -> float:
 def measure(extra: list[str], launcher: list[str] | None = None) -> dict:
     cmd = (launcher or [sys.executable]) + [str(Path(__file__).resolve()), "--worker", *extra]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
-    line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(text for text in out.stdout.splitlines() if text.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 

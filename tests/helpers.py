@@ -1,5 +1,6 @@
 """What several test modules share (no test module imports another): launchers, the run's events,
-weights compared bit for bit, a process tree to kill, tiny shards to read back."""
+weights compared bit for bit, a process tree to kill, the kill-and-resume recipe, a tiny synthetic
+run, a user's feature network, tiny shards to read back."""
 
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, read_metrics
-
 from dist_gan.config import DataConfig
 from dist_gan.data import build_batch_stream
 from dist_gan.data.shards import SHARD_MANIFEST, write_shards
 from dist_gan.data.sources import TensorImageSet
+
+from conftest import REPO, read_metrics, run_cli, start_cli, wait_for
 
 # --main_process_port 0: Accelerate picks a free port, so launches on both pytest-xdist workers never
 # meet on its fixed default (29500)
@@ -78,6 +79,53 @@ def kill_tree(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
     proc.wait(timeout=60)
+
+
+# A run as small as a run gets, on synthetic data: for tests of mechanics (checkpoints, signals,
+# locks, errors), not of learning. ``tiny_run(config, run_dir, *more)`` is its command line.
+TINY_SYNTHETIC = ["--data.source=synthetic", "--data.format=memory", "--data.batch_size=8",
+                  "--model.generator.width=4", "--model.discriminator.width=4", "--run.log_every=1",
+                  "--run.sample_every=100"]
+
+
+def tiny_run(config: str, run_dir: Path, *more: str) -> list[str]:
+    """``python -m`` arguments of a tiny synthetic-data training run (``more`` overrides)."""
+    return ["dist_gan.train", config, f"--run.dir={run_dir}", *TINY_SYNTHETIC, *more]
+
+
+def logged_step(run_dir: Path) -> int:
+    """The last step a run has logged its losses for (0 before its first log line)."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        return 0
+    return max((r["step"] for r in read_metrics(run_dir) if "loss_D" in r), default=0)
+
+
+def kill_and_resume(args: list[str], run_dir: Path, *, launch: list[str] | None, kill_after: int,
+                    resumes_from: int, end: int, resume_args: list[str] | None = None, kill=None,
+                    timeout: int = 600) -> None:
+    """The kill -9 recipe: start ``args`` (under ``launch``), wait until step ``kill_after`` is logged,
+    kill every process of the run (``kill(proc)``, default ``kill_tree``), check the run had not
+    reached ``end``, resume it with ``train.resume=auto`` (``resume_args``: its command line, default
+    ``args``) and check it resumed from step ``resumes_from``. The caller compares with a straight run."""
+    proc = start_cli(args, launch, log=run_dir.parent / f"{run_dir.name}.killed.log")
+    wait_for(lambda: logged_step(run_dir) >= kill_after, timeout, f"step {kill_after}", proc, interval=0.01)
+    (kill or kill_tree)(proc)
+    assert not (run_dir / "checkpoints" / f"step_{end:08d}").exists(), "the run ended before the kill"
+    run_cli([*(resume_args or args), "--train.resume=auto"], launch, timeout=timeout)
+    started = [r for r in read_metrics(run_dir) if r.get("event") == "start"]
+    assert started[-1]["resumed_from"].endswith(f"step_{resumes_from:08d}"), started[-1]
+
+
+class TinyFeatures(torch.nn.Module):
+    """A user's own feature network, named in a config as helpers:tiny_feature_net."""
+
+    def embed(self, images):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1)
+        return pooled, pooled[:, :3]
+
+
+def tiny_feature_net(config):
+    return TinyFeatures()
 
 
 def tiny_shards(out, n_shards=8, per_shard=24, resolution=8, channels=1, encoding="png"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.server
 import shutil
 import signal
+import socket
 import socketserver
 import subprocess
 import threading
@@ -20,8 +21,6 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-
-import socket
 
 CONFIG = """
 daemon off;

@@ -4,16 +4,22 @@ resumed bit-exact with p identical on both ranks."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import read_metrics, run_cli, start_cli, wait_for
-from dist_gan.models.augment import (DIFFAUGMENT_GROUPS, AdaptiveAugment, AugmentedDiscriminator, DiffAugment,
-                              ada_pipeline, build_augmentation)
 from dist_gan.config import AugmentConfig, ConfigError, load_config
 from dist_gan.losses import GANLoss, LossView, build_loss
+from dist_gan.models.augment import (
+    DIFFAUGMENT_GROUPS,
+    AdaptiveAugment,
+    AugmentedDiscriminator,
+    DiffAugment,
+    ada_pipeline,
+    build_augmentation,
+)
+
+from conftest import read_metrics, run_cli
 
 pytestmark = pytest.mark.tier("unit")
 
@@ -201,7 +207,7 @@ def test_xflip_mirrors_each_image_in_alternate_epochs_and_limit_takes_a_fixed_su
 def test_two_process_ada_run_killed_and_resumed_bit_exact(tmp_path, mnist_dir):
     """ADA with x-flips on 512 MNIST images over 2 DDP processes: p moves, is the same on both
     ranks at every checkpoint, and a SIGKILL after the step-4 checkpoint resumes bit-exact."""
-    from helpers import CPU_DDP, assert_same_weights, events, kill_tree
+    from helpers import CPU_DDP, assert_same_weights, events, kill_and_resume
 
     def args(run):
         return ["dist_gan.train", "configs/mnist_dcgan.yaml", f"--run.dir={run}", f"--data.mnist_dir={mnist_dir}",
@@ -220,18 +226,7 @@ def test_two_process_ada_run_killed_and_resumed_bit_exact(tmp_path, mnist_dir):
                for e in events(straight, "checkpoint"))
 
     killed = tmp_path / "killed"
-    proc = start_cli(args(killed), launch, log=tmp_path / "killed.log")
-
-    def logged_step() -> int:
-        if not (killed / "metrics.jsonl").is_file():
-            return 0
-        return max((r["step"] for r in read_metrics(killed) if "loss_D" in r), default=0)
-
-    wait_for(lambda: logged_step() >= 6, 600, "step 6", proc, interval=0.01)
-    kill_tree(proc)
-    assert not (killed / "checkpoints" / "step_00000008").exists(), "the run ended before the kill"
-    run_cli([*args(killed), "--train.resume=auto"], launch)
-    assert events(killed, "start")[-1]["resumed_from"].endswith("step_00000004")
+    kill_and_resume(args(killed), killed, launch=launch, kill_after=6, resumes_from=4, end=8)
     assert_same_weights(straight / "checkpoints" / "step_00000008", killed / "checkpoints" / "step_00000008")
     a, b = (torch.load(run / "checkpoints" / "step_00000008" / "trainer_state.pt", weights_only=True)["augment"]
             for run in (straight, killed))

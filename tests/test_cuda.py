@@ -70,10 +70,10 @@ def test_steps_between_log_steps_never_sync_the_gpu():
     device-to-host wait in them raises (tests/test_syncs.py counts the same on CPU)."""
     from accelerate.utils import set_seed
 
-    from dist_gan.run import backend
     from dist_gan.config import load_config
-    from dist_gan.run.guard import StepTally
     from dist_gan.losses import build_loss
+    from dist_gan.run import backend
+    from dist_gan.run.guard import StepTally
     from dist_gan.run.nets import build_nets
     from dist_gan.run.step import StatsWindow, train_step
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import FAST, REPO, read_metrics, run_cli
-from helpers import ACCELERATE as ACCELERATE_LAUNCH, free_port
+from helpers import ACCELERATE as ACCELERATE_LAUNCH
+from helpers import free_port
 
 pytestmark = pytest.mark.tier("multiprocess")  # every tier but unit is also slow (conftest)
 
@@ -89,10 +90,10 @@ loop.train(load_config(sys.argv[1], dict(arg[2:].split("=", 1) for arg in sys.ar
 
 
 def test_ranks_that_disagree_leave_the_checkpoint_incomplete(tmp_path, mnist_dir):
-    from conftest import read_metrics
-
     from dist_gan.run.checkpoint import list_checkpoints
     from dist_gan.run.retention import resolve_resume
+
+    from conftest import read_metrics
 
     probe, run = tmp_path / "diverge.py", tmp_path / "run"
     probe.write_text(DIVERGE)

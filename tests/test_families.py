@@ -3,7 +3,6 @@ RNN-GAN, and the Improved-GAN techniques, end to end on real MNIST (one and two 
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from PIL import Image

@@ -19,17 +19,16 @@ import pytest
 import torch
 from PIL import Image
 
+from dist_gan.config import ConfigError, load_config
+from dist_gan.core.fsutil import crc32_of, sha256_of
+from dist_gan.data import DataError, prepare_shards
+from dist_gan.run import runlock
+from dist_gan.run.checkpoint import MANIFEST_FORMAT, CheckpointError, list_checkpoints, read_manifest
+from dist_gan.run.launcher import parse_launch
+from dist_gan.run.retention import last_healthy, prune_checkpoints, resolve_resume
+
 from conftest import FAST, REPO, read_metrics, run_cli, start_cli, wait_for
 from helpers import ACCELERATE, events, labels_of, run_module_here, stream, tiny_shards
-
-from dist_gan.run import runlock
-from dist_gan.run.launcher import parse_launch
-from dist_gan.run.checkpoint import MANIFEST_FORMAT, CheckpointError, list_checkpoints, read_manifest
-from dist_gan.core.fsutil import crc32_of
-from dist_gan.run.retention import last_healthy, prune_checkpoints, resolve_resume
-from dist_gan.config import ConfigError, load_config
-from dist_gan.data import DataError, prepare_shards
-from dist_gan.core.fsutil import sha256_of
 
 pytestmark = pytest.mark.tier("unit")
 

@@ -3,19 +3,18 @@ test_faults.py)."""
 
 from __future__ import annotations
 
-import pytest
-
 import signal
 
+import pytest
 import torch
 
 from dist_gan.config import TrainConfig
 from dist_gan.run.guard import DivergenceGuard, StepTally, Verdict
-
-GO_ON, ROLL_BACK, STOP = Verdict.GO_ON, Verdict.ROLL_BACK, Verdict.STOP
 from dist_gan.run.stop import StopPolicy, StopRequest, is_preemption
 
 pytestmark = pytest.mark.tier("unit")
+
+GO_ON, ROLL_BACK, STOP = Verdict.GO_ON, Verdict.ROLL_BACK, Verdict.STOP
 
 GOOD = {"loss_D": torch.tensor(0.5), "loss_G": torch.tensor(0.7)}
 BAD = {"loss_D": torch.tensor(float("inf")), "loss_G": torch.tensor(0.7)}

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, missing_prerequisite, read_metrics, run_cli, start_cli, wait_for
-from helpers import CPU_DDP, assert_same_weights, kill_tree, labels_of, stream, tiny_shards
-from nginx_server import Nginx, nginx_binary
-
 from dist_gan.data import DataError
 from dist_gan.data.shards import SHARD_MANIFEST
+
+from conftest import FAST, missing_prerequisite, read_metrics, run_cli
+from helpers import CPU_DDP, assert_same_weights, kill_and_resume, kill_tree, labels_of, stream, tiny_shards
+from nginx_server import Nginx, nginx_binary
 
 pytestmark = pytest.mark.tier("unit")
 
@@ -142,14 +142,15 @@ def test_two_processes_train_over_http_and_a_kill_9_resume_seeks_bit_exact(web, 
     run_cli(args(straight, mnist_shards), launch)
     http = web.url("mnist/train-{000000..000005}.tar")
     killed = tmp_path / "killed"
-    proc = start_cli(args(killed, http), launch, log=tmp_path / "killed.log")
-    wait_for(lambda: (killed / "metrics.jsonl").is_file()
-             and any(r.get("step", 0) >= 6 and "loss_D" in r for r in read_metrics(killed)),
-             600, "step 6", proc, interval=0.05)
-    kill_tree(proc)
-    killed_requests = len(web.requests())
-    ranges_before = {r.range for r in web.requests()}
-    run_cli(args(killed, http, "--train.resume=auto"), launch)
+    seen: dict[str, object] = {}
+
+    def kill_and_note_requests(proc):
+        kill_tree(proc)
+        seen["count"], seen["ranges"] = len(web.requests()), {r.range for r in web.requests()}
+
+    kill_and_resume(args(killed, http), killed, launch=launch, kill_after=6, resumes_from=4, end=8,
+                    kill=kill_and_note_requests)
+    killed_requests, ranges_before = seen["count"], seen["ranges"]
     assert [r["step"] for r in read_metrics(killed) if r.get("event") == "start"] == [0, 4]
     assert_same_weights(straight / "checkpoints" / "step_00000008", killed / "checkpoints" / "step_00000008")
     resumed = web.requests()[killed_requests:]

@@ -12,10 +12,19 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
 from dist_gan.config import ConfigError, load_config
-from dist_gan.metrics import (Embedder, InceptionFeatures, Reference, build_feature_net, feature_statistics,
-                              fid_kid_is, frechet_distance, quality)
+from dist_gan.metrics import (
+    Embedder,
+    InceptionFeatures,
+    Reference,
+    build_feature_net,
+    feature_statistics,
+    fid_kid_is,
+    frechet_distance,
+    quality,
+)
+
+from conftest import run_cli
 
 pytestmark = pytest.mark.tier("unit")
 
@@ -148,7 +157,7 @@ def test_evaluate_reference_then_train_against_it(tmp_path, inception_weights):
 
     proc = run_cli(["dist_gan.train", "configs/dcgan64_rgb.yaml", f"--run.dir={tmp_path / 'other'}",
                     "--data.source=synthetic", "--data.format=memory", "--data.resolution=32",
-                    "--train.max_steps=1", "--eval.every=1", "--eval.feature_net=test_metrics:tiny_feature_net",
+                    "--train.max_steps=1", "--eval.every=1", "--eval.feature_net=helpers:tiny_feature_net",
                     f"--eval.reference_stats={stats}"], check=False, env={"PYTHONPATH": "tests"})
     assert proc.returncode != 0 and f"eval.reference_stats={stats} was computed with feature network inception" \
         in proc.stderr

@@ -18,22 +18,20 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, missing_prerequisite, read_metrics, run_cli, start_cli, wait_for
-from helpers import run_module_here
-
 from dist_gan.config import ConfigError, DataConfig, load_config
 from dist_gan.data import DataError, prepare_shards, shards_from_folder
 from dist_gan.data.shards import SHARD_MANIFEST, verify_shards
 from dist_gan.data.sources import FolderImageSet
+
+from conftest import REPO, missing_prerequisite, read_metrics, run_cli, start_cli, wait_for
+from helpers import TINY_SYNTHETIC, run_module_here
 
 pytestmark = pytest.mark.tier("unit")
 
 ACCELERATE_CPU = ["--main_process_port", "0", "--config_file", str(REPO / "launch" / "cpu_ddp.yaml"),
                   "--num_processes", "2"]
 # One process, synthetic images in memory, tiny nets: the run directory's mechanics in seconds
-TINY = ["configs/mnist_dcgan.yaml", "--data.source=synthetic", "--data.format=memory",
-        "--data.batch_size=8", "--model.generator.width=4", "--model.discriminator.width=4",
-        "--run.log_every=1", "--run.sample_every=100"]
+TINY = ["configs/mnist_dcgan.yaml", *TINY_SYNTHETIC]
 
 
 def digest(directory: Path) -> dict[str, str]:
@@ -330,8 +328,8 @@ def test_evaluate_honours_its_feature_net(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run_cli(["dist_gan.train", *TINY, f"--run.dir={run}", "--train.max_steps=1", "--run.ckpt_every=1"])
     monkeypatch.syspath_prepend(str(REPO / "tests"))
-    results = evaluate_checkpoint(run, 32, feature_net="test_metrics:tiny_feature_net")
-    assert results["_source"]["feature_net"] == "test_metrics:tiny_feature_net"
+    results = evaluate_checkpoint(run, 32, feature_net="helpers:tiny_feature_net")
+    assert results["_source"]["feature_net"] == "helpers:tiny_feature_net"
     assert len(results["generated"]) > 0
 
 
@@ -378,9 +376,9 @@ def test_a_checkpoint_with_a_non_finite_ema_is_marked_unhealthy(tmp_path):
     import contextlib
 
     from dist_gan.run import backend
-    from dist_gan.run.retention import is_healthy
     from dist_gan.run.checkpoint import list_checkpoints
     from dist_gan.run.loop import Run
+    from dist_gan.run.retention import is_healthy
 
     config = load_config(TINY[0], {**dict(a[2:].split("=", 1) for a in TINY[1:]), "run.dir": str(tmp_path / "run"),
                                    "run.trackers": "[]"})

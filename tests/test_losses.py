@@ -234,7 +234,7 @@ def test_lazy_intervals_count_updates_not_micro_batches():
 
 
 def test_losses_are_an_objective_and_their_terms():
-    from dist_gan.losses import GradientPenalty, Hinge, R1, Wasserstein, WeightClipping
+    from dist_gan.losses import R1, GradientPenalty, Hinge, Wasserstein, WeightClipping
 
     wgan_gp = build_loss(LossConfig(name="wgan_gp", r1_gamma=1.0))
     assert isinstance(wgan_gp.objective, Wasserstein)
@@ -248,8 +248,8 @@ def test_fp16_penalty_gradient_is_taken_at_the_loss_scale_and_does_not_underflow
     loss scale and unscaled in fp32 (PyTorch's AMP recipe) it matches the fp32 penalty."""
     import copy
 
-    from dist_gan.models.base import accept_fp32_io
     from dist_gan.losses import input_gradient, r1_penalty
+    from dist_gan.models.base import accept_fp32_io
 
     d32 = torch.nn.Sequential(torch.nn.Linear(4, 1, bias=False), torch.nn.Linear(1, 1, bias=False))
     with torch.no_grad():

@@ -11,12 +11,13 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dist_gan.metrics
-from conftest import FAST, read_metrics, run_cli
-from helpers import run_here
 from dist_gan.config import DataConfig
 from dist_gan.data.sources import load_mnist_idx
 from dist_gan.metrics import Embedder, class_coverage, fid_kid_is, precision_recall, real_embeddings
 from dist_gan.metrics.classifier import accuracy, default_classifier_path, load_or_train_classifier
+
+from conftest import FAST, read_metrics, run_cli
+from helpers import run_here
 
 pytestmark = pytest.mark.tier("e2e")  # every tier but unit is also slow (conftest)
 
@@ -127,19 +128,7 @@ def test_eval_during_training_and_evaluate_command(tmp_path, mnist_dir, mnist_sh
     assert all(np.abs(a - b).mean() > 0 for a, b in zip(tiles, tiles[1:]))  # the walk moves
 
 
-class TinyFeatures(torch.nn.Module):
-    """A user's own feature network, named in the config as test_metrics:tiny_feature_net."""
-
-    def embed(self, images):
-        pooled = torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1)
-        return pooled, pooled[:, :3]
-
-
-def tiny_feature_net(config):
-    return TinyFeatures()
-
-
-@pytest.mark.parametrize("net", ["torchvision", "test_metrics:tiny_feature_net"])
+@pytest.mark.parametrize("net", ["torchvision", "helpers:tiny_feature_net"])
 def test_other_feature_networks_by_name(tmp_path, net):
     from torchvision.models import resnet18
 

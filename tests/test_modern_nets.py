@@ -13,9 +13,16 @@ from dist_gan.config import ConfigError, LossConfig, NetConfig, load_config
 from dist_gan.losses import GANLoss, LossView, PathLength, r1_penalty
 from dist_gan.models import build_discriminator, build_generator
 from dist_gan.models.resnet import ResNetGenerator, channel_plan
-from dist_gan.models.stylegan2 import (EqualConv2d, EqualLinear, MappingNetwork, ModulatedConv2d,
-                                       StyleGAN2Generator, mix_styles, modulated_weight)
 from dist_gan.models.sampling import decode, truncate_latents
+from dist_gan.models.stylegan2 import (
+    EqualConv2d,
+    EqualLinear,
+    MappingNetwork,
+    ModulatedConv2d,
+    StyleGAN2Generator,
+    mix_styles,
+    modulated_weight,
+)
 
 pytestmark = pytest.mark.tier("unit")
 

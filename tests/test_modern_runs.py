@@ -12,19 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, read_metrics, run_cli, start_cli, wait_for
-from helpers import ACCELERATE, CPU_DDP, assert_same_weights, events, kill_tree, run_here
-
-from dist_gan.run.retention import best_checkpoint, keep_as_best, restore_best
 from dist_gan.run.checkpoint import list_checkpoints
+from dist_gan.run.retention import best_checkpoint, keep_as_best, restore_best
+
+from conftest import REPO, read_metrics, run_cli
+from helpers import ACCELERATE, CPU_DDP, TINY_SYNTHETIC, assert_same_weights, events, kill_and_resume, run_here
 
 pytestmark = pytest.mark.tier("cluster")  # every tier but unit is also slow (conftest)
 
 
 # 32 px synthetic RGB images in memory, narrow nets: the recipes' code paths in seconds
-SMALL = ["--data.source=synthetic", "--data.format=memory", "--data.resolution=32", "--data.channels=3",
-         "--data.batch_size=8", "--model.generator.width=4", "--model.discriminator.width=4",
-         "--model.z_dim=32", "--run.log_every=1", "--run.sample_every=100", "--eval.every=0",
+SMALL = [*TINY_SYNTHETIC, "--data.resolution=32", "--data.channels=3", "--model.z_dim=32", "--eval.every=0",
          "--run.keep_best=false"]
 LAZY = ["--loss.r1_gamma=1.0", "--loss.r1_every=2"]
 RECIPES = {
@@ -71,18 +69,7 @@ def test_two_process_ddp_killed_and_resumed_bit_exact_with_lazy_r1_and_path_leng
         assert all(c == {"G": True, "D": True} for c in checks)
 
     killed = tmp_path / "killed"
-    proc = start_cli(args(arch, killed, *common), launch, log=tmp_path / "killed.log")
-
-    def logged_step() -> int:
-        if not (killed / "metrics.jsonl").is_file():
-            return 0
-        return max((r["step"] for r in read_metrics(killed) if "loss_D" in r), default=0)
-
-    wait_for(lambda: logged_step() >= 5, 600, "step 5", proc, interval=0.01)
-    kill_tree(proc)
-    assert not (killed / "checkpoints" / "step_00000008").exists(), "the run ended before the kill"
-    run_cli(args(arch, killed, *common, "--train.resume=auto"), launch)
-    assert events(killed, "start")[-1]["resumed_from"].endswith("step_00000004")
+    kill_and_resume(args(arch, killed, *common), killed, launch=launch, kill_after=5, resumes_from=4, end=8)
     assert_same_weights(straight / "checkpoints" / "step_00000008", killed / "checkpoints" / "step_00000008")
     a, b = (torch.load(run / "checkpoints" / "step_00000008" / "trainer_state.pt", weights_only=True)["loss"]
             for run in (straight, killed))
@@ -133,7 +120,7 @@ def test_keep_best_survives_pruning_and_is_the_lowest_fid(tmp_path, capsys):
     common = ["dist_gan.train", "configs/mnist_dcgan.yaml", f"--run.dir={run}", "--data.source=synthetic",
               "--data.format=memory", "--data.batch_size=16", "--model.generator.width=8",
               "--model.discriminator.width=8", "--run.keep_best=true", "--eval.every=2",
-              "--eval.n_samples=64", "--eval.feature_net=test_metrics:tiny_feature_net",
+              "--eval.n_samples=64", "--eval.feature_net=helpers:tiny_feature_net",
               "--run.keep_last=1", "--run.ckpt_every=100", "--run.log_every=2"]
     env = {"PYTHONPATH": str(REPO / "tests")}
     run_cli([*common, "--train.max_steps=12"], env=env)

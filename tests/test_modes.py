@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from dist_gan.config import Config, ConfigError, DataConfig, load_config
+from dist_gan.core.imagegrid import picture
 from dist_gan.data import DataError, build_batch_stream, prepare_shards
 from dist_gan.data.mixtures import MIXTURE_SIZE, MIXTURES, QUALITY_SIGMAS
 from dist_gan.data.sources import DATA_SOURCES, STACKED_MNIST_MODES, mnist_source, to_model_range
-from dist_gan.core.imagegrid import picture
 from dist_gan.metrics.classifier import load_or_train_classifier
 from dist_gan.metrics.evaluator import figures
 from dist_gan.metrics.modes import PointFeatures, StackedMnistFeatures, coverage_figures

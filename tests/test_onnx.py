@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import json
 
+import onnxruntime as ort  # noqa: E402  (the dev extra installs it)
 import pytest
 import torch
 
-from conftest import REPO, run_cli
-from helpers import run_here
-
 from dist_gan.config import load_config
-from dist_gan.tools.export import ONNX_FILE, export_onnx, onnx_inputs
 from dist_gan.models import build_generator
 from dist_gan.run.registry import registered_names
+from dist_gan.tools.export import ONNX_FILE, export_onnx, onnx_inputs
 
-import onnxruntime as ort  # noqa: E402  (the dev extra installs it)
+from conftest import REPO, run_cli
+from helpers import run_here
 
 pytestmark = pytest.mark.tier("unit")
 

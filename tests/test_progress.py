@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import REPO, run_cli
@@ -20,7 +19,7 @@ def test_a_run_ends_with_its_progress_animation_and_fid_curve(tmp_path, capsys):
     run_cli(["dist_gan.train", "configs/mnist_dcgan.yaml", f"--run.dir={run}", "--data.source=synthetic",
              "--data.format=memory", "--data.batch_size=8", "--model.generator.width=4",
              "--model.discriminator.width=4", "--train.max_steps=6", "--run.sample_every=2", "--run.log_every=2",
-             "--eval.every=2", "--eval.n_samples=32", "--eval.feature_net=test_metrics:tiny_feature_net",
+             "--eval.every=2", "--eval.n_samples=32", "--eval.feature_net=helpers:tiny_feature_net",
              "--run.trackers=[]"], env={"PYTHONPATH": str(REPO / "tests")})
     grids = sorted((run / "samples").glob("ema_*.png"))
     assert [g.name for g in grids] == [f"ema_{s:08d}.png" for s in (2, 4, 6)]

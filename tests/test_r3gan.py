@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dist_gan.config import ConfigError, LossConfig, NetConfig, Ramp, load_config
-from dist_gan.losses import GANLoss, LossView, R1, R2, RelativisticPairing, build_loss, r1_penalty
+from dist_gan.losses import R1, R2, GANLoss, LossView, RelativisticPairing, build_loss, r1_penalty
 from dist_gan.models.r3gan import R3GANDiscriminator, R3GANGenerator, ResidualBlock
 
 pytestmark = pytest.mark.tier("unit")
@@ -211,8 +211,8 @@ def test_schedule_config_is_validated():
 
 def test_schedules_set_gamma_beta2_and_p_and_the_lr_follows_its_ramp():
     """In a real (one-process) trainer's objects: values are a function of the step alone."""
-    from dist_gan.models.augment import build_augmentation
     from dist_gan.config import AugmentConfig, ScheduleConfig
+    from dist_gan.models.augment import build_augmentation
     from dist_gan.run.nets import build_schedule
     from dist_gan.run.schedules import build_schedules
 

@@ -3,14 +3,15 @@ state carries, and the divergence guard's counters kept across a restart."""
 
 from __future__ import annotations
 
-import pytest
-
 import contextlib
 
+import pytest
 import torch
 
 from dist_gan.run.loop import Run
 from dist_gan.run.stop import SavePolicy
+
+from helpers import TINY_SYNTHETIC
 
 pytestmark = pytest.mark.tier("unit")
 
@@ -60,13 +61,14 @@ def test_keep_best_saves_at_an_evaluation_step_with_a_new_best():
 
 
 def _run(tmp_path, name: str) -> tuple[Run, contextlib.ExitStack]:
-    from dist_gan.run import backend
     from dist_gan.config import load_config
+    from dist_gan.run import backend
 
+    tiny = dict(flag[2:].split("=", 1) for flag in TINY_SYNTHETIC)
     config = load_config("configs/mnist_r3gan.yaml", {
-        "run.dir": str(tmp_path / name), "data.source": "synthetic", "data.format": "memory",
-        "data.batch_size": 4, "model.generator.widths": "[16,16,16]", "model.discriminator.widths": "[16,16,16]",
-        "augment.kind": "diffaugment", "run.trackers": "[]", "loss.historical_averaging": 0.01})
+        **tiny, "run.dir": str(tmp_path / name), "data.batch_size": 4, "model.generator.widths": "[16,16,16]",
+        "model.discriminator.widths": "[16,16,16]", "augment.kind": "diffaugment", "run.trackers": "[]",
+        "loss.historical_averaging": 0.01})
     stack = contextlib.ExitStack()
     acc_G, acc_D = backend.make_accelerators(config)
     return Run(config, acc_G, acc_D, stack), stack

@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import add_broken_samples, labels_of, replace_sample, stream, tiny_shards
-
 from dist_gan.config import DataConfig
 from dist_gan.data import DataError, build_batch_stream, load_mnist_idx, prepare_shards
 from dist_gan.data.shards import SHARD_MANIFEST, write_shards
 from dist_gan.data.sources import TensorImageSet
+
+from helpers import add_broken_samples, labels_of, replace_sample, stream, tiny_shards
 
 pytestmark = pytest.mark.tier("unit")
 

@@ -9,10 +9,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from dist_gan.run import backend
 from dist_gan.config import ConfigError, load_config
 from dist_gan.data import InMemoryBatches
 from dist_gan.losses import build_loss
+from dist_gan.run import backend
 from dist_gan.run.nets import build_nets
 from dist_gan.run.step import train_step
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, read_metrics, run_cli, start_cli, wait_for
-from helpers import CPU_DDP, assert_same_weights, events, kill_tree
+from conftest import FAST, run_cli
+from helpers import CPU_DDP, assert_same_weights, events, kill_and_resume
 
 pytestmark = pytest.mark.tier("e2e")  # every tier but unit is also slow (conftest)
 
@@ -42,18 +42,9 @@ def test_three_processes_killed_and_resumed_bit_exact(tmp_path, mnist_shards):
     run_cli(args(tmp_path / "straight", mnist_shards, *common), launch(3), timeout=900)
     assert events(tmp_path / "straight", "start")[0]["world_size"] == 3
     killed = tmp_path / "killed"
-    proc = start_cli(args(killed, mnist_shards, *common), launch(3), log=tmp_path / "killed.log")
-
-    def logged_step() -> int:
-        if not (killed / "metrics.jsonl").is_file():
-            return 0
-        return max((r["step"] for r in read_metrics(killed) if "loss_D" in r), default=0)
-
-    # step 7 logged: the step-6 checkpoint is complete, and 5 steps remain before the end
-    wait_for(lambda: logged_step() >= 7, 600, "step 7", proc, interval=0.01)
-    kill_tree(proc)  # every rank and loader worker at once, as a node failure
-    assert not (killed / "checkpoints" / "step_00000012").exists(), "the run ended before the kill"
-    run_cli(args(killed, mnist_shards, *common, "--train.resume=auto"), launch(3), timeout=900)
-    assert events(killed, "start")[-1]["resumed_from"].endswith("step_00000006")
+    # step 7 logged: the step-6 checkpoint is complete, and 5 steps remain before the end; every rank
+    # and loader worker is killed at once, as in a node failure
+    kill_and_resume(args(killed, mnist_shards, *common), killed, launch=launch(3), kill_after=7, resumes_from=6,
+                    end=12, timeout=900)
     assert_same_weights(tmp_path / "straight" / "checkpoints" / "step_00000012",
                         killed / "checkpoints" / "step_00000012")
