@@ -341,7 +341,7 @@ class SpeedConfig:
     # many GPUs; a resumed run then matches only to float rounding).
     ddp_fixed_buckets: bool = True
     # Zero-centred penalties (R1, R2) differentiate the loss's own D forward (StyleGAN2-ADA's "Dboth");
-    # false: each penalty runs a forward of its own, as before issue 26 (bench/shared_forward.py).
+    # false: each penalty runs a forward of its own (the cost of each: bench/shared_forward.py).
     # When a penalty is due, the shared forward runs in fp32 with autocast off.
     share_penalty_forward: bool = True
 

@@ -85,16 +85,27 @@ def heaviest_modules_first(items: list) -> list:
     return sorted(items, key=lambda item: (rank[item.module.__name__], position[item.nodeid]))
 
 
+def starts_python(args) -> bool:
+    """Whether a Popen command line runs this interpreter or a script of its bin directory."""
+    argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+    program = Path(os.fsdecode(argv[0]).split()[0]) if argv else Path()
+    return program.parent == Path(sys.executable).parent or program.name.startswith("python")
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
-    """A unit test runs in this process: starting one (a training run, a CLI) fails it, naming the
-    command, so its marker says e2e or above. Fixtures may start processes; the test body may not."""
+    """A unit test runs in this process: starting a Python process (a training run, a CLI, a launcher:
+    anything from this interpreter's bin directory) fails it, naming the command, so its marker says
+    e2e or above. Fixtures may start processes; the test body may not. (Tools libraries run on
+    import, such as ctypes' ``ldconfig -p``, are not the test's.)"""
     if item.get_closest_marker("cuda") or tier_of(item) != "unit":
         return (yield)
     original = subprocess.Popen.__init__
 
     def refuse(self, args, *rest, **kwargs):
-        raise AssertionError(f"{item.nodeid} is marked unit but starts a process ({args!r}): mark it e2e")
+        if starts_python(args):
+            raise AssertionError(f"{item.nodeid} is marked unit but starts a process ({args!r}): mark it e2e")
+        return original(self, args, *rest, **kwargs)
 
     subprocess.Popen.__init__ = refuse
     try:

@@ -20,10 +20,11 @@ DOCS = [REPO / "README.md", REPO / "DEVELOPERS.md", REPO / "slurm" / "README.md"
         *sorted((REPO / "docs").glob("*.md"))]
 SECTIONS = {f.name for f in dataclasses.fields(Config)}
 # Flags of the tools we document but do not own (accelerate launch, torchrun, Slurm, TensorBoard, pytest).
-EXTERNAL_FLAGS = {"config_file", "num_processes", "machine_rank", "num_machines", "main_process_ip",
-                  "main_process_port", "cpu", "multi_gpu", "nodes", "gpus-per-node", "time", "signal",
-                  "requeue", "open-mode", "me", "format", "logdir", "port", "durations", "dist",
-                  "master_port"}
+EXTERNAL_FLAGS = {
+    "config_file", "cpu", "dist", "durations", "format", "gpus-per-node", "logdir", "machine_rank",
+    "main_process_ip", "main_process_port", "master_port", "me", "nodes", "num_machines", "num_processes",
+    "open-mode", "port", "requeue", "signal", "time",
+}
 
 
 def config_keys(node=Config, prefix: str = "") -> set[str]:
@@ -98,26 +99,16 @@ def code_names() -> tuple[set[str], dict[str, set[str]], set[str]]:
 
 # Names of the libraries we build on that the docs mention in backticks
 EXTERNAL_NAMES = {
-    "DistributedDataParallel", "GradScaler", "LambdaLR", "WebDataset", "WebLoader", "DataLoader", "ShardWriter",
-    "ResampledShards", "DataPipeline", "Accelerator", "DeepSpeedPlugin", "InitProcessGroupKwargs",
-    "KernelInceptionDistance", "InceptionScore", "FrechetInceptionDistance", "GradientState", "SeedSequence",
-    "ChildFailedError", "CalledProcessError", "IterableDataset", "BatchNorm2d", "SummaryWriter", "HfApi",
-    "FusedAdam", "DeepSpeedEngine", "ReduceLROnPlateau", "TensorDataset", "ZeroRedundancyOptimizer",
-    "LayerNorm", "InstanceNorm2d", "GroupNorm", "PixelShuffle", "FileExistsError", "KeyError",
-    "PackageNotFoundError", "AttributeError", "RuntimeError", "OSError", "ValueError", "SystemExit",
-    "DistBackendError", "UnsupportedModelRegistryStoreURIException", "MLflowTracker", "TensorBoardTracker",
-    "KillWait", "NodeAddr", "SlurmctldHost", "ReturnToService", "RealMemory",
+    "ShardWriter", "_original_forward",
+    "Accelerator", "DeepSpeedPlugin", "GradScaler", "InceptionScore", "InitProcessGroupKwargs",
+    "KernelInceptionDistance", "KillWait", "NodeAddr", "OSError", "SeedSequence",
 }
-EXTERNAL_CALLS = {"save_state", "load_state", "prepare", "backward", "skip_first_batches", "unwrap_model",
-                  "register_for_checkpointing", "select_deepspeed_plugin", "enable_deepspeed_plugin",
-                  "save_checkpoint", "load_checkpoint", "no_sync", "autocast", "reduce", "gather",
-                  "set_seed", "with_epoch", "split_by_node", "main_process_first", "wait_for_everyone",
-                  "check_ddp_consistency", "autograd.grad", "torch.compile", "get_last_lr", "step",
-                  "set_sync_debug_mode", "flock", "upfirdn2d", "engine.step", "optimizer.step", "zero_grad",
-                  "end_training", "init_process_group", "all_reduce", "all_gather", "barrier", "sqrtm",
-                  "cdist", "interpolate", "fused_adam", "load_file", "save_file", "state_dict",
-                  "load_state_dict", "item", "tolist", "cpu", "float", "int", "bool", "torch.where",
-                  "requires_grad_", "build", "deepspeed.initialize"}  # build: the user's feature-net factory in README
+EXTERNAL_CALLS = {
+    "autograd.grad", "backward", "build", "cdist", "check_ddp_consistency", "deepspeed.initialize", "float",
+    "flock", "int", "interpolate", "load_state_dict", "no_sync", "optimizer.step", "prepare",
+    "requires_grad_", "save_checkpoint", "set_seed", "sqrtm", "state_dict", "step", "tolist", "torch.where",
+    "unwrap_model", "upfirdn2d",
+}  # build: the user's feature-net factory in README
 
 
 def backticked(text: str) -> list[str]:
@@ -156,3 +147,48 @@ def test_named_modules_functions_and_classes_exist(doc):
                 and name not in EXTERNAL_NAMES and name not in EXTERNAL_CALLS:
             missing.append(name)
     assert not missing, f"{doc.name} names code that does not exist: {sorted(set(missing))}"
+
+
+def layout_entries(doc: Path, heading: str) -> list[str]:
+    """The ``dist_gan/...`` paths that open the lines of the code block under ``heading``."""
+    text = doc.read_text()
+    block = text[text.index(heading):]
+    block = block[block.index("```") + 3:]
+    block = block[:block.index("```")]
+    return [line.split()[0] for line in block.splitlines() if line.startswith("dist_gan/")]
+
+
+def uncovered_and_unknown(entries: list[str]) -> tuple[list[str], list[str]]:
+    """(package modules no entry names, itself or through its folder; entries naming nothing)."""
+    package = REPO / "dist_gan"
+    modules = [p.relative_to(REPO).as_posix() for p in package.rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py") and "__pycache__" not in p.parts]
+    folders = [e for e in entries if e.endswith("/")]
+    uncovered = sorted(m for m in modules if m not in entries and not any(m.startswith(f) for f in folders))
+    unknown = sorted(e for e in entries if not (REPO / e).exists())
+    return uncovered, unknown
+
+
+@pytest.mark.parametrize("doc,heading", [("README.md", "## Layout"),
+                                         ("docs/design.md", "## The package on one screen")])
+def test_the_layout_lists_match_the_package_tree(doc, heading):
+    """Every module of dist_gan/ is in the list (by name, or by its folder), and every entry exists."""
+    entries = layout_entries(REPO / doc, heading)
+    assert entries, f"{doc}: no layout list under {heading}"
+    assert uncovered_and_unknown(entries) == ([], [])
+
+
+def test_the_layout_check_fails_on_a_stale_list():
+    """It cannot pass by construction: a moved module and a missing one are both reported."""
+    entries = layout_entries(REPO / "README.md", "## Layout")
+    stale = [e for e in entries if e != "dist_gan/run/loop.py"] + ["dist_gan/loop.py"]
+    assert uncovered_and_unknown(stale) == (["dist_gan/run/loop.py"], ["dist_gan/loop.py"])
+
+
+def test_every_allow_listed_external_name_is_mentioned():
+    """The allow-lists hold only what the docs name: an entry no page mentions any more is dead."""
+    texts = "\n".join(doc.read_text() for doc in DOCS)
+    ticked = {token.strip().split("(", 1)[0] for token in backticked(texts)}
+    flags = set(re.findall(r"(?<![\w-])--([a-z][a-z_0-9-]*)(?![.\w])", texts))
+    dead = sorted((EXTERNAL_NAMES | EXTERNAL_CALLS) - ticked) + sorted(EXTERNAL_FLAGS - flags)
+    assert dead == []

@@ -180,3 +180,16 @@ def test_about_ten_top_level_names():
     names = sorted(p.name for p in PACKAGE.iterdir() if p.name != "__pycache__" and not p.name.startswith("__"))
     assert names == ["cli.py", "config.py", "core", "data", "evaluate.py", "export.py", "losses.py", "metrics",
                      "models", "run", "sample.py", "tools", "train.py"]
+
+
+def test_a_unit_test_that_starts_python_is_caught():
+    """conftest's guard on unit tests: a training run, a CLI or a launcher is refused; a tool a
+    library runs (ctypes' ldconfig, the loader's pipe: commands) is not the test's."""
+    import sys
+
+    from conftest import starts_python
+
+    assert starts_python([sys.executable, "-m", "dist_gan.train", "--help"])
+    assert starts_python([str(Path(sys.executable).parent / "accelerate"), "launch"])
+    assert starts_python("python -c pass")
+    assert not starts_python(["/sbin/ldconfig", "-p"]) and not starts_python("curl -s http://x")

@@ -154,8 +154,9 @@ class TarReader:
 
     A small reader of the ustar format (with PAX and GNU long names, as tarfile writes them): the
     loader needs only each member's name and, for the samples it keeps, its bytes, and tarfile's
-    general header parsing was most of the loader's CPU. Headers are checksummed; a bad header or
-    data that ends inside a member raise ``tarfile.ReadError``, as tarfile does.
+    general header parsing costs most of the loader's CPU (docs/data_throughput.md). Headers are
+    checksummed; a bad header or data that ends inside a member raise ``tarfile.ReadError``, as
+    tarfile does.
     """
 
     def __init__(self, stream, seekable: bool):

@@ -52,10 +52,9 @@ def strategy(accelerator: Accelerator) -> Strategy:
 def shut_down(accelerator: Accelerator, wrapped: list[nn.Module]) -> None:
     """End a run's distributed state in one fixed order on every rank: wait for the other ranks,
     let the strategy free what its wrapped networks hold (DeepSpeed's engines), then destroy the
-    process group. Left to interpreter exit, the engines' destructors ran after the process group
-    was gone, in whatever order garbage collection picked. (This order alone did not stop a rare
-    SIGABRT in torch's C++ teardown after complete runs; ``dist_gan.train`` also skips that
-    teardown in multi-process runs.)"""
+    process group, rather than leave the engines' destructors to run after the process group is gone,
+    in whatever order garbage collection picks. (``dist_gan.train`` also skips torch's C++ teardown in
+    multi-process runs, where it can abort after a complete run.)"""
     accelerator.wait_for_everyone()
     strategy(accelerator).release(wrapped)
     accelerator.end_training()
