@@ -94,8 +94,7 @@ def test_the_run_state_round_trips_every_key(tmp_path):
             first.after_step(step + 1, stats, applied)
         first.learning_rates.scale_down(0.25)  # as after a rollback
         first.guard.skipped, first.guard.rollbacks = 3, 1
-        first.best.consider(2, 1.5)
-        first.best.accept()
+        first.best.best = {"fid": 1.5, "step": 2}  # as kept by keep_best
         state = first.state.state_dict(3, 1, lambda item: item)
         assert set(state) == {"step", "world_size", "ranks", "lr_scale", "loss", "best", "augment", "ema",
                               "sched_G", "sched_D", "guard"}

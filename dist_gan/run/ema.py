@@ -39,8 +39,15 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, beta_at):
-        self.beta_at = beta_at
+        self.beta_at, self.source = beta_at, model
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    def after_step(self, step: int) -> None:
+        """The run-state hook: follow the network this EMA was made from."""
+        self.update(self.source, step)
+
+    def weights(self) -> list[nn.Module]:
+        return [self.model]
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:

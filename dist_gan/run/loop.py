@@ -164,7 +164,9 @@ class BestFID:
 
     def consider(self, step: int, fid: float | None) -> None:
         self.candidate = None
-        if fid is not None and math.isfinite(fid) and (self.best is None or fid < self.best["fid"]):
+        if self.evaluate_every == 0 or fid is None or not math.isfinite(fid):
+            return
+        if self.best is None or fid < self.best["fid"]:
             self.candidate = {"fid": float(fid), "step": step}
 
     def found(self, step: int) -> bool:
@@ -283,8 +285,7 @@ class Run:
         """Count the step on the device (statistics, the guard's tally, the EMA): no host sync."""
         self.window.add(stats, applied)
         self.tally.record(step, applied, stats)
-        if self.ema is not None:
-            self.ema.update(self.nets.G.plain, step)
+        self.state.after_step(step)
 
     def review(self, step: int) -> tuple[int, bool]:
         """At a log or checkpoint step: the guard reads the device tally (agreed over ranks) and the
@@ -343,15 +344,12 @@ class Run:
         if self.evaluator and (step % config.eval.every == 0 or last):
             figures = self.evaluator(self.sampler, self.accelerator)
             self.logger.scalars(step, figures or {}, tb_prefix="eval/")
-            if config.run.keep_best:
-                fid = [figures["fid"] if figures else None]  # rank 0's figure: the save is collective
-                self.best.consider(step, broadcast_object_list(fid)[0] if self.world > 1 else fid[0])
+            fid = [figures["fid"] if figures else None]  # rank 0's figure: the save is collective
+            self.best.consider(step, broadcast_object_list(fid)[0] if self.world > 1 else fid[0])
 
     def checkpoint(self, step: int) -> None:
         """Save at ``step`` (the SavePolicy decided it: no bad streak is open), then prune."""
-        averaged = [self.ema.model] if self.ema is not None else []
-        healthy = self.guard.healthy_since_checkpoint and weights_finite(
-            list(self.nets.plain().values()) + averaged)
+        healthy = self.guard.healthy_since_checkpoint and weights_finite(self.state.weights())
         replicas = agree_on(self.accelerator, self.state.replica_values())
         if not all(replicas.values()):
             error = ReplicasDiffer.naming(replicas, self.state.replica_values(), step)

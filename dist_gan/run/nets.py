@@ -75,6 +75,9 @@ class Nets:
         """The run-state hook: every rank must hold the same weights (DDP's invariant)."""
         return self.plain()
 
+    def weights(self) -> list[nn.Module]:
+        return list(self.plain().values())
+
     def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
         """Named as their entries in the loop state of a checkpoint."""
         found = {"sched_G": self.G.scheduler, "sched_D": self.D.scheduler}

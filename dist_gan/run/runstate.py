@@ -9,7 +9,10 @@ the hooks only), and any of these optional hooks:
 * ``replica_values() -> {name: float | nn.Module}``: what must be identical on every rank when a
   checkpoint is written (floats compared exactly, modules through checksums);
 * ``log_values(window, images) -> {name: float}``: entries of the log line, given the window's
-  means and the real images D saw in it (ADA's p moves on them).
+  means and the real images D saw in it (ADA's p moves on them);
+* ``after_step(step)``: after every step, on the device, without a host sync (the EMA's update);
+* ``weights() -> [nn.Module]``: networks whose weights must all be finite for a checkpoint to be a
+  rollback target.
 
 A part registered ``per_rank`` (each rank's data position) is saved once per rank and gathered on
 rank 0; when a resume runs on another world size it is re-derived by the part's ``for_world``.
@@ -101,6 +104,13 @@ class RunState:
         for hook in self._hooks("log_values"):
             values.update(hook(window, images))
         return values
+
+    def after_step(self, step: int) -> None:
+        for hook in self._hooks("after_step"):
+            hook(step)
+
+    def weights(self) -> list[nn.Module]:
+        return [module for hook in self._hooks("weights") for module in hook()]
 
 
 def _upgrade(state: dict) -> dict:
