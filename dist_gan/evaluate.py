@@ -16,12 +16,12 @@ a folder of images (give --resolution), a data source name (mnist, cifar10; with
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
 
 from dist_gan.config import MIN_EVAL_SAMPLES, ConfigError, load_config
+from dist_gan.core.fsutil import write_json_atomically
 from dist_gan.data.sources import NATURAL_SIZE, DataError
 
 COLUMNS = ["fid", "kid", "is", "precision", "recall", "classes_covered", "min_class_share", "modes", "modes_kl",
@@ -113,7 +113,7 @@ def main(checkpoint: str | None = None, n: int | None = None, json_out: str | No
     print(format_table(results))
     if json_out:
         try:
-            Path(json_out).write_text(json.dumps(results, indent=1))
+            write_json_atomically(Path(json_out), results)  # a reader never sees half a file
         except OSError as err:
             sys.exit(f"dist_gan.evaluate: error: cannot write --json_out={json_out}: {err.strerror or err}")
 
