@@ -63,7 +63,7 @@ def test_thirty_steps_log_checkpoint_and_sample(tmp_path, data, capsys):
                  "manifest.json"):
         assert (ckpt / name).is_file(), name
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-    assert state["step"] == 30 and state["ranks"] == [{"epoch": 0, "batch": 150}]  # 30 steps x 5 critic
+    assert state["step"] == 30 and state["ranks"] == [{"data": {"epoch": 0, "batch": 150}}]  # 30 steps x 5 critic
     assert state["world_size"] == 1
 
     out = tmp_path / "grid.png"
