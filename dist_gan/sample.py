@@ -12,8 +12,9 @@ import torch
 from dist_gan.config import ConfigError
 from dist_gan.core.imagegrid import save_png
 from dist_gan.data import DataError
-from dist_gan.models.sampling import generate
+from dist_gan.models.sampling import generate, generate_seeds, parse_ranges
 from dist_gan.tools.generate import by_class, generator_from_checkpoint, latent_walk, reconstructions, write_animation
+from dist_gan.tools.generate import style_mixing as style_mixing_grid
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, 
          nrow: int | None = None, out_dir: str | None = None, interpolate: bool = False,
          classes=None, per_class: int = 8, reconstruct: bool = False,
          mnist_dir: str | None = None, gif: str | None = None, mp4: str | None = None,
-         truncation: float | None = None, progress: bool = False) -> None:
+         truncation: float | None = None, progress: bool = False, seeds=None, style_mixing: bool = False,
+         rows=None, cols=None, layers="0-3") -> None:
     """Write ``n`` samples from ``checkpoint`` (a run directory or a checkpoint).
 
     --out: a grid PNG (default). --out_dir: one PNG per image instead. --interpolate: a latent walk of
@@ -49,6 +51,10 @@ def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, 
     reconstructions; --mnist_dir if the run's data.mnist_dir is not here).
     --truncation=0.7: fidelity for variety (stylegan2: w towards its average by psi; the others: z
     truncated at that threshold, as BigGAN).
+    --seeds=0-35,40: one image per seed, in that order (a grid, or with --out_dir one PNG per seed,
+    seedNNNN.png): the same seed gives the same image on any machine and whatever else is drawn.
+    --style_mixing --rows=SEEDS --cols=SEEDS --layers=0-3 (stylegan2): the style-mixing grid, each
+    row seed's image with the w of --layers (0: the coarsest) taken from each column seed.
     --progress: the run's training as a picture: its fixed-noise grids as one animation (--gif=, default
     progress.gif; or --mp4=), each frame labelled with its step and kimg (written at the end of
     every run as RUN_DIR/progress.gif too).
@@ -66,9 +72,21 @@ def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, 
     for name, value in (("n", n), ("per_class", per_class), ("nrow", 1 if nrow is None else nrow)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             sys.exit(f"dist_gan.sample: error: --{name}={value!r} must be a whole number >= 1")
+    if (seeds is not None or style_mixing) and (interpolate or reconstruct or classes is not None):
+        sys.exit("dist_gan.sample: error: --seeds and --style_mixing make samples of their own; "
+                 "--interpolate, --reconstruct and --classes take --seed")
+    names = None
     try:
         generator, source = generator_from_checkpoint(checkpoint, ema=not raw)
-        if classes is not None:
+        if style_mixing:
+            if rows is None or cols is None:
+                raise ConfigError("--style_mixing needs --rows=SEEDS and --cols=SEEDS (e.g. --rows=0-3 --cols=10-13)")
+            images, nrow = style_mixing_grid(generator, parse_ranges(rows, "--rows"), parse_ranges(cols, "--cols"),
+                                             parse_ranges(layers, "--layers"), truncation)
+        elif seeds is not None:
+            chosen = parse_ranges(seeds, "--seeds")
+            images, names = generate_seeds(generator, chosen, truncation), [f"seed{s:04d}.png" for s in chosen]
+        elif classes is not None:
             wanted = parse_classes(classes)
             images, nrow = by_class(generator, wanted, per_class, seed, truncation), per_class
         elif reconstruct:
@@ -91,7 +109,9 @@ def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, 
         log.info("wrote a %d-step latent walk from %s to %s", n, source, animation)
         return
     try:
-        target = _write_images(images, out, out_dir, seed, nrow or (n if interpolate else int(math.ceil(math.sqrt(n)))))
+        names = names or [f"{seed:04d}_{index:05d}.png" for index in range(n)]
+        rows_of = nrow or (n if interpolate else int(math.ceil(math.sqrt(n))))
+        target = _write_images(images, out, out_dir, names, rows_of)
     except (OSError, ValueError) as err:  # read-only, a folder named as the file, an unknown suffix
         where = f"--out_dir={out_dir}" if out_dir else f"--out={out}"
         sys.exit(f"dist_gan.sample: error: cannot write {where}: {getattr(err, 'strerror', None) or err}")
@@ -99,12 +119,12 @@ def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, 
              "interpolation steps" if interpolate else "samples", source, target)
 
 
-def _write_images(images: torch.Tensor, out: str, out_dir: str | None, seed: int, rows: int) -> str:
-    """A grid PNG at ``out``, or one PNG per image in ``out_dir``; returns where."""
+def _write_images(images: torch.Tensor, out: str, out_dir: str | None, names: list[str], rows: int) -> str:
+    """A grid PNG at ``out``, or one PNG per image in ``out_dir`` named ``names``; returns where."""
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        for index, image in enumerate(images):
-            save_png(image, Path(out_dir) / f"{seed:04d}_{index:05d}.png")
+        for image, name in zip(images, names):
+            save_png(image, Path(out_dir) / name)
         return out_dir
     if Path(out).is_dir():
         raise IsADirectoryError(f"{out} is a folder: name a file (or use --out_dir)")

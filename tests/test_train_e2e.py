@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import FAST, read_metrics, run_cli
-from helpers import run_here
+from helpers import run_here, run_module_here
 
 pytestmark = pytest.mark.tier("e2e")  # every tier but unit is also slow (conftest)
 
@@ -72,6 +72,17 @@ def test_thirty_steps_log_checkpoint_and_sample(tmp_path, data, capsys):
     raw = tmp_path / "raw.png"
     run_here(["dist_gan", "sample", str(ckpt), "--n=16", f"--out={raw}", "--raw"], capsys)  # the fire CLI
     assert Image.open(raw).tobytes() != Image.open(out).tobytes()  # EMA and raw weights differ
+
+    # samples named by seed: one PNG per seed, the same bytes whatever else is drawn
+    by_seed, alone = tmp_path / "by_seed", tmp_path / "alone"
+    run_here(["dist_gan", "sample", str(run), "--seeds=0-2,5", f"--out_dir={by_seed}"], capsys)
+    assert sorted(p.name for p in by_seed.iterdir()) == ["seed0000.png", "seed0001.png", "seed0002.png",
+                                                        "seed0005.png"]
+    run_here(["dist_gan", "sample", str(run), "--seeds=5", f"--out_dir={alone}"], capsys)
+    assert (alone / "seed0005.png").read_bytes() == (by_seed / "seed0005.png").read_bytes()
+    code, stderr = run_module_here(["dist_gan.sample", str(run), "--style_mixing", "--rows=0-1", "--cols=2"],
+                                   capsys)
+    assert code == 1 and "--style_mixing needs a generator with a w space" in stderr
 
     walk = tmp_path / "walk.gif"  # a latent walk as an animation, forth and back
     run_here(["dist_gan", "sample", str(run), "--interpolate", "--n=6", f"--gif={walk}"], capsys)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -105,3 +107,57 @@ def sample_grid(generator: nn.Module, fixed_z: torch.Tensor, num_classes: int,
     """The sample grid: fixed latents; for a conditional model row r (of 8) shows class r."""
     labels = torch.arange(len(fixed_z), device=fixed_z.device) // 8 % num_classes if num_classes else None
     return decode(generator, fixed_z, len(fixed_z), fixed_z.device, labels, truncation)
+
+
+def parse_ranges(value: object, flag: str = "--seeds") -> list[int]:
+    """``0-35,40`` as whole numbers in the given order (ranges inclusive), for ``flag`` (--seeds,
+    --rows, --cols, --layers); fire may hand over an int or a tuple. A malformed value is a
+    ConfigError naming the flag and the value."""
+    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    found: list[int] = []
+    for part in parts:
+        text = str(part).strip()
+        first, dash, last = text.partition("-")
+        if isinstance(part, bool) or not first.isdigit() or (dash and not last.isdigit()):
+            raise ConfigError(f"{flag}={value!r}: {text!r} is not a whole number >= 0 or a range of them "
+                              f"(e.g. {flag}=0-35,40)")
+        if dash and int(last) < int(first):
+            raise ConfigError(f"{flag}={value!r}: the range {text} runs backwards")
+        found.extend(range(int(first), int(last if dash else first) + 1))
+    if not found:
+        raise ConfigError(f"{flag}={value!r} names nothing (e.g. {flag}=0-35,40)")
+    return found
+
+
+def seed_latent(generator: nn.Module, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The latent of ``seed`` (1, z_dim), and its class for a conditional generator: drawn from a
+    generator of its own, so a seed's image does not depend on which other seeds are drawn."""
+    rng = torch.Generator().manual_seed(seed)
+    z = torch.randn(1, latent_size(generator), generator=rng)
+    classes = num_classes(generator)
+    return z, (torch.randint(0, classes, (1,), generator=rng) if classes else None)
+
+
+@torch.no_grad()
+def generate_seeds(generator: nn.Module, seeds: list[int], truncation: float | None = None,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """One image per seed, in order (N, C, H, W) on the CPU. Each is made alone, with the global RNG
+    (StyleGAN2's per-pixel noise) seeded by its seed in a forked RNG state: the same seed gives the
+    same image whatever else is drawn, on any machine's CPU."""
+    images = []
+    for seed in seeds:
+        z, labels = seed_latent(generator, seed)
+        with seeded_noise(seed, device):
+            images.append(decode(generator, z, 1, device, labels, truncation))
+    return torch.cat(images)
+
+
+@contextlib.contextmanager
+def seeded_noise(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """The global RNG (what a network's own noise draws from) seeded by ``seed`` inside, restored
+    after: a picture's noise is its seed's, and nothing outside changes."""
+    where = torch.device(device)
+    devices = [where.index or 0] if where.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

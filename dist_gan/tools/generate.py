@@ -12,7 +12,7 @@ from dist_gan.config import ConfigError, load_config
 from dist_gan.data import DATA_SOURCES
 from dist_gan.data.sources import to_model_range
 from dist_gan.models import build_encoder, build_generator
-from dist_gan.models.sampling import decode, latent_size, num_classes
+from dist_gan.models.sampling import decode, has_w_space, latent_size, num_classes, seed_latent, seeded_noise
 from dist_gan.run.checkpoint import load_encoder_state, load_generator_state
 from dist_gan.run.retention import find_checkpoint
 
@@ -91,3 +91,44 @@ def reconstructions(checkpoint: Path, generator: nn.Module, n: int,
     recon = decode(generator, encoder(real)[0], 256, "cpu", labels)
     rows = [t for i in range(0, n, 8) for t in (real[i:i + 8], recon[i:i + 8])]
     return torch.cat(rows)
+
+
+@torch.no_grad()
+def style_mixing(generator: nn.Module, rows: list[int], cols: list[int], layers: list[int],
+                 truncation: float | None = None) -> tuple[torch.Tensor, int]:
+    """StyleGAN's style-mixing figure: a (rows + 1) x (cols + 1) grid whose first row holds the
+    column seeds' images and first column the row seeds' (the corner left blank); cell (r, c) is row
+    seed r's image with the w of ``layers`` taken from column seed c (0: the coarsest). Returns the
+    images in grid order and the grid's width. Each picture's noise is its row seed's."""
+    if not has_w_space(generator):
+        raise ConfigError(f"--style_mixing needs a generator with a w space (stylegan2); this one is a "
+                          f"{type(generator).__name__}")
+    num_ws = int(getattr(generator, "num_ws"))
+    outside = [layer for layer in layers if layer >= num_ws]
+    if outside:
+        raise ConfigError(f"--layers={outside}: this generator has layers 0-{num_ws - 1}")
+    mapping, synthesis = getattr(generator, "mapping"), getattr(generator, "synthesis")
+    was_training = generator.training
+    generator.eval()
+
+    def styles(seed: int) -> torch.Tensor:
+        z, labels = seed_latent(generator, seed)
+        w = mapping(z, labels)
+        if truncation is not None:
+            w = mapping.w_avg.to(w.dtype).lerp(w, float(truncation))
+        return w[:, None].expand(-1, num_ws, -1)
+
+    def picture(ws: torch.Tensor, seed: int) -> torch.Tensor:
+        with seeded_noise(seed):
+            return synthesis(ws).float()
+
+    row_ws, col_ws = {s: styles(s) for s in rows}, {s: styles(s) for s in cols}
+    first = [picture(col_ws[c], c) for c in cols]
+    cells = [torch.full_like(first[0], -1.0), *first]
+    chosen = torch.zeros(num_ws, dtype=torch.bool)
+    chosen[layers] = True
+    for r in rows:
+        cells.append(picture(row_ws[r], r))
+        cells += [picture(torch.where(chosen[None, :, None], col_ws[c], row_ws[r]), r) for c in cols]
+    generator.train(was_training)
+    return torch.cat(cells), len(cols) + 1
