@@ -78,14 +78,9 @@ def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, 
     names = None
     try:
         generator, source = generator_from_checkpoint(checkpoint, ema=not raw)
-        if style_mixing:
-            if rows is None or cols is None:
-                raise ConfigError("--style_mixing needs --rows=SEEDS and --cols=SEEDS (e.g. --rows=0-3 --cols=10-13)")
-            images, nrow = style_mixing_grid(generator, parse_ranges(rows, "--rows"), parse_ranges(cols, "--cols"),
-                                             parse_ranges(layers, "--layers"), truncation)
-        elif seeds is not None:
-            chosen = parse_ranges(seeds, "--seeds")
-            images, names = generate_seeds(generator, chosen, truncation), [f"seed{s:04d}.png" for s in chosen]
+        if style_mixing or seeds is not None:
+            images, width, names = _by_seed(generator, seeds, style_mixing, rows, cols, layers, truncation)
+            nrow = width or nrow
         elif classes is not None:
             wanted = parse_classes(classes)
             images, nrow = by_class(generator, wanted, per_class, seed, truncation), per_class
@@ -117,6 +112,19 @@ def main(checkpoint: str, n: int = 64, out: str = "samples.png", seed: int = 0, 
         sys.exit(f"dist_gan.sample: error: cannot write {where}: {getattr(err, 'strerror', None) or err}")
     log.info("wrote %d %s %s from %s to %s", n, "raw" if raw else "EMA",
              "interpolation steps" if interpolate else "samples", source, target)
+
+
+def _by_seed(generator, seeds, style_mixing: bool, rows, cols, layers,
+             truncation: float | None) -> tuple[torch.Tensor, int | None, list[str] | None]:
+    """--style_mixing's grid, or --seeds' images: (images, grid width or None, file names or None)."""
+    if style_mixing:
+        if rows is None or cols is None:
+            raise ConfigError("--style_mixing needs --rows=SEEDS and --cols=SEEDS (e.g. --rows=0-3 --cols=10-13)")
+        images, width = style_mixing_grid(generator, parse_ranges(rows, "--rows"), parse_ranges(cols, "--cols"),
+                                          parse_ranges(layers, "--layers"), truncation)
+        return images, width, None
+    chosen = parse_ranges(seeds, "--seeds")
+    return generate_seeds(generator, chosen, truncation), None, [f"seed{s:04d}.png" for s in chosen]
 
 
 def _write_images(images: torch.Tensor, out: str, out_dir: str | None, names: list[str], rows: int) -> str:
