@@ -192,11 +192,16 @@ class NetConfig:
     # discriminators: PacGAN's packing, D judges this many samples at once (joined along channels;
     # each batch is split into groups of it), all real or all fake. 1: one sample at a time.
     pack: int = 1
+    # discriminators: Freeze-D (Mo et al. 2020), the first this many blocks from the input keep the
+    # weights they start with (from train.init_from when fine-tuning), excluded from the optimiser
+    freeze: int = 0
 
     def problems(self) -> list[tuple[str, Any, str]]:
         found: list[tuple[str, Any, str]] = [("width", self.width, "must be >= 1")] if self.width < 1 else []
         if self.pack < 1:
             found.append(("pack", self.pack, "must be >= 1 (1: no packing)"))
+        if self.freeze < 0:
+            found.append(("freeze", self.freeze, "must be >= 0 (0: every block trains)"))
         for name in ("widths", "blocks"):
             if any(v < 1 for v in getattr(self, name)):
                 found.append((name, getattr(self, name), "entries must be >= 1"))
@@ -233,6 +238,8 @@ class ModelConfig:
         for name in ("generator", "encoder"):
             if getattr(self, name).pack != 1:
                 found.append((f"{name}.pack", getattr(self, name).pack, "packs a discriminator's input"))
+            if getattr(self, name).freeze != 0:
+                found.append((f"{name}.freeze", getattr(self, name).freeze, "freezes a discriminator's blocks"))
         pack = self.discriminator.pack
         if pack > 1 and self.num_classes:
             found.append(("discriminator.pack", pack, "packs unconditional samples; a conditional D "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import FAST, REPO, read_metrics, run_cli
 from helpers import ACCELERATE as ACCELERATE_LAUNCH
@@ -14,10 +15,12 @@ ACCELERATE = [*ACCELERATE_LAUNCH, "--config_file", str(REPO / "launch" / "cpu_dd
 
 
 def test_two_process_run_prepares_shards_and_keeps_replicas_identical(tmp_path, mnist_dir):
+    """Also Freeze-D under DDP: D's first block (frozen) ends as it started, on both ranks."""
     run, shards = tmp_path / "ddp", tmp_path / "shards"
     proc = run_cli(["dist_gan.train", "configs/mnist_wgangp.yaml", "--train.max_steps=12",
                     f"--data.mnist_dir={mnist_dir}", f"--data.shards={shards}/train-{{000000..000005}}.tar",
-                    f"--run.dir={run}", "--run.ckpt_every=6", *FAST], launcher=ACCELERATE)
+                    f"--run.dir={run}", "--run.ckpt_every=6", *FAST, "--model.discriminator.freeze=1"],
+                   launcher=ACCELERATE)
     # rank 0 wrote the missing shards while rank 1 waited, then both streamed their own halves
     assert proc.stderr.count("preparing them from mnist") == 1
     assert len(list(shards.glob("train-*.tar"))) == 6 and (shards / "manifest.json").is_file()
@@ -32,6 +35,21 @@ def test_two_process_run_prepares_shards_and_keeps_replicas_identical(tmp_path, 
     # both ranks wrote their RNG state into the checkpoint
     ckpt = run / "checkpoints" / "step_00000012"
     assert (ckpt / "G/random_states_0.pkl").is_file() and (ckpt / "G/random_states_1.pkl").is_file()
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file
+
+    from dist_gan.config import load_config
+    from dist_gan.core.seeds import derive
+    from dist_gan.models import build_discriminator, build_generator
+
+    config = load_config(ckpt / "config.yaml")
+    set_seed(derive(config.run.seed, "weights"))  # as build_nets draws the initial weights
+    build_generator(config)
+    initial, trained = build_discriminator(config), build_discriminator(config)
+    trained.load_state_dict(load_file(ckpt / "D" / "model.safetensors"))
+    first = zip(initial.blocks()[0].parameters(), trained.blocks()[0].parameters())
+    assert all(torch.equal(a, b) for a, b in first)
+    assert not all(torch.equal(a, b) for a, b in zip(initial.head.parameters(), trained.head.parameters()))
 
 
 SCRIPT = """

@@ -40,13 +40,15 @@ def train_args(config: str, run_dir: Path, data: list[str], *extra: str) -> list
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_deepspeed_zero_trains_both_nets_with_the_gradient_penalty(tmp_path, data, stage):
-    """G and D each under its own ZeRO engine, 2 CPU ranks (DeepSpeed's CPU accelerator on gloo)."""
+    """G and D each under its own ZeRO engine, 2 CPU ranks (DeepSpeed's CPU accelerator on gloo);
+    stage 2 with Freeze-D too (D's first block frozen, out of its engine's optimizer)."""
     run = tmp_path / f"zero{stage}"
     launcher = [*ACCELERATE, "--config_file", str(REPO / "launch" / f"deepspeed_zero{stage}.yaml"),
                 "--num_processes", "2"]
     env = {"DS_ACCELERATOR": "cpu"}
     # stage 2 also accumulates 2 micro-batches per update (DeepSpeed's gradient_accumulation_steps)
-    common = ["--train.mixed_precision=no", "--run.ckpt_every=4", f"--optim.accumulate={stage}"]
+    common = ["--train.mixed_precision=no", "--run.ckpt_every=4", f"--optim.accumulate={stage}",
+              f"--model.discriminator.freeze={stage - 1}"]
     run_cli(train_args("mnist_wgangp", run, data, *common, "--train.max_steps=4"), launcher, env=env)
     start = events(run, "start")[0]
     assert start["distributed_type"] == "DistributedType.DEEPSPEED" and start["world_size"] == 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from dist_gan.config import Config, NetConfig, lookup
-from dist_gan.models.base import PackedDiscriminator, accept_fp32_io
+from dist_gan.models.base import PackedDiscriminator, accept_fp32_io, freeze_blocks
 from dist_gan.models.dcgan import DCGANDiscriminator, DCGANEncoder, DCGANGenerator
 from dist_gan.models.mlp import MLPDiscriminator, MLPGenerator
 from dist_gan.models.points import PointsDiscriminator, PointsGenerator
@@ -32,6 +32,7 @@ def _build(registry: dict, key: str, net: NetConfig, config: Config) -> nn.Modul
                                               config.data.channels * net.pack, config.model.num_classes)
     if net.pack > 1:
         network = PackedDiscriminator(network, net.pack)
+    freeze_blocks(network, net.freeze, net.arch)
     return accept_fp32_io(network)
 
 

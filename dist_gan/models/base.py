@@ -82,6 +82,10 @@ class Discriminator(nn.Module):
     body: nn.Module
     head: nn.Module  # features (and labels) -> logits: a DiscriminatorHead, or R3GAN's own
 
+    def blocks(self) -> list[nn.Module]:
+        """The body's blocks from the input on (what Freeze-D counts); none by default."""
+        return []
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
                 return_features: bool = False):
         h = self.body(x)
@@ -106,6 +110,26 @@ class PackedDiscriminator(nn.Module):
                              "(model.discriminator.pack)")
         grouped = x.reshape(count // self.pack, self.pack * x.shape[1], *x.shape[2:])
         return self.inner(grouped, labels, return_features)
+
+    def blocks(self) -> list[nn.Module]:
+        return self.inner.blocks() if isinstance(self.inner, Discriminator) else []
+
+
+def freeze_blocks(discriminator: nn.Module, count: int, arch: str) -> None:
+    """Freeze-D: the first ``count`` blocks from the input keep their weights (``requires_grad``
+    off; the optimiser is built over the trainable parameters only). A count the network cannot
+    give names how many blocks it has."""
+    if count == 0:
+        return
+    blocks = discriminator.blocks() if isinstance(discriminator, (Discriminator, PackedDiscriminator)) else []
+    if not blocks:
+        raise ConfigError(f"model.discriminator.freeze = {count}: a {arch} discriminator has no blocks to "
+                          "freeze (dcgan, resnet, stylegan2 and r3gan have)")
+    if count > len(blocks):
+        raise ConfigError(f"model.discriminator.freeze = {count}: this {arch} discriminator has {len(blocks)} "
+                          f"blocks (its head, after them, always trains)")
+    for block in blocks[:count]:
+        block.requires_grad_(False)
 
 
 def stage_plan(resolution: int, width: int, arch: str) -> tuple[int, list[int]]:

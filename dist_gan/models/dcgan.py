@@ -7,6 +7,8 @@ per stage towards 4x4/7x7, capped at 8 x ``width``.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn as nn
 
@@ -58,6 +60,11 @@ class DCGANDiscriminator(Discriminator):
         dcgan_init(self)
         if cfg.spectral_norm:
             add_spectral_norm(self)
+
+    def blocks(self) -> list[nn.Module]:
+        """Each strided conv with its norm and activation, from the input."""
+        layers = list(cast(nn.Sequential, self.body))[:-1]  # the Flatten last
+        return [nn.Sequential(*layers[:2]), *(nn.Sequential(*layers[i:i + 3]) for i in range(2, len(layers), 3))]
 
 
 class DCGANEncoder(nn.Module):

@@ -26,7 +26,7 @@ FFHQ-256 settings.
 from __future__ import annotations
 
 import math
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 import torch.nn as nn
@@ -171,9 +171,12 @@ class R3GANBody(nn.Module):
         widths, blocks = widths[::-1], blocks[::-1]  # largest map first
         total = sum(blocks)
         layers: list[nn.Module] = [conv(channels, widths[0], 1)]
+        self.stage_ends = []  # where each stage's modules end in ``net`` (Freeze-D's blocks)
         for i in range(len(widths) - 1):
             layers += [*_blocks(widths[i], blocks[i], cfg, total), Downsample(widths[i], widths[i + 1])]
+            self.stage_ends.append(len(layers))
         layers += _blocks(widths[-1], blocks[-1], cfg, total)
+        self.stage_ends.append(len(layers))
         layers.append(msr_init(nn.Conv2d(widths[-1], widths[-1], base, groups=widths[-1], bias=False)))
         layers.append(nn.Flatten())
         self.net = nn.Sequential(*layers)
@@ -211,3 +214,10 @@ class R3GANDiscriminator(Discriminator):
                               "leave it false")
         self.body = R3GANBody(cfg, resolution, channels)
         self.head = R3GANHead(self.body.features, num_classes)
+
+    def blocks(self) -> list[nn.Module]:
+        """Each stage (its residual blocks and the downsampling after them; the first with the 1x1
+        input conv), from the input."""
+        body = cast(R3GANBody, self.body)
+        layers, starts = list(body.net), [0, *body.stage_ends[:-1]]
+        return [nn.Sequential(*layers[a:b]) for a, b in zip(starts, body.stage_ends)]

@@ -17,6 +17,8 @@ per block (hierarchical latents), sets the gain and bias of every batch norm.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -195,3 +197,9 @@ class ResNetDiscriminator(Discriminator):
             nn.init.xavier_uniform_(head.embed.weight)
         if cfg.spectral_norm:
             add_spectral_norm(self)
+
+    def blocks(self) -> list[nn.Module]:
+        """Each residual block (with the self-attention after it, if any), from the input."""
+        body = cast(ResNetBody, self.body)
+        return [nn.ModuleList([block, *([body.attention[str(k)]] if str(k) in body.attention else [])])
+                for k, block in enumerate(body.blocks)]

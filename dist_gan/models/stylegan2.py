@@ -20,6 +20,7 @@ Differences from the paper, and why: docs/design.md.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -279,3 +280,9 @@ class StyleGAN2Discriminator(Discriminator):
         self.body = StyleGAN2Body(cfg, resolution, channels)
         # the minibatch stddev is in the body, on the maps, as StyleGAN's
         self.head = DiscriminatorHead(self.body.features, num_classes, mbstd=False)
+
+    def blocks(self) -> list[nn.Module]:
+        """fromRGB with the first residual block, then each residual block (StyleGAN2-ADA's b256,
+        b128, ...), from the input."""
+        body = cast(StyleGAN2Body, self.body)
+        return [nn.ModuleList([body.from_rgb, body.blocks[0]]), *body.blocks[1:]]

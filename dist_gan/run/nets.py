@@ -37,6 +37,14 @@ class Net:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     accelerator: Accelerator
 
+    def __post_init__(self) -> None:
+        # what trains (Freeze-D leaves some of D out), for freezing it and giving it back
+        self.trainable = [p for p in self.plain.parameters() if p.requires_grad]
+
+    def set_trainable(self, on: bool) -> None:
+        for parameter in self.trainable:
+            parameter.requires_grad_(on)
+
 
 @dataclass
 class Nets:
@@ -118,7 +126,8 @@ def build_nets(config: Config, acc_G: Accelerator, acc_D: Accelerator | None = N
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     opt, impl, steps = config.optim, config.speed.adam_impl, config.train.max_steps
     opt_G = build_adam(G.parameters(), opt.g_lr, opt.betas, impl)
-    opt_D = build_adam(D.parameters(), opt.d_lr, opt.betas, impl)
+    # Freeze-D's frozen blocks stay out of D's optimiser (and so out of DDP's and ZeRO's buckets)
+    opt_D = build_adam([p for p in D.parameters() if p.requires_grad], opt.d_lr, opt.betas, impl)
     opt_E = build_adam(E.parameters(), opt.g_lr, opt.betas, impl) if E is not None else None
     fixed = config.speed.ddp_fixed_buckets
     if E is not None:  # G first: its weights keep the name model.safetensors

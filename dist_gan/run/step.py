@@ -94,7 +94,7 @@ def train_step(nets: Nets, loss: GANLoss, data: BatchStream, config: Config,
     # for gradients that never come, and ZeRO-2 does not see D's gradients computed twice. The
     # generator step reuses the last critic step's batches (VAE-GAN encodes them, feature matching
     # reads them).
-    nets.D.plain.requires_grad_(False)
+    nets.D.set_trainable(False)
     g_side = nets.generator_side()
     for net in g_side:
         net.optimizer.zero_grad(set_to_none=set_to_none)
@@ -110,7 +110,7 @@ def train_step(nets: Nets, loss: GANLoss, data: BatchStream, config: Config,
                        finite, config, measure)
     applied &= ok
     loss.after_generator_step(nets.G.plain)
-    nets.D.plain.requires_grad_(True)
+    nets.D.set_trainable(True)
     for scheduler in nets.schedulers().values():
         scheduler.step()
 
